@@ -1,0 +1,72 @@
+"""The small interface every engine implements.
+
+An engine is built once (from the stripped-engine cache when it can) and then hands out
+*slots*: runnable copies of the compiled model, each with its own weight set. The refit
+coordinator double-buffers with two slots (refit the standby one off the serving path,
+then switch a pointer) or refits a single slot in place under a lock.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from serving.specs import WeightSpec
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    """How the engine came to be: from the cache or built now, and how long it took."""
+
+    cache: str  # "hit", "miss" (built and stored), "bypass" (engine has nothing to cache)
+    seconds: float
+    key: str | None = None
+    detail: str = ""
+
+
+class WeightSlot(abc.ABC):
+    """One runnable copy of the engine with its own set of weights."""
+
+    @abc.abstractmethod
+    def transfer(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Bring validated host tensors to the engine's device and dtype (off the serving path)."""
+
+    @abc.abstractmethod
+    def refit(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Install transferred weights into this slot.
+
+        The first refit of a slot must cover every weight spec; later ones may be partial
+        (only the tensors that changed, e.g. a LoRA merge). Not thread-safe against
+        :meth:`run` on the same slot: the coordinator serializes them.
+        """
+
+    @abc.abstractmethod
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Run inference with this slot's weights. Inputs are batched, on any device."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the slot holds."""
+
+
+class Engine(abc.ABC):
+    """A compiled model whose weights can be replaced without a rebuild."""
+
+    kind: str = "abstract"
+
+    def __init__(self, device: torch.device, build_info: BuildInfo) -> None:
+        self.device = device
+        self.build_info = build_info
+
+    @abc.abstractmethod
+    def weight_specs(self) -> Mapping[str, WeightSpec]:
+        """Every refittable tensor, keyed by checkpoint (state-dict) name."""
+
+    @abc.abstractmethod
+    def new_slot(self) -> WeightSlot:
+        """A fresh runnable copy with no weights yet (it must not be run before its first refit)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release engine-wide resources."""

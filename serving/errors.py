@@ -1,0 +1,84 @@
+"""The one exception family of hotswap.
+
+Every error names what went wrong, where (file, tensor) and, where there is one, the fix.
+Validation errors collect every problem before raising, as safetensors'
+``load_model(strict=True)`` does, so a user fixes a checkpoint in one pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class HotswapError(Exception):
+    """Base class of every error hotswap raises on purpose."""
+
+    #: short machine-readable reason, used as the ``reason`` label of metrics
+    reason: str = "error"
+
+
+class ConfigError(HotswapError):
+    """A setting (config.pbtxt parameter, CLI flag, factory path) is invalid."""
+
+    reason = "config"
+
+
+class EngineUnavailableError(HotswapError):
+    """An engine cannot run here (e.g. TensorRT not installed); says what to install."""
+
+    reason = "engine_unavailable"
+
+
+class EngineBuildError(HotswapError):
+    """Building or loading an engine failed, or the engine would bake weights in."""
+
+    reason = "build"
+
+
+class CacheError(HotswapError):
+    """The stripped-engine cache could not be used (never raised for a plain miss)."""
+
+    reason = "cache"
+
+
+class CheckpointError(HotswapError):
+    """A checkpoint file cannot be read: corrupt, truncated, hostile, too large, refused format."""
+
+    reason = "unreadable"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
+class ValidationError(HotswapError):
+    """A checkpoint does not fit the engine. Carries every problem found, not only the first."""
+
+    reason = "invalid"
+
+    def __init__(self, source: str, problems: Sequence[str], *, reason: str | None = None) -> None:
+        self.source = source
+        self.problems = tuple(problems)
+        if reason is not None:
+            self.reason = reason
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{source}: {len(self.problems)} problem(s) with the weights:\n{lines}")
+
+
+class CanaryError(HotswapError):
+    """The engine's output after a refit did not match the reference: the refit was rolled back."""
+
+    reason = "canary"
+
+
+class RefitError(HotswapError):
+    """Staging or swapping weights failed; the previous weights are still serving."""
+
+    reason = "refit_failed"
+
+
+class NotReadyError(HotswapError):
+    """Inference was asked of an engine that has no weights installed yet."""
+
+    reason = "not_ready"

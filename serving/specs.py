@@ -1,0 +1,100 @@
+"""Plain descriptions shared by engines, checkpoints and the cache: tensors, inputs, builds."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from serving.errors import ConfigError
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """``"float16"`` or ``"torch.float16"`` -> ``torch.float16``; a clear error otherwise."""
+    key = name.removeprefix("torch.").lower()
+    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16",
+               "float": "float32", "long": "int64", "int": "int32"}
+    key = aliases.get(key, key)
+    if key not in _DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``"float16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """One refittable tensor of an engine, as the checkpoint must provide it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": dtype_name(self.dtype)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, object]) -> WeightSpec:
+        shape = d["shape"]
+        assert isinstance(shape, list)
+        return cls(str(d["name"]), tuple(int(x) for x in shape), dtype_from_name(str(d["dtype"])))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """An input or output of the model, without the batch dimension (Triton's convention)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "dtype": dtype_name(self.dtype), "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """Everything an engine build depends on except the weights.
+
+    ``factory`` is an import path ``package.module:function`` returning a ``torch.nn.Module``.
+    The batch dimension is dynamic in ``[1, max_batch]``.
+    """
+
+    factory: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...] = ()
+    max_batch: int = 8
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    factory_kwargs: tuple[tuple[str, object], ...] = ()
+    options: tuple[tuple[str, object], ...] = field(default=())
+
+    def kwargs(self) -> dict[str, object]:
+        return dict(self.factory_kwargs)
+
+    def option(self, key: str, default: object = None) -> object:
+        return dict(self.options).get(key, default)
