@@ -1,0 +1,97 @@
+"""PyTorch eager engine: the model module itself, on CPU or CUDA. Runs everywhere."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from serving.engines.base import BuildInfo, Engine, WeightSlot
+from serving.errors import NotReadyError, RefitError
+from serving.factory import build_module
+from serving.metrics import HotswapMetrics
+from serving.specs import BuildSpec, WeightSpec
+
+
+def _to_list(out: object) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for t in out if isinstance(t, torch.Tensor)]
+    if isinstance(out, dict):
+        return [t for t in out.values() if isinstance(t, torch.Tensor)]
+    raise TypeError(f"model returned {type(out).__name__}; expected tensors")
+
+
+def module_weight_specs(module: torch.nn.Module) -> dict[str, WeightSpec]:
+    """Every state-dict tensor of ``module`` as a :class:`WeightSpec`."""
+    return {k: WeightSpec(k, tuple(v.shape), v.dtype) for k, v in module.state_dict().items()}
+
+
+class EagerSlot(WeightSlot):
+    """A module of its own; refit assigns our tensors as its parameters (no copy)."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, names: frozenset[str]) -> None:
+        self.module = module
+        self.device = device
+        self.names = names
+        self.loaded = False
+
+    def transfer(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        non_blocking = self.device.type == "cuda"
+        out = {k: v.to(self.device, non_blocking=non_blocking) for k, v in weights.items()}
+        if non_blocking:
+            torch.cuda.current_stream(self.device).synchronize()
+        return out
+
+    def refit(self, weights: Mapping[str, torch.Tensor]) -> None:
+        if not self.loaded and set(weights) != self.names:
+            missing = sorted(self.names - set(weights))
+            raise RefitError(f"first refit of an eager slot must set every weight; missing {missing[:10]}")
+        result = self.module.load_state_dict(dict(weights), strict=False, assign=True)
+        if result.unexpected_keys:
+            raise RefitError(f"eager refit: unknown tensors {result.unexpected_keys[:10]}")
+        self.loaded = True
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if not self.loaded:
+            raise NotReadyError("eager engine: no weights installed yet")
+        with torch.inference_mode():
+            return _to_list(self.module(*[x.to(self.device) for x in inputs]))
+
+
+class EagerEngine(Engine):
+    """The factory's module, in eval mode, on ``spec.device``. Nothing to compile, nothing to cache."""
+
+    kind = "eager"
+
+    def __init__(self, spec: BuildSpec, device: torch.device, specs: dict[str, WeightSpec],
+                 build_info: BuildInfo) -> None:
+        super().__init__(device, build_info)
+        self.spec = spec
+        self._specs = specs
+
+    @classmethod
+    def build(cls, spec: BuildSpec, *, cache: object | None = None,
+              metrics: HotswapMetrics | None = None) -> EagerEngine:
+        import time
+
+        t0 = time.perf_counter()
+        device = torch.device(spec.device)
+        module = cls._make_module(spec, device)
+        specs = module_weight_specs(module)
+        info = BuildInfo("bypass", time.perf_counter() - t0, None, "eager modules are not cached")
+        return cls(spec, device, specs, info)
+
+    @staticmethod
+    def _make_module(spec: BuildSpec, device: torch.device) -> torch.nn.Module:
+        module = build_module(spec.factory, spec.kwargs())
+        if spec.dtype.is_floating_point and spec.dtype != torch.float32:
+            module = module.to(spec.dtype)
+        return module.to(device).eval()
+
+    def weight_specs(self) -> Mapping[str, WeightSpec]:
+        return self._specs
+
+    def new_slot(self) -> EagerSlot:
+        return EagerSlot(self._make_module(self.spec, self.device), self.device, frozenset(self._specs))
