@@ -1,0 +1,201 @@
+"""Checking that a checkpoint fits an engine, and bringing its tensors to the engine's dtypes.
+
+Pure functions: no files, no threads. Every problem is collected before anything is raised, so a
+checkpoint can be fixed in one pass.
+
+Casting rules (``ValidationPolicy.cast``):
+
+* ``"strict"``: the checkpoint's dtype must equal the engine's exactly.
+* ``"same_kind"`` (default): a floating-point tensor may be cast to another floating-point dtype
+  among float32, float16, bfloat16 and float64 (either direction). Integer and bool tensors must match
+  exactly. Floating <-> integer/bool is never cast, and neither are float8 (their scales would be lost)
+  nor complex tensors.
+
+Finite values (``ValidationPolicy.check_finite``, default on): a NaN or +/-Inf anywhere in a
+floating-point tensor is an error, and so is a cast that overflows to Inf (e.g. float32 ``1e6`` cast
+to float16, whose largest value is 65504). The check runs on the cast result.
+
+Names (``ValidationPolicy.unexpected``): tensors the engine does not have are an error (``"error"``,
+default) or dropped (``"ignore"``, listed in :attr:`~serving.weights.loader.LoadedWeights.ignored`).
+Names passed as ``ignored`` (tensors the engine deliberately does not use, e.g. BatchNorm's
+``num_batches_tracked``) are always accepted and dropped. A tensor the engine needs that the
+checkpoint lacks is always an error in :func:`check_metadata`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from serving.errors import ConfigError, ValidationError
+from serving.specs import WeightSpec, dtype_name
+from serving.weights.safetensors_header import TensorMeta
+
+UNEXPECTED_MODES = ("error", "ignore")
+CAST_MODES = ("strict", "same_kind")
+
+#: floating-point dtypes that ``cast="same_kind"`` converts between
+CASTABLE_FLOATS: frozenset[torch.dtype] = frozenset({torch.float32, torch.float16, torch.bfloat16,
+                                                      torch.float64})
+
+_FINITE_CHUNK = 1 << 24  # elements per isfinite() pass: bounds the temporary bool tensor
+
+
+@dataclass(frozen=True)
+class ValidationPolicy:
+    """How strictly a checkpoint must match the engine (see the module docstring)."""
+
+    unexpected: str = "error"
+    cast: str = "same_kind"
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        if self.unexpected not in UNEXPECTED_MODES:
+            raise ConfigError(f"ValidationPolicy.unexpected={self.unexpected!r}; "
+                              f"expected one of {UNEXPECTED_MODES}")
+        if self.cast not in CAST_MODES:
+            raise ConfigError(f"ValidationPolicy.cast={self.cast!r}; expected one of {CAST_MODES}")
+
+
+def cast_allowed(found: torch.dtype, expected: torch.dtype, cast: str) -> bool:
+    """Whether a ``found`` tensor may be cast to ``expected`` under the ``cast`` mode."""
+    if found == expected:
+        return True
+    return cast == "same_kind" and found in CASTABLE_FLOATS and expected in CASTABLE_FLOATS
+
+
+def _dtype_problem(name: str, expected: torch.dtype, found: torch.dtype, cast: str) -> str | None:
+    if cast_allowed(found, expected, cast):
+        return None
+    exp, got = dtype_name(expected), dtype_name(found)
+    msg = f"tensor {name!r}: expected dtype {exp}, found {got}"
+    if cast == "strict" and found in CASTABLE_FLOATS and expected in CASTABLE_FLOATS:
+        return f"{msg}; cast='strict' forbids casting: re-save it as {exp} or use cast='same_kind'"
+    if found.is_floating_point and found not in CASTABLE_FLOATS:
+        return f"{msg}; {got} is not cast automatically (scaled formats lose meaning): dequantize to {exp}"
+    return f"{msg}; integer, bool and floating-point tensors are never cast into each other: re-save as {exp}"
+
+
+def _shape_problem(name: str, expected: tuple[int, ...], found: tuple[int, ...]) -> str:
+    msg = f"tensor {name!r}: expected shape {expected}, found {found}"
+    n_exp = n_found = 1
+    for d in expected:
+        n_exp *= d
+    for d in found:
+        n_found *= d
+    if len(expected) == 2 and found == expected[::-1] and expected[0] != expected[1]:
+        return f"{msg}: transposed (stored as [in, out], e.g. a Conv1D layer?); transpose it when converting"
+    if n_exp == n_found:
+        return f"{msg}: same number of elements, a different layout; reshape/permute it when converting"
+    return f"{msg}: was the checkpoint made for a different model configuration (width, vocabulary, classes)?"
+
+
+def _missing_hint(name: str, extra: Collection[str]) -> str:
+    for other in extra:
+        if other.endswith("." + name):
+            prefix = other[: -len(name)]
+            return f"; the checkpoint has {other!r}: strip the prefix {prefix!r} (saved from a wrapper?)"
+        if name.endswith("." + other):
+            prefix = name[: -len(other)]
+            return f"; the checkpoint has {other!r}: add the prefix {prefix!r}"
+    return ""
+
+
+def unexpected_names(specs: Mapping[str, WeightSpec], found: Collection[str],
+                     ignored: Collection[str] = ()) -> list[str]:
+    """Names in the checkpoint that the engine does not have and that are not declared ``ignored``."""
+    return [n for n in found if n not in specs and n not in ignored]
+
+
+def check_metadata(specs: Mapping[str, WeightSpec], found: Mapping[str, TensorMeta], policy: ValidationPolicy,
+                   source: str, *, ignored: Collection[str] = ()) -> list[str]:
+    """Every problem with names, shapes and dtypes, from the checkpoint's headers alone.
+
+    Returns the problems (empty when the checkpoint fits); the caller raises
+    ``ValidationError(source, problems)``. ``source`` is accepted for symmetry with :func:`conform`.
+    """
+    del source  # messages name tensors; ValidationError names the source
+    problems: list[str] = []
+    extra = unexpected_names(specs, found, ignored)
+    for name, spec in specs.items():
+        meta = found.get(name)
+        if meta is None:
+            problems.append(f"tensor {name!r}: missing from the checkpoint (expected shape {spec.shape}, "
+                            f"{dtype_name(spec.dtype)}){_missing_hint(name, extra)}")
+            continue
+        if meta.shape != spec.shape:
+            problems.append(_shape_problem(name, spec.shape, meta.shape))
+        dtype_problem = _dtype_problem(name, spec.dtype, meta.dtype, policy.cast)
+        if dtype_problem is not None:
+            problems.append(dtype_problem)
+    if policy.unexpected == "error":
+        problems += [f"tensor {n!r}: in the checkpoint but not in the engine (unexpected); remove it, "
+                     f"or set ValidationPolicy(unexpected='ignore')" for n in extra]
+    return problems
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    if not t.is_contiguous() or t.numel() <= _FINITE_CHUNK:
+        return bool(torch.isfinite(t).all())
+    flat = t.view(-1)
+    return all(bool(torch.isfinite(flat[i:i + _FINITE_CHUNK]).all())
+               for i in range(0, flat.numel(), _FINITE_CHUNK))
+
+
+def _finite_problem(name: str, original: torch.Tensor, cast: torch.Tensor) -> str:
+    """Describe the NaN/Inf values of a tensor that failed the finiteness check."""
+    bad_src = ~torch.isfinite(original)
+    n_src = int(bad_src.sum())
+    if n_src:
+        n_nan = int(torch.isnan(original).sum())
+        n_inf = n_src - n_nan
+        first = tuple(int(i) for i in torch.nonzero(bad_src)[0])
+        parts = [f"{n} {kind}" for n, kind in ((n_nan, "NaN"), (n_inf, "Inf")) if n]
+        return (f"tensor {name!r}: {' and '.join(parts)} value(s), first at index {first}; the checkpoint is "
+                f"damaged or training diverged")
+    bad_cast = ~torch.isfinite(cast)
+    n_cast = int(bad_cast.sum())
+    first = tuple(int(i) for i in torch.nonzero(bad_cast)[0])
+    largest = float(original.abs().max())
+    limit = torch.finfo(cast.dtype).max
+    return (f"tensor {name!r}: {n_cast} value(s) overflow to Inf when cast from {dtype_name(original.dtype)} "
+            f"to {dtype_name(cast.dtype)} (largest magnitude {largest:.6g} > {limit:.6g}), first at index "
+            f"{first}; keep the engine in {dtype_name(original.dtype)} or rescale the weights")
+
+
+def conform(specs: Mapping[str, WeightSpec], tensors: Mapping[str, torch.Tensor], policy: ValidationPolicy,
+            source: str, *, ignored: Collection[str] = ()) -> dict[str, torch.Tensor]:
+    """Check shapes, cast to the specs' dtypes and check finiteness; returns a new dict.
+
+    ``tensors`` may be a subset of ``specs`` (a partial refit): completeness is
+    :func:`check_metadata`'s job. Names not in ``specs`` are dropped (an error under
+    ``unexpected="error"`` unless listed in ``ignored``). A tensor that needs no cast is returned as
+    is, not copied. Raises :class:`ValidationError` with every problem found.
+    """
+    problems: list[str] = []
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        spec = specs.get(name)
+        if spec is None:
+            if policy.unexpected == "error" and name not in ignored:
+                problems.append(f"tensor {name!r}: not in the engine (unexpected); remove it, or set "
+                                f"ValidationPolicy(unexpected='ignore')")
+            continue
+        shape = tuple(t.shape)
+        if shape != spec.shape:
+            problems.append(_shape_problem(name, spec.shape, shape))
+            continue
+        dtype_problem = _dtype_problem(name, spec.dtype, t.dtype, policy.cast)
+        if dtype_problem is not None:
+            problems.append(dtype_problem)
+            continue
+        cast = t if t.dtype == spec.dtype else t.to(spec.dtype)
+        if policy.check_finite and cast.is_floating_point() and not _all_finite(cast):
+            problems.append(_finite_problem(name, t, cast))
+            continue
+        out[name] = cast
+    if problems:
+        raise ValidationError(source, problems)
+    return out
