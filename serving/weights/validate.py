@@ -137,6 +137,14 @@ def check_metadata(specs: Mapping[str, WeightSpec], found: Mapping[str, TensorMe
 
 
 def _all_finite(t: torch.Tensor) -> bool:
+    """True when no element is NaN or Inf.
+
+    Fast path: if the plain sum is finite, every element is (IEEE: a NaN or Inf element makes
+    any sum NaN or Inf). A non-finite sum may be an overflow of finite values, so only then is
+    the tensor checked element by element (in chunks, bounding the temporary mask).
+    """
+    if t.numel() == 0 or bool(torch.isfinite(t.sum())):
+        return True
     if not t.is_contiguous() or t.numel() <= _FINITE_CHUNK:
         return bool(torch.isfinite(t).all())
     flat = t.view(-1)

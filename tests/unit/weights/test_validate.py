@@ -217,3 +217,16 @@ def test_conform_partial_and_unexpected() -> None:
     assert conform(SPECS, {"b": b, "extra": b}, SAME_KIND, "ckpt", ignored={"extra"}) == {"b": b}
     with pytest.raises(ValidationError, match="'extra'"):
         conform(SPECS, {"b": b, "extra": b}, SAME_KIND, "ckpt")
+
+
+def test_finite_check_is_exact_when_the_sum_overflows() -> None:
+    """Large finite values overflow the fast sum; the element-wise check must still accept them."""
+    from serving.weights.validate import _all_finite
+
+    big = torch.full((1000,), 3e38, dtype=torch.float32)
+    assert not torch.isfinite(big.sum())
+    assert _all_finite(big)
+    big[500] = float("inf")
+    assert not _all_finite(big)
+    mixed = torch.tensor([float("inf"), float("-inf"), 1.0])
+    assert not _all_finite(mixed)
