@@ -6,7 +6,11 @@ STAMP := $(VENV)/.installed
 # CPU machines: this torch comes from local disk; never an unpinned torch (that pulls GBs of CUDA wheels).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv test unit lint typecheck serve bench clean
+HOTSWAP_WEIGHTS_ROOT ?= $(CURDIR)/weights
+HOTSWAP_CACHE_DIR ?= $(HOME)/.cache/hotswap/engines
+export HOTSWAP_WEIGHTS_ROOT HOTSWAP_CACHE_DIR
+
+.PHONY: venv test unit integration lint typecheck serve bench clean
 
 venv: $(STAMP)
 
@@ -15,6 +19,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[triton,test]" "$(TORCH_PIN)"
+	# Torch-TensorRT's typed Python sources for the strict check; --no-deps: its TensorRT libraries
+	# come only from NVIDIA's index, unreachable here (the engine is checked statically instead)
+	$(PY) -m pip install -q --no-deps torch-tensorrt==2.13.0
+	$(PY) tools/trt_stubs.py $(VENV)/trt-stubs
 	touch $(STAMP)
 
 lint: venv
@@ -22,12 +30,22 @@ lint: venv
 
 typecheck: venv
 	$(VENV)/bin/mypy serving
+	$(VENV)/bin/mypy --config-file mypy-tensorrt.ini serving/engines/tensorrt.py serving/engines/trt_mapping.py
+
+serve: venv
+	$(VENV)/bin/hotswap serve --model-repository model_repository
 
 unit: venv
 	$(PY) -m pytest -q tests/unit
 
 test: venv lint typecheck
 	$(PY) -m pytest -q -ra tests
+
+integration: venv
+	$(PY) -m pytest -q -ra tests/integration
+
+bench: venv
+	$(PY) bench/refit.py --json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
