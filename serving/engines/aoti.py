@@ -1,0 +1,581 @@
+"""The weight-stripped AOTInductor engine.
+
+The model is exported once (``torch.export`` with a dynamic batch) and compiled by AOTInductor
+into a ``.pt2`` package that holds code only: ``package_constants_in_so=False`` leaves the
+weights out, ``always_keep_tensor_constants=True`` stops Inductor from inlining small tensors
+into the code (every 0-d tensor and every 1-D tensor of at most 8 elements, see
+``GraphLowering.can_inline_constant``), which would otherwise be baked in and never refit.
+The build checks both: no weight files in the package, and the compiled model's constants are
+exactly the state-dict tensors the graph reads. The package goes to the stripped-engine cache;
+a hit loads it without exporting or compiling.
+
+Each slot is its own loaded runner (``aoti_load_package``) with its own constant blob, so a
+standby slot is refitted and checked while the active one serves; switching slots is the
+coordinator's pointer switch. A refit copies into the runner's blob
+(``load_constants(..., user_managed=False)``), although ``user_managed=True`` would make the refit
+itself a pointer switch: in torch 2.13 that form leaks every tensor it is given
+(``MaybeOwningAtenTensorHandle(handle, user_managed=true)`` in ``aoti_runtime/utils.h`` takes a new
+handle with ``aoti_torch_new_tensor_handle`` and its destructor never frees it; measured: 50 refits
+of a 4.4 MB model grew the process by 219 MB, against 4 MB with copies). The copy is a plain
+``memcpy`` of each tensor's whole *storage* to the constant's slot, using the tensor's own strides
+and offset, so every tensor must be contiguous and alone in its storage: a view into a larger
+storage overruns the blob (measured: heap corruption). :meth:`AOTISlot.transfer` makes them so and
+:meth:`AOTISlot.refit` refuses anything else.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import platform
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from serving.cache import CacheEntry, EngineCache, cache_key, cache_key_fields, graph_fingerprint
+from serving.engines.base import BuildInfo, Engine, WeightSlot
+from serving.errors import (
+    CacheError,
+    EngineBuildError,
+    EngineUnavailableError,
+    NotReadyError,
+    RefitError,
+    ValidationError,
+)
+from serving.factory import build_module
+from serving.metrics import HotswapMetrics
+from serving.specs import BuildSpec, WeightSpec, dtype_name
+
+log = logging.getLogger(__name__)
+
+#: Inductor settings of every build (part of the cache key)
+INDUCTOR_CONFIGS: dict[str, object] = {
+    # weights stay out of the .so: the package is code only, weights arrive by refit
+    "aot_inductor.package_constants_in_so": False,
+    # never inline small tensors (<= 8-element 1-D, 0-d) into the code: they would be baked in
+    "always_keep_tensor_constants": True,
+}
+#: size-only settings, applied where this torch has them (torch 2.11 has no enable_line_tables)
+OPTIONAL_INDUCTOR_CONFIGS: dict[str, object] = {
+    # the -g1 line tables are ~70% of a small model's .so and only serve profilers
+    "aot_inductor.enable_line_tables": False,
+}
+#: the payload file of a cache entry
+PACKAGE_FILE = "model.pt2"
+#: batch of the example inputs given to torch.export (1 would specialize the batch dimension)
+EXAMPLE_BATCH = 2
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def inductor_configs() -> dict[str, object]:
+    """:data:`INDUCTOR_CONFIGS` plus the optional settings this torch knows."""
+    configs = dict(INDUCTOR_CONFIGS)
+    for name, value in OPTIONAL_INDUCTOR_CONFIGS.items():
+        obj: Any = torch._inductor.config
+        *parents, leaf = name.split(".")
+        for part in parents:
+            obj = getattr(obj, part, None)
+        if obj is not None and hasattr(obj, leaf):
+            configs[name] = value
+    return configs
+
+
+@functools.lru_cache(maxsize=1)
+def host_cpu_fields() -> dict[str, str]:
+    """The host CPU, for the cache key: AOTInductor compiles its C++ with ``-march=native``."""
+    model, flags = "", ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                k = k.strip().lower()
+                if k in ("model name", "cpu model") and not model:
+                    model = v.strip()
+                elif k in ("flags", "features") and not flags:
+                    flags = v.strip()
+                if model and flags:
+                    break
+    except OSError:
+        pass
+    return {
+        "machine": platform.machine(),
+        "model": model or platform.processor(),
+        "flags_sha256": hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest(),
+    }
+
+
+def example_inputs(spec: BuildSpec, device: torch.device, batch: int) -> tuple[torch.Tensor, ...]:
+    """Zeros of each input's dtype and shape (zeros are valid token ids too)."""
+    return tuple(torch.zeros((batch, *i.shape), dtype=i.dtype, device=device) for i in spec.inputs)
+
+
+def graph_tensor_usage(ep: torch.export.ExportedProgram) -> tuple[set[str], set[str]]:
+    """(tensors the graph reads, tensors it lifts but never reads), by state-dict style name."""
+    sig = ep.graph_signature
+    targets: dict[str, str] = {
+        **sig.inputs_to_parameters,
+        **sig.inputs_to_buffers,
+        **sig.inputs_to_lifted_tensor_constants,
+    }
+    used: set[str] = set()
+    unused: set[str] = set()
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in targets:
+            (used if node.users else unused).add(targets[node.name])
+    return used, unused - used
+
+
+def split_state(
+    state: Mapping[str, torch.Tensor], used: set[str]
+) -> tuple[dict[str, WeightSpec], frozenset[str], list[str]]:
+    """Weight specs (state-dict tensors the graph reads), ignored names, and problems.
+
+    A tensor the graph reads that is not in the state dict (a non-persistent buffer, a tensor
+    created in ``forward``) cannot come from a checkpoint, and a stripped engine does not hold it.
+    """
+    problems = [
+        f"the graph reads tensor {name!r}, which is not in the state dict (a non-persistent buffer "
+        "or a tensor constant); a weight-stripped engine cannot get it from a checkpoint: register it "
+        "with register_buffer(..., persistent=True) or compute it from inputs and parameters"
+        for name in sorted(used - set(state))
+    ]
+    specs: dict[str, WeightSpec] = {}
+    for name, t in state.items():
+        if name not in used:
+            continue
+        if not t.is_contiguous():
+            problems.append(f"state-dict tensor {name!r} is not contiguous (strides {t.stride()}); "
+                            "refit installs contiguous tensors: make it contiguous in the module")
+        specs[name] = WeightSpec(name, tuple(t.shape), t.dtype)
+    ignored = frozenset(set(state) - set(specs))
+    return specs, ignored, problems
+
+
+def constant_problems(constant_fqns: Iterable[str], weight_names: Iterable[str]) -> list[str]:
+    """The compiled model's constants must be exactly the state-dict tensors the graph reads."""
+    fqns, names = set(constant_fqns), set(weight_names)
+    problems = [
+        f"state-dict tensor {n!r} is read by the graph but is not a constant of the compiled model: "
+        "it was baked into the code and a refit could never change it (Inductor inlines 0-d tensors and "
+        "1-D tensors of <= 8 elements unless always_keep_tensor_constants=True)"
+        for n in sorted(names - fqns)
+    ]
+    problems += [
+        f"the compiled model has constant {n!r}, which is not a state-dict tensor the graph reads: "
+        "no checkpoint can provide it"
+        for n in sorted(fqns - names)
+    ]
+    return problems
+
+
+def package_problems(path: Path) -> list[str]:
+    """Weights packaged next to the code (they should not be: the engine is stripped)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile) as e:
+        return [f"{path}: not a readable .pt2 archive: {e}"]
+    return [
+        f"{path}: the package holds weights ({n}); expected code only "
+        "(aot_inductor.package_constants_in_so=False)"
+        for n in names
+        if "/data/weights/" in n or "/data/constants/" in n or n.endswith("_serialized_weights.bin")
+    ]
+
+
+def is_compact(t: torch.Tensor) -> bool:
+    """Contiguous and alone in its storage: what the runner's whole-storage copy needs."""
+    return (t.is_contiguous() and t.storage_offset() == 0
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+
+
+def refit_problems(
+    specs: Mapping[str, WeightSpec],
+    ignored: frozenset[str],
+    weights: Mapping[str, torch.Tensor],
+    device: torch.device,
+    *,
+    full: bool,
+) -> list[str]:
+    """Everything wrong with a weight set for a slot (all of it, not only the first problem)."""
+    problems: list[str] = []
+    for name, t in weights.items():
+        spec = specs.get(name)
+        if spec is None:
+            if name not in ignored:
+                problems.append(f"{name!r}: not a weight of this engine")
+            continue
+        if tuple(t.shape) != spec.shape:
+            problems.append(f"{name!r}: shape {tuple(t.shape)}, expected {spec.shape}")
+        if t.dtype != spec.dtype:
+            problems.append(f"{name!r}: dtype {dtype_name(t.dtype)}, expected {dtype_name(spec.dtype)}")
+        if t.device.type != device.type or (device.index is not None and t.device.index != device.index):
+            problems.append(f"{name!r}: on {t.device}, expected {device} (call transfer() first)")
+        if not is_compact(t):
+            problems.append(f"{name!r}: not contiguous or a view into a larger storage (call transfer() first)")
+    if full:
+        missing = [n for n in specs if n not in weights]
+        if missing:
+            problems.append(
+                f"the first refit of a slot must provide every weight; missing {len(missing)}: "
+                + ", ".join(repr(n) for n in missing)
+            )
+    return problems
+
+
+def cached_spec_problems(
+    state: Mapping[str, torch.Tensor], specs: Mapping[str, WeightSpec], ignored: frozenset[str]
+) -> list[str]:
+    """A cache hit's weight list against the module's state dict (names, shapes, dtypes)."""
+    problems = [f"module tensor {n!r} is not in the cached weight list"
+                for n in state if n not in specs and n not in ignored]
+    problems += [f"cached weight {n!r} is not in the module's state dict" for n in specs if n not in state]
+    for n, s in specs.items():
+        t = state.get(n)
+        if t is not None and (tuple(t.shape), t.dtype) != (s.shape, s.dtype):
+            problems.append(f"cached weight {n!r} is {list(s.shape)} {dtype_name(s.dtype)}, the module has "
+                            f"{list(t.shape)} {dtype_name(t.dtype)}")
+    return problems
+
+
+def _weights_meta(specs: Mapping[str, WeightSpec], ignored: frozenset[str]) -> dict[str, object]:
+    return {"weights": [s.to_json() for s in specs.values()], "ignored": sorted(ignored)}
+
+
+def _weights_from_meta(meta: Mapping[str, object]) -> tuple[dict[str, WeightSpec], frozenset[str]]:
+    raw = meta["weights"]
+    ignored = meta["ignored"]
+    if not isinstance(raw, list) or not isinstance(ignored, list):
+        raise ValueError("meta.json: 'weights' and 'ignored' must be lists")
+    specs = {s.name: s for s in (WeightSpec.from_json(d) for d in raw)}
+    return specs, frozenset(str(n) for n in ignored)
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def _device_of(spec: BuildSpec) -> torch.device:
+    try:
+        device = torch.device(spec.device)
+    except RuntimeError as e:
+        raise EngineBuildError(f"AOTI engine: invalid device {spec.device!r}: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineUnavailableError(
+            f"AOTI engine: device {spec.device!r} asked for, but this torch has no usable CUDA "
+            f"(torch {torch.__version__}); install a CUDA build of torch or use device 'cpu'"
+        )
+    return device
+
+
+def _make_module(spec: BuildSpec, device: torch.device, *, meta: bool) -> torch.nn.Module:
+    """The model in the spec's dtype; on the meta device when only its architecture is needed."""
+    if meta:
+        try:
+            with torch.device("meta"):
+                return build_module(spec.factory, spec.kwargs()).to(dtype=spec.dtype)
+        except Exception as e:  # a factory that cannot build on meta (e.g. reads files): build for real
+            log.debug("factory %s cannot build on the meta device (%s); building on %s",
+                      spec.factory, e, device)
+    return build_module(spec.factory, spec.kwargs()).to(device=device, dtype=spec.dtype)
+
+
+def _load_runner(path: Path, device: torch.device) -> Any:
+    index = device.index if device.type != "cpu" and device.index is not None else -1
+    try:
+        return torch._inductor.aoti_load_package(str(path), device_index=index)
+    except Exception as e:
+        raise EngineBuildError(f"AOTI engine: cannot load the package {path}: {e}") from e
+
+
+class AOTIEngine(Engine):
+    """A weight-stripped AOTInductor package; slots are separately loaded runners."""
+
+    kind = "aoti"
+
+    def __init__(
+        self,
+        *,
+        spec: BuildSpec,
+        device: torch.device,
+        build_info: BuildInfo,
+        package_path: Path,
+        workdir: Path,
+        weight_specs: Mapping[str, WeightSpec],
+        ignored_names: frozenset[str],
+        runner: Any = None,
+    ) -> None:
+        super().__init__(device, build_info)
+        self.spec = spec
+        self.package_path = package_path
+        self._weight_specs = MappingProxyType(dict(weight_specs))
+        #: state-dict entries the compiled graph never reads (e.g. BatchNorm ``num_batches_tracked``
+        #: in eval mode, or the other name of a tied parameter, which export reads under one name
+        #: only): not weights of the engine, so a checkpoint may carry them and the validator
+        #: accepts and ignores them
+        self.ignored_names: frozenset[str] = ignored_names
+        self._spare_runner = runner  # loaded for the build checks; the first slot takes it
+        self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(workdir), True)
+
+    # -- build -------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls, spec: BuildSpec, *, cache: EngineCache | None, metrics: HotswapMetrics | None = None
+    ) -> AOTIEngine:
+        """Load from ``cache`` when it holds this build, else export, compile and store.
+
+        ``metrics`` is accepted for a uniform build signature; cache events are counted by the
+        cache's own metrics.
+        """
+        t0 = time.perf_counter()
+        device = _device_of(spec)
+        module = _make_module(spec, device, meta=cache is not None)
+        graph = graph_fingerprint(module, spec.factory, spec.kwargs())
+        configs = inductor_configs()
+        fields = cache_key_fields(
+            engine=cls.kind, graph=graph, spec=spec, build_flags=configs, device=device,
+            extra={"host_cpu": host_cpu_fields(), "example_batch": EXAMPLE_BATCH},
+        )
+        key = cache_key(fields)
+        workdir = Path(tempfile.mkdtemp(prefix="hotswap-aoti-"))
+        try:
+            detail = ""
+            if cache is not None:
+                try:
+                    engine = cls._from_cache(spec, device, module, cache, key, workdir, t0)
+                except CacheError as e:
+                    log.warning("AOTI engine: cache unusable, building without it: %s", e)
+                    engine, detail, cache = None, f"cache unusable: {e}", None
+                if engine is not None:
+                    return engine
+            return cls._compile(spec, device, module, cache, key, fields, configs, workdir, t0, detail)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+
+    @classmethod
+    def _from_cache(
+        cls, spec: BuildSpec, device: torch.device, module: torch.nn.Module, cache: EngineCache,
+        key: str, workdir: Path, t0: float,
+    ) -> AOTIEngine | None:
+        package = workdir / PACKAGE_FILE
+
+        def copy_out(entry: CacheEntry) -> Mapping[str, object]:
+            # our own copy: slots load it later, after the entry may have been evicted
+            shutil.copyfile(entry.files[PACKAGE_FILE], package)
+            return entry.meta
+
+        try:
+            meta = cache.load(key, copy_out)
+        except OSError as e:  # our own copy failed (e.g. the temp folder is full): not the entry's fault
+            raise CacheError(f"AOTI engine: cannot copy the cached package to {package}: {e}") from e
+        except KeyError as e:
+            meta, problems = {}, [f"the entry has no {PACKAGE_FILE} ({e})"]
+        else:
+            if meta is None:
+                return None
+            problems = []
+        try:
+            if not problems:
+                specs, ignored = _weights_from_meta(meta)
+                problems = cached_spec_problems(module.state_dict(), specs, ignored)
+            if not problems:
+                runner = _load_runner(package, device)
+                problems = constant_problems(runner.get_constant_fqns(), specs)
+        except (EngineBuildError, KeyError, ValueError, TypeError) as e:
+            problems = [str(e)]
+        if problems:
+            # a key collision or a half-compatible entry: never serve it, rebuild instead
+            log.warning("AOTI engine: cache entry %s does not fit this model (%s); rebuilding",
+                        key, "; ".join(problems))
+            cache.remove(key)
+            return None
+        info = BuildInfo("hit", time.perf_counter() - t0, key, "loaded from the engine cache")
+        return cls(spec=spec, device=device, build_info=info, package_path=package, workdir=workdir,
+                   weight_specs=specs, ignored_names=ignored, runner=runner)
+
+    @classmethod
+    def _compile(
+        cls, spec: BuildSpec, device: torch.device, module: torch.nn.Module, cache: EngineCache | None,
+        key: str, fields: Mapping[str, object], configs: Mapping[str, object], workdir: Path, t0: float,
+        detail: str,
+    ) -> AOTIEngine:
+        if any(t.is_meta for t in module.state_dict().values()):
+            module = _make_module(spec, device, meta=False)
+        batch = min(EXAMPLE_BATCH, spec.max_batch)
+        dynamic: tuple[dict[int, Any], ...] | None = None
+        if spec.max_batch > 1:
+            dim = torch.export.Dim("batch", min=1, max=spec.max_batch)
+            dynamic = tuple({0: dim} for _ in spec.inputs)
+        try:
+            with torch.no_grad():
+                ep = torch.export.export(module, example_inputs(spec, device, batch), dynamic_shapes=dynamic)
+        except Exception as e:
+            raise EngineBuildError(f"AOTI engine: torch.export of {spec.factory} failed: {e}") from e
+
+        used, _ = graph_tensor_usage(ep)
+        specs, ignored, problems = split_state(module.state_dict(), used)
+        if problems:
+            raise EngineBuildError(f"AOTI engine for {spec.factory}: " + "; ".join(problems))
+
+        package = workdir / PACKAGE_FILE
+        t_compile = time.perf_counter()
+        try:
+            torch._inductor.aoti_compile_and_package(
+                ep, package_path=str(package), inductor_configs=dict(configs)
+            )
+        except Exception as e:
+            raise EngineBuildError(f"AOTI engine: AOTInductor compile of {spec.factory} failed: {e}") from e
+        compile_s = time.perf_counter() - t_compile
+
+        problems = package_problems(package)
+        runner = _load_runner(package, device)
+        problems += constant_problems(runner.get_constant_fqns(), specs)
+        if problems:
+            raise EngineBuildError(
+                f"AOTI engine for {spec.factory}: {len(problems)} problem(s), refusing an engine with "
+                "weights baked in:\n" + "\n".join(f"  - {p}" for p in problems)
+            )
+
+        outcome = "bypass"
+        detail = "; ".join(x for x in (detail, f"compiled in {compile_s:.1f}s") if x)
+        if cache is not None:
+            outcome = "miss"
+            meta = {"fields": dict(fields), "factory": spec.factory, **_weights_meta(specs, ignored)}
+            try:
+                cache.store(key, {PACKAGE_FILE: package}, meta)
+            except CacheError as e:  # the engine is fine; only the next build will be slower
+                log.warning("AOTI engine: could not store in the cache: %s", e)
+                detail += f"; not stored: {e}"
+        info = BuildInfo(outcome, time.perf_counter() - t0, key, detail)
+        return cls(spec=spec, device=device, build_info=info, package_path=package, workdir=workdir,
+                   weight_specs=specs, ignored_names=ignored, runner=runner)
+
+    # -- Engine ------------------------------------------------------------------
+
+    def weight_specs(self) -> Mapping[str, WeightSpec]:
+        return self._weight_specs
+
+    def new_slot(self) -> AOTISlot:
+        if not self._finalizer.alive:
+            raise NotReadyError(f"AOTI engine {self.spec.factory} is closed")
+        with self._lock:
+            runner, self._spare_runner = self._spare_runner, None
+        if runner is None:
+            runner = _load_runner(self.package_path, self.device)
+        return AOTISlot(self, runner)
+
+    def close(self) -> None:
+        self._spare_runner = None
+        self._finalizer()
+
+    def check_inputs(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Inputs on the engine device, contiguous, checked against the spec.
+
+        The compiled code does not check shapes itself (AOTI_RUNTIME_CHECK_INPUTS is off by
+        default); a wrong shape would read out of bounds.
+        """
+        spec = self.spec
+        problems: list[str] = []
+        if len(inputs) != len(spec.inputs):
+            problems.append(f"{len(inputs)} input(s) given, expected {len(spec.inputs)} "
+                            f"({', '.join(i.name for i in spec.inputs)})")
+        batches = {int(x.shape[0]) if x.dim() else 0 for x in inputs}
+        for x, s in zip(inputs, spec.inputs, strict=False):
+            if tuple(x.shape[1:]) != s.shape or x.dtype != s.dtype:
+                problems.append(f"input {s.name}: {dtype_name(x.dtype)}{list(x.shape)}, expected "
+                                f"{dtype_name(s.dtype)}[batch, {', '.join(map(str, s.shape))}]")
+        if len(batches) > 1:
+            problems.append(f"inputs disagree on the batch size: {sorted(batches)}")
+        elif batches and not 1 <= next(iter(batches)) <= spec.max_batch:
+            problems.append(f"batch size {next(iter(batches))} outside 1..{spec.max_batch}")
+        if problems:
+            raise ValueError("AOTI engine inputs: " + "; ".join(problems))
+        return [x.to(self.device).contiguous() for x in inputs]
+
+
+class AOTISlot(WeightSlot):
+    """One loaded runner with its own constant blob (a copy of the weights it was refitted with)."""
+
+    def __init__(self, engine: AOTIEngine, runner: Any) -> None:
+        self.engine = engine
+        self._runner: Any = runner
+        self._ready = False
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def transfer(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Weights on the engine device, in the engine dtype, compact; no copy when already so.
+
+        A view into a larger storage is cloned: the runner copies whole storages (see the module
+        docstring). Ignored names are dropped; unknown names pass through for :meth:`refit` to report.
+        """
+        specs = self.engine.weight_specs()
+        out: dict[str, torch.Tensor] = {}
+        for name, t in weights.items():
+            if name in self.engine.ignored_names:
+                continue
+            spec = specs.get(name)
+            convert = spec is not None and t.is_floating_point() and spec.dtype.is_floating_point
+            dtype = spec.dtype if convert and spec is not None else t.dtype
+            t = t.to(device=self.engine.device, dtype=dtype)
+            out[name] = t if is_compact(t) else t.clone(memory_format=torch.contiguous_format)
+        return out
+
+    def refit(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``weights`` into this slot's runner; the caller's tensors may be freed afterwards.
+
+        The first refit must be complete; a later one may be partial (the runner keeps the rest).
+        """
+        if self._runner is None:
+            raise NotReadyError("AOTI slot is closed")
+        first = not self._ready
+        engine = self.engine
+        problems = refit_problems(
+            engine.weight_specs(), engine.ignored_names, weights, engine.device, full=first
+        )
+        if problems:
+            raise ValidationError(f"refit of AOTI engine {engine.spec.factory}", problems)
+        update = {n: t for n, t in weights.items() if n not in engine.ignored_names}
+        try:
+            # user_managed=False on purpose: the user-managed form leaks every tensor it is given
+            # (module docstring), which a hot-swap server refitting for days cannot afford.
+            self._runner.load_constants(update, check_full_update=first, user_managed=False)
+        except Exception as e:
+            self._ready = False  # part of the update may be in: not a consistent weight set
+            raise RefitError(
+                f"AOTI engine {engine.spec.factory}: load_constants failed ({e}); this slot needs a full "
+                "refit before it can run again"
+            ) from e
+        self._ready = True
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if not self._ready or self._runner is None:
+            # a stripped runner without constants reads null pointers (it segfaults, measured)
+            raise NotReadyError(
+                f"AOTI engine {self.engine.spec.factory}: this slot has no weights yet; refit it first"
+            )
+        xs = self.engine.check_inputs(inputs)
+        with torch.no_grad():
+            out = self._runner(*xs)
+        return list(pytree.tree_leaves(out))
+
+    def close(self) -> None:
+        self._runner = None
+        self._ready = False
