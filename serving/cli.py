@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from serving.errors import HotswapError
-from serving.specs import dtype_from_name
+from serving.specs import TensorSpec, dtype_from_name
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -24,28 +24,201 @@ def _factory_kwargs(text: str | None) -> dict[str, object]:
     return value
 
 
-def _write_atomically(tensors: dict, out: Path, metadata: dict[str, str]) -> None:  # type: ignore[type-arg]
-    """Write a safetensors file the way the publish protocol recommends: temp name, then rename."""
-    from safetensors.torch import save_file
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(out)
-
-
 def cmd_weights_random(args: argparse.Namespace) -> int:
     from serving.factory import build_module
     from serving.weights.random_state import random_state_dict
+    from serving.weights.writer import write_safetensors
 
     module = build_module(args.factory, _factory_kwargs(args.kwargs))
     dtype = dtype_from_name(args.dtype) if args.dtype else None
     state = random_state_dict(module, args.seed, scale=args.scale, dtype=dtype)
     out = Path(args.output)
-    _write_atomically(state, out, {"factory": args.factory, "seed": str(args.seed)})
+    write_safetensors(state, out, {"factory": args.factory, "seed": str(args.seed)})
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     print(f"wrote {out} ({len(state)} tensors, {nbytes / 1e6:.2f} MB, seed {args.seed})")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run a real Triton (from the nvidia-pytriton wheel) on 127.0.0.1 serving a model repository."""
+    import os
+    import signal
+
+    from serving.triton.server import TritonProcess, models_in, seed_weights
+
+    repo = Path(args.model_repository).resolve()
+    env = dict(os.environ)
+    env.setdefault("HOTSWAP_WEIGHTS_ROOT", str(Path(args.weights_root).resolve()))
+    env.setdefault("HOTSWAP_CACHE_DIR", str(Path(args.cache_dir).expanduser().resolve()))
+    seeded = seed_weights(repo, env)
+    ports = {k: int(env[v]) for k, v in (("http_port", "TRITON_HTTP_PORT"), ("grpc_port", "TRITON_GRPC_PORT"),
+                                         ("metrics_port", "TRITON_METRICS_PORT")) if env.get(v)}
+    server = TritonProcess(repo, work_dir=Path(args.work_dir).resolve(), env=env,
+                           http_port=ports.get("http_port", 8000), grpc_port=ports.get("grpc_port", 8001),
+                           metrics_port=ports.get("metrics_port", 8002))
+    server.start(foreground=True)
+    models = [m.name for m in models_in(repo)]
+    try:
+        server.wait_ready(models, timeout=args.ready_timeout)
+    except (TimeoutError, RuntimeError) as e:
+        print(f"hotswap: {e}", file=sys.stderr)
+        server.stop()
+        return 1
+    lines = ["", f"Triton is serving {', '.join(models)} on 127.0.0.1 "
+             f"(HTTP {server.http_port}, gRPC {server.grpc_port}, metrics {server.metrics_port}).",
+             f"Engine cache: {env['HOTSWAP_CACHE_DIR']}", "Drop new weights (atomically: write NAME.tmp, then rename):"]
+    for model, folder, was_seeded in seeded:
+        lines.append(f"  {model}: {folder}" + ("   (seeded with initial.safetensors)" if was_seeded else ""))
+    first = seeded[0][0] if seeded else "MODEL"
+    lines += [
+        "Try:",
+        f"  hotswap weights random --factory serving.examples.transformer:tiny_transformer --seed 7 "
+        f"-o {env['HOTSWAP_WEIGHTS_ROOT']}/tiny_transformer/v7.safetensors",
+        f"  curl -s -X POST {server.http_url}/v2/models/{first}/infer -d @examples/{first}_request.json",
+        f"  curl -s {server.metrics_url} | grep hotswap_",
+        "Ctrl-C stops the server.", "",
+    ]
+    print("\n".join(lines), flush=True)
+    assert server.proc is not None
+    try:
+        return server.proc.wait()
+    except KeyboardInterrupt:
+        server.proc.send_signal(signal.SIGTERM)
+        return server.proc.wait(60)
+
+
+# ---------------------------------------------------------------- hotswap watch / hotswap lora
+
+
+def _input_specs(args: argparse.Namespace) -> tuple[TensorSpec, ...]:
+    """``--input NAME:DTYPE:D1,D2`` flags, else the example factories' own specs, else none."""
+    from serving.examples import example_build_spec
+
+    if args.input:
+        specs = []
+        for text in args.input:
+            try:
+                name, dtype, dims = text.split(":")
+                specs.append(TensorSpec(name, dtype_from_name(dtype), tuple(int(d) for d in dims.split(",") if d)))
+            except ValueError as e:
+                raise SystemExit(f"--input {text!r}: expected NAME:DTYPE:D1,D2 (e.g. TOKENS:int64:16): {e}") from e
+        return tuple(specs)
+    try:
+        return example_build_spec(args.factory).inputs
+    except KeyError:
+        return ()
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Serve nothing, but watch a weights folder and hot-swap into an engine (development, non-Triton servers)."""
+    import signal
+    import threading
+
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from serving.engines import build_engine
+    from serving.metrics import prometheus_metrics
+    from serving.refit import CanaryConfig, RefitCoordinator
+    from serving.specs import BuildSpec
+    from serving.watch import WeightsWatcher
+    from serving.weights import CheckpointPolicy
+
+    folder = Path(args.folder).expanduser().resolve()
+    inputs = _input_specs(args)
+    spec = BuildSpec(factory=args.factory, inputs=inputs, device=args.device, dtype=dtype_from_name(args.dtype),
+                     factory_kwargs=tuple(sorted(_factory_kwargs(args.kwargs).items())))
+    registry = CollectorRegistry()
+    metrics = prometheus_metrics(registry, {"model": args.name})
+    engine = build_engine(args.engine, spec, metrics=metrics)
+    policy = CheckpointPolicy(allow_pickle=args.allow_pickle, max_bytes=args.max_file_bytes, root=folder)
+    canary = args.canary if inputs else "off"
+    coord = RefitCoordinator(engine, strategy=args.strategy, canary=CanaryConfig(mode=canary),
+                             canary_input_specs=inputs, metrics=metrics, checkpoint_policy=policy)
+    watcher = WeightsWatcher(folder, coord, mode=args.mode, poll_interval_s=args.poll_interval,
+                             debounce_s=args.debounce, metrics=metrics, lora_scale=args.lora_scale,
+                             checkpoint_policy=policy)
+    report = watcher.install_initial()
+    print(f"initial weights: {report.version if report and report.ok else 'none'}"
+          f"{f' ({report.outcome}: {report.reason})' if report and not report.ok else ''}", flush=True)
+    server = None
+    if args.metrics_port is not None:
+        server, _ = start_http_server(args.metrics_port, addr=args.metrics_addr, registry=registry)
+        print(f"metrics on http://{args.metrics_addr}:{server.server_port}/metrics", flush=True)
+    stop = threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    watcher.start()
+    print(f"watching {folder} ({args.mode}); publish by writing NAME.tmp then renaming it; Ctrl-C stops",
+          flush=True)
+    try:
+        stop.wait(args.exit_after)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        watcher.stop()
+        coord.close()
+        engine.close()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+    print(f"stopped; live weights: {coord.live_version}; rejected: {dict(watcher.rejected) or 'none'}", flush=True)
+    return 0
+
+
+def cmd_lora_random(args: argparse.Namespace) -> int:
+    from serving.factory import build_module
+    from serving.weights.lora import random_adapter, save_adapter
+
+    module = build_module(args.factory, _factory_kwargs(args.kwargs))
+    targets = [t for t in args.targets.split(",") if t]
+    try:
+        config, tensors = random_adapter(module, targets=targets, r=args.r, alpha=args.alpha, seed=args.seed,
+                                         std=args.std, use_rslora=args.rslora)
+    except ValueError as e:
+        raise SystemExit(f"hotswap lora random: {e}") from e
+    out = save_adapter(Path(args.output), config, tensors)
+    print(f"wrote {out} (PEFT adapter: {len(tensors) // 2} modules, r={args.r}, lora_alpha={args.alpha}, "
+          f"seed {args.seed})")
+    return 0
+
+
+def _add_watch_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    watch = sub.add_parser("watch", help="watch a weights folder and hot-swap into an engine, outside Triton")
+    watch.add_argument("--factory", required=True, help="package.module:function returning a torch.nn.Module")
+    watch.add_argument("--kwargs", help="JSON object of factory keyword arguments")
+    watch.add_argument("--folder", required=True, help="the weights folder to watch")
+    watch.add_argument("--name", default="model", help="model name (the metrics' model label)")
+    watch.add_argument("--engine", default="eager", choices=["eager", "aoti", "tensorrt"])
+    watch.add_argument("--device", default="cpu")
+    watch.add_argument("--dtype", default="float32")
+    watch.add_argument("--input", action="append", help="NAME:DTYPE:D1,D2 (repeat; default: the example's inputs)")
+    watch.add_argument("--strategy", default="double_buffer", choices=["double_buffer", "in_place"])
+    watch.add_argument("--canary", default="finite", choices=["off", "finite"])
+    watch.add_argument("--mode", default="inotify", choices=["inotify", "polling"])
+    watch.add_argument("--poll-interval", type=float, default=1.0)
+    watch.add_argument("--debounce", type=float, default=0.2)
+    watch.add_argument("--lora-scale", type=float, default=1.0)
+    watch.add_argument("--max-file-bytes", type=int, default=64 << 30)
+    watch.add_argument("--allow-pickle", action="store_true", help="accept .pt/.pth/.bin (weights_only=True)")
+    watch.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free one)")
+    watch.add_argument("--metrics-addr", default="127.0.0.1")
+    watch.add_argument("--exit-after", type=float, help="stop after this many seconds (default: run until signalled)")
+    watch.set_defaults(handler=cmd_watch)
+
+    lora = sub.add_parser("lora", help="LoRA adapter utilities").add_subparsers(dest="sub", required=True)
+    rnd = lora.add_parser("random", help="write a valid random PEFT LoRA adapter directory for a factory")
+    rnd.add_argument("--factory", required=True, help="package.module:function returning a torch.nn.Module")
+    rnd.add_argument("--kwargs", help="JSON object of factory keyword arguments")
+    rnd.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module name suffixes")
+    rnd.add_argument("--r", type=int, default=4)
+    rnd.add_argument("--alpha", type=float, default=8.0)
+    rnd.add_argument("--rslora", action="store_true", help="use_rslora: scale alpha/sqrt(r)")
+    rnd.add_argument("--seed", type=int, default=0)
+    rnd.add_argument("--std", type=float, default=0.05)
+    rnd.add_argument("-o", "--output", required=True, help="the adapter directory to create (must not exist)")
+    rnd.set_defaults(handler=cmd_lora_random)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     rnd.add_argument("-o", "--output", required=True)
     rnd.set_defaults(handler=cmd_weights_random)
 
+    serve = sub.add_parser("serve", help="run a real Triton server on 127.0.0.1 for a model repository")
+    serve.add_argument("--model-repository", default="model_repository")
+    serve.add_argument("--weights-root", default="weights",
+                       help="parent of the per-model weights folders (env HOTSWAP_WEIGHTS_ROOT wins)")
+    serve.add_argument("--cache-dir", default="~/.cache/hotswap/engines",
+                       help="stripped-engine cache (env HOTSWAP_CACHE_DIR wins)")
+    serve.add_argument("--work-dir", default=".run", help="backend directory and logs")
+    serve.add_argument("--ready-timeout", type=float, default=600.0)
+    serve.set_defaults(handler=cmd_serve)
+
+    _add_watch_commands(sub)
     return parser
 
 
