@@ -1,0 +1,1 @@
+"""Triton integration. ``serving.triton.model`` is the only module importing triton_python_backend_utils."""

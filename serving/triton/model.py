@@ -1,0 +1,132 @@
+"""The Triton Python-backend model: a compiled engine whose weights are hot-swapped from a folder.
+
+``model_repository/<name>/1/model.py`` only re-exports :class:`TritonPythonModel`. Each instance
+of ``instance_group`` is its own process with its own engine, watcher and metrics series.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from serving.errors import HotswapError
+from serving.metrics import HotswapMetrics
+from serving.service import HotswapService
+from serving.settings import parse_settings
+from serving.triton.metrics import TritonMetricsBackend
+from serving.triton.batching import split_batches
+from serving.triton.model_config import ModelIO, parse_model_io
+
+log = logging.getLogger("hotswap.triton")
+
+
+def _pb() -> Any:
+    import triton_python_backend_utils as pb_utils  # only available inside Triton's Python backend
+
+    return pb_utils
+
+
+def use_utf8_text_io() -> None:
+    """Triton's embedded Python may start in the C locale (ASCII): torch's compiler reads its
+    templates as locale-encoded text and fails on UTF-8. Switch LC_CTYPE, which sets the default
+    text encoding of ``open()``."""
+    import locale
+
+    if locale.getpreferredencoding(False).lower().replace("-", "") == "utf8":
+        return
+    for name in ("C.UTF-8", "C.utf8", "en_US.UTF-8"):
+        try:
+            locale.setlocale(locale.LC_CTYPE, name)
+            return
+        except locale.Error:
+            continue
+    log.warning("no UTF-8 locale available; compiling engines may fail on non-ASCII text")
+
+
+class TritonPythonModel:
+    """Triton calls ``initialize``, then ``execute`` per batch of requests, then ``finalize``."""
+
+    service: HotswapService
+    io: ModelIO
+
+    def initialize(self, args: dict[str, str]) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        use_utf8_text_io()
+        pb = _pb()
+        config = json.loads(args["model_config"])
+        self.io = parse_model_io(config)
+        model_name = args["model_name"]
+        gpu = args.get("model_instance_kind", "CPU") == "GPU"
+        device = f"cuda:{args.get('model_instance_device_id', '0')}" if gpu else "cpu"
+        repository = Path(args["model_repository"]).parent  # args give the model's own directory
+        settings = parse_settings(self.io.parameters, model_name=model_name, device=device,
+                                  model_repository=repository)
+        self._backend = TritonMetricsBackend(pb, {"model": model_name,
+                                                  "instance": args.get("model_instance_name", "")})
+        self.service = HotswapService(settings, self.io.inputs, self.io.outputs, self.io.max_batch,
+                                      HotswapMetrics(self._backend))
+        try:
+            self.service.start()
+        except HotswapError as e:
+            self._backend.close()
+            # Raising here keeps the model unavailable; Triton shows this message as the reason.
+            raise pb.TritonModelException(f"hotswap: {e}") from e
+        self._device = torch.device(device)
+
+    def _input(self, request: Any, name: str) -> torch.Tensor:
+        t = _pb().get_input_tensor_by_name(request, name)
+        if t is None:
+            raise HotswapError(f"request has no input {name!r}")
+        if t.is_cpu():
+            return torch.from_numpy(t.as_numpy())
+        return torch.utils.dlpack.from_dlpack(t.to_dlpack())
+
+    def _output(self, name: str, tensor: torch.Tensor) -> Any:
+        pb = _pb()
+        if tensor.device.type == "cuda":
+            return pb.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(tensor.contiguous()))
+        return pb.Tensor(name, tensor.detach().contiguous().numpy())
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        """Batch the requests through the engine; a failure answers its requests with an error."""
+        pb = _pb()
+        responses: list[Any] = [None] * len(requests)
+        inputs: list[list[torch.Tensor] | None] = []
+        for i, req in enumerate(requests):
+            try:
+                inputs.append([self._input(req, spec.name) for spec in self.io.inputs])
+            except Exception as e:  # a bad request never takes the others down
+                inputs.append(None)
+                responses[i] = pb.InferenceResponse(error=pb.TritonError(str(e)))
+        good = [i for i, x in enumerate(inputs) if x is not None]
+        sizes = [inputs[i][0].shape[0] for i in good]  # type: ignore[index]
+        for group in split_batches(sizes, self.io.max_batch):
+            idx = [good[g] for g in group]
+            try:
+                batch = [torch.cat([inputs[i][k] for i in idx]) for k in range(len(self.io.inputs))]  # type: ignore[index]
+                outputs = self.service.infer(batch)
+                offset = 0
+                for i in idx:
+                    n = inputs[i][0].shape[0]  # type: ignore[index]
+                    tensors = [self._output(spec.name, out[offset:offset + n])
+                               for spec, out in zip(self.io.outputs, outputs)]
+                    responses[i] = pb.InferenceResponse(output_tensors=tensors)
+                    offset += n
+            except Exception as e:
+                log.exception("inference failed")
+                for i in idx:
+                    responses[i] = pb.InferenceResponse(error=pb.TritonError(f"hotswap: {e}"))
+        return responses
+
+    def finalize(self) -> None:
+        """Stop the watcher and worker with a timeout: unloading never hangs."""
+        service = getattr(self, "service", None)
+        if service is not None:
+            service.close(timeout=10.0)
+        backend = getattr(self, "_backend", None)
+        if backend is not None:
+            backend.close()

@@ -1,0 +1,63 @@
+"""Pure parsing of Triton's model configuration (the JSON the Python backend receives)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from serving.errors import ConfigError
+from serving.specs import TensorSpec
+
+#: Triton data types we serve -> torch dtypes
+TRITON_DTYPES: dict[str, torch.dtype] = {
+    "TYPE_FP32": torch.float32, "TYPE_FP16": torch.float16, "TYPE_BF16": torch.bfloat16,
+    "TYPE_FP64": torch.float64, "TYPE_INT64": torch.int64, "TYPE_INT32": torch.int32,
+    "TYPE_INT16": torch.int16, "TYPE_INT8": torch.int8, "TYPE_UINT8": torch.uint8, "TYPE_BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class ModelIO:
+    """Inputs, outputs (without the batch dimension) and the batch range of a Triton model."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch: int
+    parameters: Mapping[str, str]
+
+
+def _specs(entries: list[dict[str, Any]], what: str, errors: list[str]) -> tuple[TensorSpec, ...]:
+    out = []
+    for e in entries:
+        name, dt = e.get("name", "?"), e.get("data_type", "")
+        dims = tuple(int(d) for d in e.get("dims", []))
+        if dt not in TRITON_DTYPES:
+            errors.append(f"{what} {name!r}: data_type {dt!r} is not supported; use one of {sorted(TRITON_DTYPES)}")
+            continue
+        if any(d < 0 for d in dims):
+            errors.append(f"{what} {name!r}: dims {list(dims)} must be fixed (only the batch dimension is "
+                          "dynamic, through max_batch_size)")
+        out.append(TensorSpec(name, TRITON_DTYPES[dt], dims))
+    return tuple(out)
+
+
+def parse_model_io(config: Mapping[str, Any]) -> ModelIO:
+    """Inputs, outputs, max_batch_size and string parameters from the model config JSON."""
+    errors: list[str] = []
+    name = config.get("name", "?")
+    max_batch = int(config.get("max_batch_size", 0))
+    if max_batch < 1:
+        errors.append("max_batch_size must be >= 1: the engine is built for a dynamic batch [1, max_batch_size]")
+    inputs = _specs(list(config.get("input", [])), "input", errors)
+    outputs = _specs(list(config.get("output", [])), "output", errors)
+    if not inputs:
+        errors.append("the config declares no input")
+    if not outputs:
+        errors.append("the config declares no output")
+    params = {k: str(v.get("string_value", "")) for k, v in dict(config.get("parameters", {})).items()}
+    if errors:
+        raise ConfigError(f"model {name!r}: config.pbtxt:\n" + "\n".join(f"  - {e}" for e in errors))
+    return ModelIO(inputs, outputs, max_batch, params)

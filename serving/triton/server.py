@@ -1,0 +1,248 @@
+"""Start a real Triton server from the ``nvidia-pytriton`` wheel (binary, libraries, Python stub).
+
+Used by ``hotswap serve`` / ``make serve`` and by the integration tests. The server binds
+to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from serving.errors import ConfigError, EngineUnavailableError
+
+INSTALL_HINT = "pip install 'trt-hotswap[triton]' (it brings nvidia-pytriton, which bundles tritonserver)"
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """Where the wheel keeps the server."""
+
+    binary: Path
+    libraries: Path
+    python_backend: Path
+    stub: Path
+
+
+def find_triton() -> TritonInstall:
+    """Locate tritonserver and the Python-backend stub for the running Python, or say how to install it."""
+    try:
+        import pytriton
+    except ImportError as e:
+        raise EngineUnavailableError(f"Triton is not installed: {INSTALL_HINT}") from e
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    install = TritonInstall(root / "bin" / "tritonserver", libs, root / "backends" / "python",
+                            root / "python_backend_stubs" / version / "triton_python_backend_stub")
+    missing = [str(p) for p in (install.binary, install.libraries, install.python_backend, install.stub)
+               if not p.exists()]
+    if missing:
+        raise EngineUnavailableError(f"the pytriton wheel lacks {missing} for Python {version}: {INSTALL_HINT}")
+    return install
+
+
+def python_library_dirs() -> list[str]:
+    """The running interpreter's libpython directory, when it is a shared build.
+
+    The stub links ``libpython3.X.so``; without this it may find the system's copy (say Debian's
+    3.11.2) while importing this interpreter's extension modules (say pyenv's 3.11.7), which fails
+    with undefined symbols such as ``_PyModule_Add``.
+    """
+    import sysconfig
+
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and Path(libdir).is_dir():
+        return [str(libdir)]
+    return []
+
+
+def prepare_backends(install: TritonInstall, dest: Path) -> Path:
+    """A backend directory with the Python backend and the stub of the running Python."""
+    python = dest / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    for f in install.python_backend.iterdir():
+        if f.is_file():
+            shutil.copy2(f, python / f.name)
+    shutil.copy2(install.stub, python / install.stub.name)
+    return dest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def read_model_config(model_dir: Path) -> dict[str, Any]:
+    """config.pbtxt as the JSON dict Triton hands the Python backend."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    path = model_dir / "config.pbtxt"
+    try:
+        msg = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    except (OSError, text_format.ParseError) as e:
+        raise ConfigError(f"{path}: cannot parse: {e}") from e
+    config: dict[str, Any] = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    config.setdefault("name", model_dir.name)
+    return config
+
+
+def models_in(repository: Path) -> list[Path]:
+    return sorted(p for p in repository.iterdir() if (p / "config.pbtxt").is_file())
+
+
+def seed_weights(repository: Path, env: Mapping[str, str]) -> list[tuple[str, Path, bool]]:
+    """Create each model's weights folder; write a random initial checkpoint where it is empty.
+
+    Returns (model, folder, seeded) per model. Never touches a folder that already has files.
+    """
+    from serving.factory import build_module
+    from serving.settings import parse_settings
+    from serving.weights.random_state import random_state_dict
+    from serving.weights.writer import write_safetensors
+
+    out = []
+    for model_dir in models_in(repository):
+        config = read_model_config(model_dir)
+        params = {k: str(v.get("string_value", "")) for k, v in config.get("parameters", {}).items()}
+        settings = parse_settings(params, model_name=model_dir.name, model_repository=repository, env=env)
+        folder = settings.weights_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        seeded = not any(p for p in folder.iterdir() if not p.name.startswith("."))
+        if seeded:
+            module = build_module(settings.model_factory, dict(settings.factory_kwargs))
+            write_safetensors(random_state_dict(module, seed=0), folder / "initial.safetensors",
+                              {"seed": "0", "factory": settings.model_factory})
+        out.append((model_dir.name, folder, seeded))
+    return out
+
+
+class TritonProcess:
+    """A tritonserver child process on loopback ports."""
+
+    def __init__(self, repository: Path, *, work_dir: Path, http_port: int | None = None,
+                 grpc_port: int | None = None, metrics_port: int | None = None,
+                 env: Mapping[str, str] | None = None, log_path: Path | None = None,
+                 extra_args: Sequence[str] = ()) -> None:
+        self.repository = repository.resolve()
+        self.work_dir = work_dir
+        self.http_port = http_port or free_port()
+        self.grpc_port = grpc_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.env = dict(os.environ if env is None else env)
+        self.log_path = log_path or work_dir / "tritonserver.log"
+        self.extra_args = list(extra_args)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def command(self, install: TritonInstall) -> list[str]:
+        backends = prepare_backends(install, self.work_dir / "backends")
+        return [
+            str(install.binary), f"--model-repository={self.repository}", f"--backend-directory={backends}",
+            "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
+            f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}", "--model-control-mode=none", "--exit-on-error=false",
+            "--allow-cpu-metrics=true", "--metrics-interval-ms=1000", *self.extra_args,
+        ]
+
+    def process_env(self, install: TritonInstall) -> dict[str, str]:
+        env = dict(self.env)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [*python_library_dirs(), str(install.libraries),
+                                                               env.get("LD_LIBRARY_PATH")]))
+        # the stub imports packages from the first python on PATH: make that this interpreter's venv
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        # without a UTF-8 locale the stub's embedded Python decodes text (compiler output) as ASCII
+        env.setdefault("PYTHONUTF8", "1")
+        if "UTF-8" not in env.get("LC_ALL", env.get("LANG", "")).upper().replace("UTF8", "UTF-8"):
+            env["LC_ALL"] = "C.UTF-8"
+        return env
+
+    def start(self, *, foreground: bool = False) -> None:
+        install = find_triton()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        cmd = self.command(install)
+        env = self.process_env(install)
+        if foreground:
+            self.proc = subprocess.Popen(cmd, env=env)
+            return
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def _get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=timeout) as r:
+                return int(r.status), r.read()
+        except urllib.error.HTTPError as e:
+            return int(e.code), e.read()
+        except (urllib.error.URLError, OSError):
+            return 0, b""
+
+    def model_ready(self, model: str) -> bool:
+        return self._get(f"/v2/models/{model}/ready")[0] == 200
+
+    def repository_index(self) -> list[dict[str, Any]]:
+        try:
+            req = urllib.request.Request(f"http://{self.http_url}/v2/repository/index", data=b"{}",
+                                         method="POST")
+            with urllib.request.urlopen(req, timeout=5) as r:
+                result: list[dict[str, Any]] = json.loads(r.read())
+                return result
+        except (urllib.error.URLError, OSError, ValueError):
+            return []
+
+    def wait_ready(self, models: Sequence[str], timeout: float = 300.0) -> None:
+        """Wait until the server is live and every model is ready; raise with the log tail if not."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if self._get("/v2/health/live")[0] == 200 and all(self.model_ready(m) for m in models):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"tritonserver not ready with {list(models)} after {timeout}s; index: "
+                           f"{self.repository_index()}\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 6000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM, wait (Triton unloads models, each finalize stops its threads), SIGKILL if it hangs."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise

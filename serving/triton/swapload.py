@@ -1,0 +1,124 @@
+"""Zero-downtime load test: clients hammer a Triton model while weight versions are swapped.
+
+Every response is compared with the outputs of every published version: it must match exactly
+one of them (within ``atol``), or it was computed from a mix of weights (a torn read).
+Used by ``bench/serve_swap.py`` and the integration tests.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SwapLoadResult:
+    requests: int
+    errors: int
+    torn: int
+    swaps: int
+    steady_p50_ms: float
+    steady_p99_ms: float
+    swap_p50_ms: float
+    swap_p99_ms: float
+    requests_during_swaps: int
+    versions_seen: dict[str, int] = field(default_factory=dict)
+    error_samples: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def classify(out: np.ndarray, expected: Mapping[str, np.ndarray], atol: float) -> list[str]:
+    """Versions whose expected output ``out`` matches. Pure."""
+    return [v for v, ref in expected.items() if ref.shape == out.shape and np.allclose(out, ref, atol=atol, rtol=0)]
+
+
+def run_swap_load(
+    infer: Callable[[], np.ndarray],
+    expected: Mapping[str, np.ndarray],
+    swap_to: Callable[[str], None],
+    order: list[str],
+    *,
+    clients: int = 4,
+    warmup_s: float = 2.0,
+    settle_s: float = 0.5,
+    cooldown_s: float = 2.0,
+    atol: float = 1e-4,
+    max_requests: int = 200_000,
+) -> SwapLoadResult:
+    """Clients call ``infer`` in a loop; ``swap_to(version)`` publishes and returns once it is live.
+
+    Latencies of requests that started inside a swap window (from publish to live plus
+    ``settle_s``) count as "during swaps", the rest as steady. Loops are bounded.
+    """
+    stop = threading.Event()
+    lock = threading.Lock()
+    records: list[tuple[float, float]] = []  # (start, latency)
+    errors: list[str] = []
+    torn: list[str] = []
+    seen: dict[str, int] = {}
+
+    def client() -> None:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                out = infer()
+            except Exception as e:  # counted, never fatal to the test run
+                with lock:
+                    errors.append(f"{type(e).__name__}: {e}")
+                continue
+            dt = time.monotonic() - t0
+            match = classify(out, expected, atol)
+            with lock:
+                records.append((t0, dt))
+                if len(match) == 1:
+                    seen[match[0]] = seen.get(match[0], 0) + 1
+                else:
+                    torn.append(f"matched {match}")
+                if len(records) >= max_requests:
+                    stop.set()
+
+    threads = [threading.Thread(target=client, name=f"swapload-client-{i}") for i in range(clients)]
+    windows: list[tuple[float, float]] = []
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(warmup_s)
+        for version in order:
+            if stop.is_set():
+                break
+            start = time.monotonic()
+            swap_to(version)
+            windows.append((start, time.monotonic() + settle_s))
+            time.sleep(settle_s)
+        time.sleep(cooldown_s)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+
+    def in_swap(t: float) -> bool:
+        return any(a <= t <= b for a, b in windows)
+
+    steady = [dt * 1e3 for t, dt in records if not in_swap(t)]
+    during = [dt * 1e3 for t, dt in records if in_swap(t)]
+    return SwapLoadResult(
+        requests=len(records) + len(errors), errors=len(errors), torn=len(torn), swaps=len(windows),
+        steady_p50_ms=_pct(steady, 50), steady_p99_ms=_pct(steady, 99),
+        swap_p50_ms=_pct(during, 50), swap_p99_ms=_pct(during, 99), requests_during_swaps=len(during),
+        versions_seen=dict(sorted(seen.items())), error_samples=tuple(errors[:5] + torn[:5]),
+    )

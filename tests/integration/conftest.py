@@ -1,0 +1,115 @@
+"""A real Triton server (from the nvidia-pytriton wheel), started once per test session on free ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from serving.examples import CNN, TRANSFORMER
+from serving.factory import build_module
+from serving.triton.scrape import scrape, weights_versions
+from serving.triton.server import TritonProcess, seed_weights
+from serving.weights.random_state import random_state_dict
+from serving.weights.writer import write_safetensors
+
+ROOT = Path(__file__).resolve().parents[2]
+REPOSITORY = ROOT / "model_repository"
+FACTORIES = {"tiny_transformer": TRANSFORMER, "tiny_cnn": CNN}
+MODELS = tuple(FACTORIES)
+
+
+def random_checkpoint(model: str, seed: int, out: Path) -> Path:
+    """A valid checkpoint of an example model (same seed, same tensors), written atomically."""
+    return write_safetensors(random_state_dict(build_module(FACTORIES[model]), seed), out)
+
+
+def reference_output(model: str, seed: int, x: torch.Tensor) -> torch.Tensor:
+    """What the eager model computes on ``x`` with the checkpoint of ``seed``."""
+    module = build_module(FACTORIES[model])
+    module.load_state_dict(random_state_dict(module, seed))
+    with torch.inference_mode():
+        return module(x)
+
+
+@dataclass
+class TritonFixture:
+    server: TritonProcess
+    weights_root: Path
+    cache_dir: Path
+
+    @property
+    def http_url(self) -> str:
+        return self.server.http_url
+
+    @property
+    def grpc_url(self) -> str:
+        return self.server.grpc_url
+
+    @property
+    def metrics_url(self) -> str:
+        return self.server.metrics_url
+
+    @property
+    def metrics_port(self) -> int:
+        return self.server.metrics_port
+
+    def weights_dir(self, model: str) -> Path:
+        return self.weights_root / model
+
+    def publish(self, model: str, src: Path, name: str | None = None) -> Path:
+        """Publish by the recommended protocol: copy to a hidden temp name, then rename into the folder."""
+        dest = self.weights_dir(model) / (name or src.name)
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+        return dest
+
+    def versions(self, model: str) -> dict[str, str]:
+        """instance -> live weights version, from Triton's /metrics."""
+        return weights_versions(scrape(self.metrics_url), model)
+
+    def wait_for_version(self, model: str, version: str, timeout: float = 60.0) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        seen: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            seen = self.versions(model)
+            if seen and all(v == version for v in seen.values()):
+                return seen
+            time.sleep(0.2)
+        raise AssertionError(f"{model}: version {version!r} not live on every instance after {timeout}s: {seen}\n"
+                             f"{self.server.log_tail(4000)}")
+
+
+def start_server(work: Path, weights_root: Path, cache_dir: Path) -> TritonProcess:
+    env = dict(os.environ, HOTSWAP_WEIGHTS_ROOT=str(weights_root), HOTSWAP_CACHE_DIR=str(cache_dir))
+    seed_weights(REPOSITORY, env)
+    server = TritonProcess(REPOSITORY, work_dir=work, env=env)
+    server.start()
+    try:
+        server.wait_ready(MODELS, timeout=900)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def engine_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("engine-cache")
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory: pytest.TempPathFactory, engine_cache_dir: Path) -> Iterator[TritonFixture]:
+    work = tmp_path_factory.mktemp("triton")
+    server = start_server(work, work / "weights", engine_cache_dir)
+    try:
+        yield TritonFixture(server, work / "weights", engine_cache_dir)
+    finally:
+        server.stop()

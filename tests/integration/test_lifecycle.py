@@ -1,0 +1,48 @@
+"""Start, stop and restart a real Triton: clean shutdown with the watcher running, same version after restart."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from serving.triton.scrape import scrape, weights_versions
+
+from .conftest import TritonFixture, random_checkpoint, start_server
+
+pytestmark = pytest.mark.integration
+
+
+def test_restart_keeps_the_live_version_and_shutdown_is_clean(
+        triton_server: TritonFixture, tmp_path: Path, engine_cache_dir: Path) -> None:
+    # triton_server is requested so its engine cache is warm; this test runs its own server
+    weights = tmp_path / "weights"
+    first = start_server(tmp_path / "run1", weights, engine_cache_dir)
+    try:
+        random_checkpoint("tiny_transformer", 41, tmp_path / "v41.safetensors").replace(
+            weights / "tiny_transformer" / "v41.safetensors")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if set(weights_versions(scrape(first.metrics_url), "tiny_transformer").values()) == {"v41"}:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(first.log_tail())
+    finally:
+        t0 = time.monotonic()
+        rc = first.stop(timeout=60)
+        stop_s = time.monotonic() - t0
+    assert rc == 0, first.log_tail()
+    assert stop_s < 30, f"shutdown took {stop_s:.1f}s"
+    log = first.log_tail(200_000)
+    assert "watcher stopped" in log, log[-3000:]
+
+    second = start_server(tmp_path / "run2", weights, engine_cache_dir)
+    try:
+        samples = scrape(second.metrics_url)
+        assert set(weights_versions(samples, "tiny_transformer").values()) == {"v41"}
+        log2 = second.log_tail(200_000)
+        assert "cache hit" in log2, log2[-3000:]
+    finally:
+        assert second.stop(timeout=60) == 0

@@ -1,0 +1,115 @@
+"""The product as users meet it: a real Triton serving the example repository, weights hot-swapped."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+from serving.triton.scrape import scrape, select, total
+
+from .conftest import TritonFixture, random_checkpoint, reference_output
+
+pytestmark = pytest.mark.integration
+
+TOKENS = torch.randint(0, 1000, (3, 16), generator=torch.Generator().manual_seed(11))
+IMAGE = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(12))
+
+
+def infer_http(url: str, model: str, x: torch.Tensor) -> np.ndarray:
+    name, dtype = ("TOKENS", "INT64") if model == "tiny_transformer" else ("IMAGE", "FP32")
+    client = httpclient.InferenceServerClient(url)
+    try:
+        inp = httpclient.InferInput(name, list(x.shape), dtype)
+        inp.set_data_from_numpy(x.numpy())
+        result = client.infer(model, [inp])
+        return np.asarray(result.as_numpy("LOGITS"))
+    finally:
+        client.close()
+
+
+def infer_grpc(url: str, model: str, x: torch.Tensor) -> np.ndarray:
+    name, dtype = ("TOKENS", "INT64") if model == "tiny_transformer" else ("IMAGE", "FP32")
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        inp = grpcclient.InferInput(name, list(x.shape), dtype)
+        inp.set_data_from_numpy(x.numpy())
+        return np.asarray(client.infer(model, [inp]).as_numpy("LOGITS"))
+    finally:
+        client.close()
+
+
+def assert_serves(triton: TritonFixture, model: str, seed: int) -> None:
+    x = TOKENS if model == "tiny_transformer" else IMAGE
+    expected = reference_output(model, seed, x).numpy()
+    np.testing.assert_allclose(infer_http(triton.http_url, model, x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_ready_only_with_weights_and_serving_the_initial_checkpoint(triton_server: TritonFixture) -> None:
+    for model in ("tiny_transformer", "tiny_cnn"):
+        assert triton_server.server.model_ready(model)
+        versions = triton_server.versions(model)
+        assert versions and set(versions.values()) == {"initial"}, versions
+        assert_serves(triton_server, model, seed=0)
+    assert len(triton_server.versions("tiny_cnn")) == 2  # two instances, each its own process
+
+
+def test_http_and_grpc_agree(triton_server: TritonFixture) -> None:
+    a = infer_http(triton_server.http_url, "tiny_transformer", TOKENS)
+    b = infer_grpc(triton_server.grpc_url, "tiny_transformer", TOKENS)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (3, 5)
+
+
+@pytest.mark.parametrize("model", ["tiny_transformer", "tiny_cnn"])
+def test_dropped_checkpoint_changes_outputs_on_every_instance(
+        triton_server: TritonFixture, model: str, tmp_path: Path) -> None:
+    src = random_checkpoint(model, seed=21, out=tmp_path / "v21.safetensors")
+    t0 = time.monotonic()
+    triton_server.publish(model, src)
+    triton_server.wait_for_version(model, "v21", timeout=60)
+    print(f"{model}: v21 live on every instance {time.monotonic() - t0:.2f}s after the rename")
+    for _ in range(4):  # requests land on either instance
+        assert_serves(triton_server, model, seed=21)
+
+
+def test_bad_file_changes_nothing_and_shows_in_metrics(triton_server: TritonFixture, tmp_path: Path) -> None:
+    model = "tiny_transformer"
+    good = random_checkpoint(model, seed=31, out=tmp_path / "v31.safetensors")
+    triton_server.publish(model, good)
+    triton_server.wait_for_version(model, "v31")
+    before = total(scrape(triton_server.metrics_url), "hotswap_refits_total",
+                   {"model": model, "outcome": "rejected"})
+    bad = tmp_path / "v32.safetensors"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # truncated
+    triton_server.publish(model, bad)
+    deadline = time.monotonic() + 30
+    rejected = before
+    while time.monotonic() < deadline and rejected == before:
+        time.sleep(0.2)
+        rejected = total(scrape(triton_server.metrics_url), "hotswap_refits_total",
+                         {"model": model, "outcome": "rejected"})
+    assert rejected == before + 1
+    assert set(triton_server.versions(model).values()) == {"v31"}
+    assert_serves(triton_server, model, seed=31)
+
+
+def test_metrics_parse_beside_tritons_own(triton_server: TritonFixture) -> None:
+    samples = scrape(triton_server.metrics_url)
+    names = {s.name for s in samples}
+    assert any(n.startswith("nv_inference_request_success") for n in names)
+    for needed in ("hotswap_refits_total", "hotswap_weights_info", "hotswap_refit_duration_seconds_bucket",
+                   "hotswap_refit_duration_seconds_count", "hotswap_engine_cache_events_total"):
+        assert needed in names, needed
+    stages = {s.labels["stage"] for s in select(samples, "hotswap_refit_duration_seconds_count",
+                                                {"model": "tiny_transformer"})}
+    assert {"read", "validate", "transfer", "refit", "swap", "total"} <= stages
+    for s in select(samples, "hotswap_weights_info"):
+        assert {"model", "instance", "version"} <= set(s.labels)
+    cache = select(samples, "hotswap_engine_cache_events_total", {"model": "tiny_transformer"})
+    assert {s.labels["event"] for s in cache} & {"hit", "miss"}

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from serving.errors import ConfigError
+from serving.settings import PARAMETERS, parse_settings
+
+FACTORY = "serving.examples.cnn:tiny_cnn"
+
+
+def test_defaults_and_env_expansion(tmp_path: Path) -> None:
+    env = {"HOTSWAP_WEIGHTS_ROOT": str(tmp_path / "w"), "HOTSWAP_CACHE_DIR": str(tmp_path / "c"), "X": "7"}
+    s = parse_settings({"model_factory": FACTORY, "factory_kwargs": '{"width": ${X}}'}, model_name="m", env=env)
+    assert s.weights_dir == tmp_path / "w" / "m"
+    assert s.engine_cache_dir == tmp_path / "c"
+    assert s.engine == "aoti" and s.canary == "reference" and s.refit_strategy == "double_buffer"
+    assert dict(s.factory_kwargs) == {"width": 7}
+    assert s.dtype == torch.float32 and not s.allow_pickle
+    gpu = parse_settings({"model_factory": FACTORY, "weights_dir": str(tmp_path)}, model_name="m",
+                         device="cuda:1", env={})
+    assert gpu.engine == "tensorrt"
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_settings({"model_factory": "nocolon", "engine": "onnx", "refit_strategy": "yolo",
+                        "allow_pickle": "maybe", "max_file_bytes": "-3", "bogus": "1",
+                        "weights_dir": "relative/dir", "dtype": "int64"}, model_name="m", env={})
+    msg = str(e.value)
+    for needle in ("model_factory", "engine", "refit_strategy", "allow_pickle", "max_file_bytes",
+                   "unknown parameter", "absolute", "floating dtype"):
+        assert needle in msg, needle
+
+
+def test_weights_dir_inside_model_repository_is_refused(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    (repo / "m").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="inside the model repository"):
+        parse_settings({"model_factory": FACTORY, "weights_dir": str(repo / "m" / "weights")},
+                       model_name="m", model_repository=repo, env={})
+    parse_settings({"model_factory": FACTORY, "weights_dir": str(tmp_path / "weights")},
+                   model_name="m", model_repository=repo, env={})
+
+
+def test_missing_env_var_and_missing_weights_dir_are_named() -> None:
+    with pytest.raises(ConfigError, match=r"\$NOPE is not set"):
+        parse_settings({"model_factory": FACTORY, "weights_dir": "/x/${NOPE}"}, model_name="m", env={})
+    with pytest.raises(ConfigError, match="HOTSWAP_WEIGHTS_ROOT"):
+        parse_settings({"model_factory": FACTORY}, model_name="m", env={})
+
+
+def test_every_parameter_is_documented() -> None:
+    assert all(PARAMETERS.values())
