@@ -150,6 +150,15 @@ class HotswapMetrics:
         self._live: str | None = None
         self._lock = threading.Lock()
 
+    def prime(self) -> None:
+        """Create the stage histograms and outcome counters at zero, so the first refit is a visible
+        increase for ``rate()``/``increase()`` (a series born with its first event is not)."""
+        for stage in STAGES:
+            self.backend.series(REFIT_DURATION, {"stage": stage})
+        for outcome in ("success", "rejected", "failed", "rolled_back"):
+            self.backend.series(REFITS, {"outcome": outcome, "reason": ""}).inc(0)
+        self.backend.series(WATCHER_ERRORS, {}).inc(0)
+
     def observe_stages(self, stages: Mapping[str, float]) -> None:
         for stage, seconds in stages.items():
             self.backend.series(REFIT_DURATION, {"stage": stage}).observe(seconds)

@@ -56,6 +56,7 @@ class HotswapService:
         """
         s = self.settings
         t0 = time.perf_counter()
+        self.metrics.prime()
         cache = EngineCache(s.engine_cache_dir, max_bytes=s.engine_cache_max_bytes, metrics=self.metrics)
         self.engine = build_engine(s.engine, self.spec, cache=cache, metrics=self.metrics)
         info = self.engine.build_info

@@ -44,7 +44,7 @@ PARAMETERS: dict[str, str] = {
     "lora_scale": "extra multiplier on LoRA adapters' alpha/r scale (default 1.0)",
 }
 
-_VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+_VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)")
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,9 @@ class ServingSettings:
 
 def _expand(value: str, env: Mapping[str, str], errors: list[str], key: str) -> str:
     def sub(m: re.Match[str]) -> str:
-        name = m.group(1) or m.group(2)
+        name = m.group(1) or m.group(3)
+        if name not in env and m.group(2) is not None:
+            return m.group(2)  # ${VAR:-default}
         if name not in env:
             errors.append(f"{key}: environment variable ${name} is not set (value {value!r})")
             return m.group(0)

@@ -45,6 +45,12 @@ def test_weights_dir_inside_model_repository_is_refused(tmp_path: Path) -> None:
                    model_name="m", model_repository=repo, env={})
 
 
+def test_env_default_syntax(tmp_path: Path) -> None:
+    params = {"model_factory": FACTORY, "weights_dir": str(tmp_path), "watch_mode": "${HOTSWAP_WATCH_MODE:-inotify}"}
+    assert parse_settings(params, model_name="m", env={}).watch_mode == "inotify"
+    assert parse_settings(params, model_name="m", env={"HOTSWAP_WATCH_MODE": "polling"}).watch_mode == "polling"
+
+
 def test_missing_env_var_and_missing_weights_dir_are_named() -> None:
     with pytest.raises(ConfigError, match=r"\$NOPE is not set"):
         parse_settings({"model_factory": FACTORY, "weights_dir": "/x/${NOPE}"}, model_name="m", env={})
