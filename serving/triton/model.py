@@ -17,8 +17,8 @@ from serving.errors import HotswapError
 from serving.metrics import HotswapMetrics
 from serving.service import HotswapService
 from serving.settings import parse_settings
-from serving.triton.metrics import TritonMetricsBackend
 from serving.triton.batching import split_batches
+from serving.triton.metrics import TritonMetricsBackend
 from serving.triton.model_config import ModelIO, parse_model_io
 
 log = logging.getLogger("hotswap.triton")
@@ -88,7 +88,7 @@ class TritonPythonModel:
     def _output(self, name: str, tensor: torch.Tensor) -> Any:
         pb = _pb()
         if tensor.device.type == "cuda":
-            return pb.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(tensor.contiguous()))
+            return pb.Tensor.from_dlpack(name, torch.to_dlpack(tensor.contiguous()))  # stays on the GPU
         return pb.Tensor(name, tensor.detach().contiguous().numpy())
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -113,7 +113,7 @@ class TritonPythonModel:
                 for i in idx:
                     n = inputs[i][0].shape[0]  # type: ignore[index]
                     tensors = [self._output(spec.name, out[offset:offset + n])
-                               for spec, out in zip(self.io.outputs, outputs)]
+                               for spec, out in zip(self.io.outputs, outputs, strict=True)]
                     responses[i] = pb.InferenceResponse(output_tensors=tensors)
                     offset += n
             except Exception as e:

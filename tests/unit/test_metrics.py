@@ -18,7 +18,8 @@ def test_live_version_gauge_follows_swaps_and_records_are_labelled() -> None:
     m.observe_stages({"read": 0.5, "total": 1.0})
     m.cache_event("hit")
     labels = {"model": "m", "instance": "m_0"}
-    assert registry.get_sample_value("hotswap_refits_total", {**labels, "outcome": "rejected", "reason": "corrupt"}) == 1
+    rejected = {**labels, "outcome": "rejected", "reason": "corrupt"}
+    assert registry.get_sample_value("hotswap_refits_total", rejected) == 1
     assert registry.get_sample_value("hotswap_refit_duration_seconds_sum", {**labels, "stage": "read"}) == 0.5
     assert registry.get_sample_value("hotswap_engine_cache_events_total", {**labels, "event": "hit"}) == 1
 
