@@ -88,7 +88,7 @@ class TritonPythonModel:
     def _output(self, name: str, tensor: torch.Tensor) -> Any:
         pb = _pb()
         if tensor.device.type == "cuda":
-            return pb.Tensor.from_dlpack(name, torch.to_dlpack(tensor.contiguous()))  # stays on the GPU
+            return pb.Tensor.from_dlpack(name, torch.to_dlpack(tensor.contiguous()))  # type: ignore[attr-defined]
         return pb.Tensor(name, tensor.detach().contiguous().numpy())
 
     def execute(self, requests: list[Any]) -> list[Any]:
