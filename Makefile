@@ -19,9 +19,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[triton,test]" "$(TORCH_PIN)"
-	# Torch-TensorRT's typed Python sources for the strict check; --no-deps: its TensorRT libraries
-	# come only from NVIDIA's index, unreachable here (the engine is checked statically instead)
-	$(PY) -m pip install -q --no-deps torch-tensorrt==2.13.0
+	# TensorRT stubs and Torch-TensorRT's typed Python sources for the strict check; --no-deps: both
+	# depend on TensorRT's libraries, which come only from NVIDIA's index, unreachable here
+	$(PY) -m pip install -q --no-deps tensorrt-stubs==10.13.0.35.1 torch-tensorrt==2.13.0
 	$(PY) tools/trt_stubs.py $(VENV)/trt-stubs
 	touch $(STAMP)
 
