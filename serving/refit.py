@@ -123,7 +123,7 @@ def check_canary(outputs: Sequence[torch.Tensor], expected: Sequence[torch.Tenso
     if expected is not None:
         if len(expected) != len(outputs):
             problems.append(f"engine gave {len(outputs)} outputs, reference {len(expected)}")
-        for i, (out, ref) in enumerate(zip(outputs, expected)):
+        for i, (out, ref) in enumerate(zip(outputs, expected, strict=False)):
             o, r = out.detach().float().cpu(), ref.detach().float().cpu()
             if o.shape != r.shape:
                 problems.append(f"output {i}: shape {tuple(o.shape)} vs reference {tuple(r.shape)}")
