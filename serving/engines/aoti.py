@@ -404,7 +404,12 @@ class AOTIEngine(Engine):
                         key, "; ".join(problems))
             cache.remove(key)
             return None
-        info = BuildInfo("hit", time.perf_counter() - t0, key, "loaded from the engine cache")
+        elapsed = time.perf_counter() - t0
+        detail = "loaded from the engine cache"
+        built = meta.get("build_seconds")
+        if isinstance(built, (int, float)):
+            detail += f"; the cold build took {built:.1f}s, {max(0.0, built - elapsed):.1f}s saved"
+        info = BuildInfo("hit", elapsed, key, detail)
         return cls(spec=spec, device=device, build_info=info, package_path=package, workdir=workdir,
                    weight_specs=specs, ignored_names=ignored, runner=runner)
 
@@ -455,7 +460,8 @@ class AOTIEngine(Engine):
         detail = "; ".join(x for x in (detail, f"compiled in {compile_s:.1f}s") if x)
         if cache is not None:
             outcome = "miss"
-            meta = {"fields": dict(fields), "factory": spec.factory, **_weights_meta(specs, ignored)}
+            meta = {"fields": dict(fields), "factory": spec.factory, **_weights_meta(specs, ignored),
+                    "build_seconds": round(time.perf_counter() - t0, 3)}
             try:
                 cache.store(key, {PACKAGE_FILE: package}, meta)
             except CacheError as e:  # the engine is fine; only the next build will be slower

@@ -43,6 +43,6 @@ def test_restart_keeps_the_live_version_and_shutdown_is_clean(
         samples = scrape(second.metrics_url)
         assert set(weights_versions(samples, "tiny_transformer").values()) == {"v41"}
         log2 = second.log_tail(200_000)
-        assert "cache hit" in log2, log2[-3000:]
+        assert "cache hit" in log2 and "s saved" in log2, log2[-3000:]
     finally:
         assert second.stop(timeout=60) == 0
