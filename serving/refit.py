@@ -19,6 +19,21 @@ The coordinator keeps the host tensors of the live and the previous version, so
 :meth:`RefitCoordinator.rollback` is one call; a slot remembers which host tensors it
 holds, so only tensors that differ are transferred and refitted (a LoRA merge touches a
 few; a rollback in double-buffer mode is a bare pointer switch).
+
+The fast path (default when the engine is on CUDA; ``fast_path=True`` forces it on the CPU):
+:meth:`RefitCoordinator.refit_from_path` streams the checkpoint through a small pinned pool
+straight into the device tensors a slot will run with (:mod:`serving.weights.fastpath`), so
+the staged weights *are* device tensors and the slot's transfer is free.
+
+* ``double_buffer``: the new weights are written into the standby slot's tensors (reused from
+  one refit to the next; never tensors the live slot reads), so two device copies exist and no
+  third. The previous version stays in the standby slot until the next refit starts
+  overwriting it: rollback is still a pointer switch.
+* ``in_place``: the checkpoint is first read and checked off the serving path without being
+  kept (NaN/Inf), then requests are held and it is streamed straight into the live tensors.
+  One device copy exists. If the new weights fail once written (the canary), the last good
+  ones are streamed back from their own file. The previous version is not kept in memory but
+  remembered as a file: :meth:`~RefitCoordinator.rollback` re-reads it.
 """
 
 from __future__ import annotations
@@ -37,6 +52,8 @@ from serving.errors import CanaryError, ConfigError, HotswapError, NotReadyError
 from serving.metrics import HotswapMetrics
 from serving.specs import TensorSpec
 from serving.weights import CheckpointPolicy, LoadedWeights, ValidationPolicy, load_weights
+from serving.weights.fastpath import FastPathConfig, FastReader, read_checkpoint_into
+from serving.weights.loader import CheckedCheckpoint, open_checkpoint, read_checked
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +69,13 @@ class StagedWeights:
     tensors: Mapping[str, torch.Tensor]
     source: str = ""
     content_hash: str | None = None
+    #: ``tensors`` are exactly what the checkpoint at ``source`` holds (cast to the engine's dtypes),
+    #: so the file can bring them back (the fast path's in-place restore and rollback rely on it)
+    file_exact: bool = False
 
     @classmethod
     def from_loaded(cls, loaded: LoadedWeights, content_hash: str | None = None) -> StagedWeights:
-        return cls(loaded.version, loaded.tensors, str(loaded.source), content_hash)
+        return cls(loaded.version, loaded.tensors, str(loaded.source), content_hash, file_exact=True)
 
 
 @dataclass(frozen=True)
@@ -69,6 +89,8 @@ class RefitReport:
     reason: str = ""
     message: str = ""
     tensors_refitted: int = 0
+    #: the fast path's figures: bytes read, where the streaming time went (seconds), GB/s
+    detail: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -150,6 +172,19 @@ class _Timer:
         return self.stages
 
 
+class _RolledBack(Exception):
+    """An in-place refit failed after it had written the live tensors, which were then restored."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _ptrs(tensors: Mapping[str, torch.Tensor] | None) -> set[int]:
+    """Addresses of the tensors' first elements: which memory they are (empty tensors excluded)."""
+    return {t.data_ptr() for t in (tensors or {}).values() if t.numel()}
+
+
 class RefitCoordinator:
     """Owns an engine's slots; serves inference and installs new weights atomically."""
 
@@ -164,7 +199,12 @@ class RefitCoordinator:
         metrics: HotswapMetrics | None = None,
         checkpoint_policy: CheckpointPolicy | None = None,
         validation_policy: ValidationPolicy | None = None,
+        fast_path: bool | None = None,
+        fast_path_config: FastPathConfig | None = None,
+        in_place_prescan: bool = True,
     ) -> None:
+        """``fast_path``: stream checkpoints straight into the slots' tensors (None: on CUDA engines).
+        ``in_place_prescan``: in place, read and check the checkpoint once before holding requests."""
         if strategy not in STRATEGIES:
             raise ConfigError(f"refit_strategy {strategy!r}: choose one of {STRATEGIES}")
         self.engine = engine
@@ -188,9 +228,19 @@ class RefitCoordinator:
         self._users: dict[int, int] = {}  # id(slot) -> requests running on it
         self._held = False  # in-place refit: new requests wait
         self._contents: dict[int, dict[str, torch.Tensor] | None] = {}  # id(slot) -> host tensors it holds
-        self._refit_lock = threading.Lock()  # one refit at a time
+        self._refit_lock = threading.RLock()  # one refit at a time (re-entered by the fast path)
         self.live: StagedWeights | None = None
         self.previous: StagedWeights | None = None
+
+        device = getattr(engine, "device", torch.device("cpu"))
+        self.fast_path = device.type == "cuda" if fast_path is None else fast_path
+        self.fast_path_config = fast_path_config or FastPathConfig()
+        self.in_place_prescan = in_place_prescan
+        self._reader: FastReader | None = None
+        # id(slot) -> the tensors (on the engine's device) the slot was last refitted with
+        self._buffers: dict[int, dict[str, torch.Tensor]] = {}
+        # the previous version when its tensors were overwritten: a checkpoint file to re-read on rollback
+        self._previous_file: StagedWeights | None = None
 
     # ------------------------------------------------------------------ serving
     @property
@@ -220,6 +270,8 @@ class RefitCoordinator:
     def refit_from_path(self, path: Path, *, version: str | None = None,
                         content_hash: str | None = None) -> RefitReport:
         """Read, validate and install a checkpoint file or directory. Never raises for bad input."""
+        if self.fast_path and not self._fast_path_unsafe():
+            return self._refit_fast(Path(path), version, content_hash)
         timer = _Timer()
         try:
             loaded = load_weights(
@@ -263,6 +315,7 @@ class RefitCoordinator:
                 return self._finish(RefitReport("failed", staged.version, self.live_version,
                                                 timer.finish(), reason, f"{type(e).__name__}: {e}"))
             self.previous, self.live = self.live, staged
+            self._previous_file = None
             report = RefitReport("success", staged.version,
                                  self.previous.version if self.previous else None,
                                  timer.finish(), tensors_refitted=n)
@@ -271,10 +324,225 @@ class RefitCoordinator:
 
     def rollback(self) -> RefitReport:
         """Reinstall the previous version (one step back)."""
-        if self.previous is None:
+        with self._refit_lock:
+            previous, on_file = self.previous, self._previous_file
+        if previous is None and on_file is not None:  # its tensors were overwritten: re-read its file
+            return self.refit_from_path(Path(on_file.source), version=on_file.version,
+                                        content_hash=on_file.content_hash)
+        if previous is None:
             err = RefitError("nothing to roll back to: no previous version is kept")
             return self._rejected(self.live_version or "", err, _Timer())
-        return self.install(self.previous)
+        return self.install(previous)
+
+    # ------------------------------------------------------------------ fast path
+    def _fast_reader(self) -> FastReader:
+        if self._reader is None:
+            self._reader = FastReader(self.fast_path_config)
+        return self._reader
+
+    def _fast_path_unsafe(self) -> bool:
+        """In place, the live tensors are overwritten; if they are not exactly a file's content (a LoRA
+        merge, weights installed from memory), a failed refit could not restore them: use the host path."""
+        with self._refit_lock:
+            live, slot = self.live, self._active
+            if self.strategy != "in_place" or live is None or slot is None or live.file_exact:
+                return False
+            unsafe = bool(_ptrs(live.tensors) & _ptrs(self._buffers.get(id(slot))))
+        if unsafe:
+            log.info("live weights %s are not a file's content; this in-place refit takes the host path",
+                     live.version)
+        return unsafe
+
+    def _refit_fast(self, path: Path, version: str | None, content_hash: str | None) -> RefitReport:
+        timer = _Timer()
+        try:
+            checked = open_checkpoint(path, self.engine.weight_specs(), policy=self.checkpoint_policy,
+                                      validation=self.validation_policy, version=version,
+                                      ignored=getattr(self.engine, "ignored_names", frozenset()))
+        except HotswapError as e:
+            return self._rejected(version or path.name, e, timer)
+        timer.stages["read"] = checked.open_s
+        timer.stages["validate"] = checked.check_s
+        detail: dict[str, float] = {"bytes": float(checked.nbytes)}
+        with self._refit_lock:
+            if self.live is not None and content_hash is not None and content_hash == self.live.content_hash:
+                return self._finish(RefitReport("noop", self.live.version, self.live.version, timer.finish(),
+                                                "same_content", f"{checked.version!r} has the content already live"))
+            try:
+                if self.strategy == "double_buffer":
+                    staged, n = self._fast_double_buffer(checked, content_hash, timer, detail)
+                else:
+                    staged, n = self._fast_in_place(checked, content_hash, timer, detail)
+            except _RolledBack as rb:
+                cause = rb.error
+                reason = cause.reason if isinstance(cause, HotswapError) else "refit_failed"
+                return self._finish(RefitReport("rolled_back", checked.version, self.live_version, timer.finish(),
+                                                reason, f"{type(cause).__name__}: {cause}", detail=detail))
+            except CanaryError as e:  # never served
+                return self._finish(RefitReport("rejected", checked.version, self.live_version, timer.finish(),
+                                                e.reason, str(e), detail=detail))
+            except HotswapError as e:  # the data was refused (NaN/Inf, truncated, changed while read)
+                if isinstance(e, RefitError):
+                    log.exception("refit to %s failed", checked.version)
+                    return self._finish(RefitReport("failed", checked.version, self.live_version,
+                                                    timer.finish(), e.reason, str(e), detail=detail))
+                return self._rejected(checked.version, e, timer)
+            except Exception as e:  # an engine failure: the previous weights keep serving
+                log.exception("refit to %s failed", checked.version)
+                return self._finish(RefitReport("failed", checked.version, self.live_version, timer.finish(),
+                                                "refit_failed", f"{type(e).__name__}: {e}", detail=detail))
+            old = self.live
+            self.live = staged
+            self.previous, self._previous_file = self._detached(old, staged.tensors)
+            report = RefitReport("success", staged.version, old.version if old else None, timer.finish(),
+                                 tensors_refitted=n, detail=detail)
+            self.metrics.set_live_version(staged.version, time.time())
+            return self._finish(report)
+
+    @staticmethod
+    def _detached(staged: StagedWeights | None, overwritten: Mapping[str, torch.Tensor]
+                  ) -> tuple[StagedWeights | None, StagedWeights | None]:
+        """(kept in memory, kept as a file): a version whose tensors are overwritten survives as its file."""
+        if staged is None or not _ptrs(staged.tensors) & _ptrs(overwritten):
+            return staged, None
+        if staged.file_exact and staged.source:
+            return None, StagedWeights(staged.version, {}, staged.source, staged.content_hash, file_exact=True)
+        return None, None
+
+    def _claim(self, slot: WeightSlot, checked: CheckedCheckpoint, *, protect_live: bool) -> dict[str, torch.Tensor]:
+        """The tensors to write the new weights into: the slot's own where they fit and nothing else
+        reads them, fresh ones otherwise. Marks the slot's contents unknown and lets go of a previous
+        version whose tensors these are."""
+        device = self.engine.device
+        held = self._buffers.get(id(slot))
+        if held is None:  # a fresh slot: an eager module already has its tensors on the device
+            module = getattr(slot, "module", None)
+            held = dict(module.state_dict()) if isinstance(module, torch.nn.Module) else {}
+        protected: set[int] = set()
+        if protect_live:
+            protected = _ptrs(self.live.tensors if self.live else None)
+            for sid, tensors in self._buffers.items():
+                if sid != id(slot):
+                    protected |= _ptrs(tensors)
+        dest: dict[str, torch.Tensor] = {}
+        taken: set[int] = set()
+        for name in checked.needed:
+            spec = checked.specs[name]
+            t = held.get(name)
+            fits = (t is not None and t.device.type == device.type
+                    and (device.index is None or t.device.index == device.index)
+                    and t.dtype == spec.dtype and tuple(t.shape) == spec.shape and t.is_contiguous()
+                    and (not t.numel() or t.data_ptr() not in protected | taken))
+            if fits:
+                assert t is not None
+                dest[name] = t.detach()
+                if t.numel():
+                    taken.add(t.data_ptr())
+            else:
+                dest[name] = torch.empty(spec.shape, dtype=spec.dtype, device=device)
+        self._contents[id(slot)] = None
+        if self.previous is not None and _ptrs(self.previous.tensors) & _ptrs(dest):
+            self.previous, self._previous_file = self._detached(self.previous, dest)
+        return dest
+
+    def _stream_into(self, checked: CheckedCheckpoint, dest: Mapping[str, torch.Tensor],
+                     content_hash: str | None, timer: _Timer, detail: dict[str, float]) -> StagedWeights:
+        loaded = read_checked(checked, policy=self.checkpoint_policy, validation=self.validation_policy,
+                              out=dest, reader=self._fast_reader())
+        stats = loaded.stats
+        if stats is not None:
+            timer.stages["transfer"] = timer.stages.get("transfer", 0.0) + stats.seconds - stats.finish_s
+            timer.stages["validate"] = timer.stages.get("validate", 0.0) + stats.finish_s
+            detail.update(wait_read_s=stats.wait_read_s, wait_copy_s=stats.wait_copy_s,
+                          stream_s=stats.seconds, stream_gbps=stats.gbps)
+        return StagedWeights.from_loaded(loaded, content_hash)
+
+    def _fast_double_buffer(self, checked: CheckedCheckpoint, content_hash: str | None, timer: _Timer,
+                            detail: dict[str, float]) -> tuple[StagedWeights, int]:
+        if self._standby is None:
+            self._standby = self.engine.new_slot()
+            self._contents[id(self._standby)] = None
+        standby = self._standby
+        t = time.perf_counter()
+        with self._cond:  # requests that started on it before the last swap must finish first
+            self._cond.wait_for(lambda: self._users.get(id(standby), 0) == 0)
+        timer.stage("drain", t)
+        dest = self._claim(standby, checked, protect_live=True)
+        staged = self._stream_into(checked, dest, content_hash, timer, detail)
+        n = self._load_slot(standby, staged, timer, dict(staged.tensors))
+        self._verify(standby, staged, timer)
+        t = time.perf_counter()
+        with self._cond:
+            self._standby, self._active = self._active, standby
+        t = timer.stage("swap", t)
+        timer.stages["pause"] = timer.stages["swap"]
+        return staged, n
+
+    def _fast_in_place(self, checked: CheckedCheckpoint, content_hash: str | None, timer: _Timer,
+                       detail: dict[str, float]) -> tuple[StagedWeights, int]:
+        if self._active is None:  # nothing serves yet: no need to hold anything
+            slot = self.engine.new_slot()
+            self._contents[id(slot)] = None
+            dest = self._claim(slot, checked, protect_live=False)
+            staged = self._stream_into(checked, dest, content_hash, timer, detail)
+            n = self._load_slot(slot, staged, timer, dict(staged.tensors))
+            self._verify(slot, staged, timer)
+            with self._cond:
+                self._active = slot
+            return staged, n
+        slot = self._active
+        if self.in_place_prescan:  # refuse NaN/Inf before touching the live tensors
+            t = time.perf_counter()
+            stats = read_checkpoint_into(checked.candidate, checked.metas, checked.specs, checked.needed, None,
+                                         reader=self._fast_reader(), device=self.engine.device)
+            timer.stage("prescan", t)
+            detail["prescan_gbps"] = stats.gbps
+        t_hold = time.perf_counter()
+        with self._cond:
+            self._held = True
+            self._cond.wait_for(lambda: self._users.get(id(slot), 0) == 0)
+        try:
+            timer.stage("drain", t_hold)
+            dest = self._claim(slot, checked, protect_live=False)
+            try:
+                staged = self._stream_into(checked, dest, content_hash, timer, detail)
+                n = self._load_slot(slot, staged, timer, dict(staged.tensors))
+                self._verify(slot, staged, timer)
+            except Exception as e:
+                self._restore_fast(slot, dest)
+                raise _RolledBack(e) from e
+        finally:
+            with self._cond:
+                self._held = False
+                self._cond.notify_all()
+            timer.stages["pause"] = time.perf_counter() - t_hold
+        return staged, n
+
+    def _restore_fast(self, slot: WeightSlot, dest: Mapping[str, torch.Tensor]) -> None:
+        """Bring the last good weights back into the live slot (requests are held); stop serving if that fails."""
+        live = self.live
+        if live is None:
+            with self._cond:
+                self._active = None
+            return
+        if not _ptrs(live.tensors) & _ptrs(dest):  # they are intact elsewhere (e.g. on the host)
+            self._restore_in_place(slot)
+            return
+        try:
+            checked = open_checkpoint(Path(live.source), self.engine.weight_specs(), policy=self.checkpoint_policy,
+                                      validation=self.validation_policy, version=live.version,
+                                      ignored=getattr(self.engine, "ignored_names", frozenset()))
+            read_checked(checked, policy=self.checkpoint_policy, validation=self.validation_policy,
+                         out=dest, reader=self._fast_reader())
+            self._refit_slot(slot, {**live.tensors, **dest})
+            self._contents[id(slot)] = dict(live.tensors)
+        except Exception as e:
+            log.critical("in-place restore of %s from %s failed; the model stops serving: %s",
+                         live.version, live.source, e)
+            with self._cond:
+                self._active = None
+            self.live = None
+            raise RefitError(f"restoring the last good weights from {live.source} failed: {e}") from e
 
     # ------------------------------------------------------------------ strategies
     def _changed(self, slot: WeightSlot, staged: StagedWeights) -> dict[str, torch.Tensor]:
@@ -292,10 +560,17 @@ class RefitCoordinator:
             transferred = slot.transfer(changed)
             t = timer.stage("transfer", t)
         self._contents[id(slot)] = None  # unknown until the refit completes
-        slot.refit(transferred)
+        self._refit_slot(slot, transferred)
         timer.stage("refit", t)
         self._contents[id(slot)] = dict(staged.tensors)
         return len(changed)
+
+    def _refit_slot(self, slot: WeightSlot, transferred: Mapping[str, torch.Tensor]) -> None:
+        """Refit, and remember which tensors the slot now runs with (the fast path reuses them)."""
+        try:
+            slot.refit(transferred)
+        finally:  # even a failed refit may have pointed the slot at some of them
+            self._buffers[id(slot)] = {**self._buffers.get(id(slot), {}), **transferred}
 
     def _verify(self, slot: WeightSlot, staged: StagedWeights, timer: _Timer) -> None:
         if self.canary.mode == "off":
@@ -334,6 +609,7 @@ class RefitCoordinator:
         with self._cond:
             self._standby, self._active = self._active, standby
         timer.stage("swap", t)
+        timer.stages["pause"] = timer.stages["swap"]  # the only moment requests wait
         return n
 
     def _install_in_place(self, staged: StagedWeights, timer: _Timer) -> int:
@@ -365,6 +641,7 @@ class RefitCoordinator:
             with self._cond:
                 self._held = False
                 self._cond.notify_all()
+            timer.stages["pause"] = time.perf_counter() - t
         return len(changed)
 
     def _restore_in_place(self, slot: WeightSlot) -> None:
@@ -375,7 +652,7 @@ class RefitCoordinator:
             return
         try:
             restore = self._changed(slot, self.live)
-            slot.refit(slot.transfer(restore))
+            self._refit_slot(slot, slot.transfer(restore))
             self._contents[id(slot)] = dict(self.live.tensors)
         except Exception as e:
             log.critical("in-place restore of %s failed; the model stops serving: %s", self.live.version, e)
@@ -405,3 +682,7 @@ class RefitCoordinator:
             self._active = self._standby = None
         for s in slots:
             s.close()
+        self._buffers.clear()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None

@@ -1,9 +1,17 @@
-"""One call from a checkpoint path to validated host tensors ready for an engine's refit."""
+"""One call from a checkpoint path to validated tensors ready for an engine's refit.
+
+Two steps, which the refit coordinator also calls apart: :func:`open_checkpoint` (detect, read
+headers, check names/shapes/dtypes: no tensor data) and :func:`read_checked` (the data). The data
+goes either to fresh host tensors (``safe_open``, then :func:`~serving.weights.validate.conform`), or,
+when a ``device``, destination tensors (``out``) or a :class:`~serving.weights.fastpath.FastReader`
+is given, through the fast path straight into destination tensors on that device (see
+:mod:`serving.weights.fastpath`).
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,13 +19,21 @@ import torch
 
 from serving.errors import ValidationError
 from serving.specs import WeightSpec
-from serving.weights.checkpoint import CheckpointPolicy, describe_checkpoint, detect_checkpoint, read_tensors
+from serving.weights.checkpoint import (
+    CheckpointCandidate,
+    CheckpointPolicy,
+    describe_checkpoint,
+    detect_checkpoint,
+    read_tensors,
+)
+from serving.weights.fastpath import FastReader, ReadStats, allocate, read_checkpoint_into
+from serving.weights.safetensors_header import TensorMeta
 from serving.weights.validate import ValidationPolicy, check_metadata, conform
 
 
 @dataclass(frozen=True)
 class LoadedWeights:
-    """Validated CPU tensors in the engine's dtypes, and where they came from."""
+    """Validated tensors in the engine's dtypes (on the host, or on the fast path's device)."""
 
     version: str
     source: Path
@@ -26,48 +42,146 @@ class LoadedWeights:
     tensors: Mapping[str, torch.Tensor]
     #: bytes of ``tensors``
     nbytes: int
-    #: seconds spent detecting, reading headers and reading tensor data
+    #: seconds spent detecting, reading headers and reading tensor data (on the fast path: and
+    #: copying it to the device, which overlaps the reads)
     read_s: float
     #: seconds spent checking metadata and conforming tensors
     validate_s: float
     #: checkpoint tensors that were not loaded (declared ``ignored``, or unexpected under "ignore")
     ignored: tuple[str, ...]
+    #: the fast path's account of the data read (None on the host path)
+    stats: ReadStats | None = None
+
+
+@dataclass(frozen=True)
+class CheckedCheckpoint:
+    """A checkpoint whose headers fit the engine; no tensor data read yet."""
+
+    candidate: CheckpointCandidate
+    metas: Mapping[str, TensorMeta]
+    specs: Mapping[str, WeightSpec]
+    #: the engine's weights, in spec order (all of them are in the checkpoint)
+    needed: tuple[str, ...]
+    #: checkpoint tensors that will not be loaded
+    ignored: tuple[str, ...]
+    #: seconds spent detecting and reading headers
+    open_s: float
+    #: seconds spent checking the metadata
+    check_s: float
+
+    @property
+    def version(self) -> str:
+        return self.candidate.version
+
+    @property
+    def source(self) -> Path:
+        return Path(self.candidate.path)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.metas[n].nbytes for n in self.needed)
 
 
 _DEFAULT_POLICY = CheckpointPolicy()
 _DEFAULT_VALIDATION = ValidationPolicy()
 
+#: destination tensors, or a function that returns them; called only once the metadata checked out
+Destination = Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]]
 
-def load_weights(path: Path, specs: Mapping[str, WeightSpec], *, policy: CheckpointPolicy = _DEFAULT_POLICY,
-                 validation: ValidationPolicy = _DEFAULT_VALIDATION, version: str | None = None,
-                 ignored: Collection[str] = ()) -> LoadedWeights:
-    """Detect, describe (headers only), check, read only the needed tensors, conform.
 
-    Metadata problems (missing/unexpected names, shapes, dtypes) raise :class:`ValidationError`
-    before any tensor data is read. Raises :class:`CheckpointError` for unreadable or hostile files.
-    """
+def open_checkpoint(path: Path, specs: Mapping[str, WeightSpec], *, policy: CheckpointPolicy = _DEFAULT_POLICY,
+                    validation: ValidationPolicy = _DEFAULT_VALIDATION, version: str | None = None,
+                    ignored: Collection[str] = ()) -> CheckedCheckpoint:
+    """Detect, describe (headers only) and check. Raises :class:`ValidationError` with every metadata
+    problem, :class:`CheckpointError` for unreadable or hostile files; reads no tensor data."""
     path = Path(path)
     t0 = time.perf_counter()
     candidate = detect_checkpoint(path, policy, version=version)
     metas = describe_checkpoint(candidate, policy)
     t1 = time.perf_counter()
-    source = str(path)
-    problems = check_metadata(specs, metas, validation, source, ignored=ignored)
+    problems = check_metadata(specs, metas, validation, str(path), ignored=ignored)
     if problems:
-        raise ValidationError(source, problems)
+        raise ValidationError(str(path), problems)
     t2 = time.perf_counter()
-    needed = [name for name in specs if name in metas]
-    raw = read_tensors(candidate, needed, policy)
-    t3 = time.perf_counter()
-    tensors = conform(specs, raw, validation, source)
-    t4 = time.perf_counter()
+    return CheckedCheckpoint(
+        candidate=candidate, metas=metas, specs=specs, needed=tuple(n for n in specs if n in metas),
+        ignored=tuple(n for n in metas if n not in specs), open_s=t1 - t0, check_s=t2 - t1,
+    )
+
+
+def read_checked(checked: CheckedCheckpoint, *, policy: CheckpointPolicy = _DEFAULT_POLICY,
+                 validation: ValidationPolicy = _DEFAULT_VALIDATION, device: torch.device | str | None = None,
+                 out: Destination | None = None, reader: FastReader | None = None) -> LoadedWeights:
+    """Read the data of a checked checkpoint.
+
+    Without ``device``, ``out`` and ``reader``: fresh host tensors (the host path). Otherwise the
+    fast path: into ``out`` (called first if it is a function), or into tensors allocated on
+    ``device``; ``reader`` keeps its pinned pool between calls (a temporary one is used if None).
+    """
+    specs = checked.specs
+    source = str(checked.source)
+    if device is None and out is None and reader is None:
+        t0 = time.perf_counter()
+        raw = read_tensors(checked.candidate, list(checked.needed), policy)
+        t1 = time.perf_counter()
+        tensors = conform(specs, raw, validation, source)
+        t2 = time.perf_counter()
+        return _loaded(checked, tensors, read_s=t1 - t0, validate_s=t2 - t1)
+
+    dest = out() if callable(out) else out
+    if dest is None:
+        dest = allocate(specs, device if device is not None else "cpu", checked.needed)
+    if checked.candidate.format not in ("safetensors", "sharded"):  # a torch pickle: no offsets to stream
+        t0 = time.perf_counter()
+        raw = read_tensors(checked.candidate, list(checked.needed), policy)
+        t1 = time.perf_counter()
+        conformed = conform(specs, raw, validation, source)
+        with torch.no_grad():
+            for name, t in conformed.items():
+                dest[name].copy_(t)
+        t2 = time.perf_counter()
+        return _loaded(checked, {n: dest[n] for n in checked.needed}, read_s=t1 - t0 + (t2 - t1) / 2,
+                       validate_s=(t2 - t1) / 2)
+    own = reader is None
+    active = reader or FastReader()
+    try:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            stats = read_checkpoint_into(checked.candidate, checked.metas, specs, checked.needed, dest,
+                                         reader=active, check_finite=validation.check_finite)
+        t1 = time.perf_counter()
+    finally:
+        if own:
+            active.close()
+    return _loaded(checked, {n: dest[n] for n in checked.needed}, read_s=t1 - t0 - stats.finish_s,
+                   validate_s=stats.finish_s, stats=stats)
+
+
+def _loaded(checked: CheckedCheckpoint, tensors: Mapping[str, torch.Tensor], *, read_s: float,
+            validate_s: float, stats: ReadStats | None = None) -> LoadedWeights:
     return LoadedWeights(
-        version=candidate.version,
-        source=path,
-        format=candidate.format,
+        version=checked.version,
+        source=checked.source,
+        format=checked.candidate.format,
         tensors=tensors,
         nbytes=sum(t.numel() * t.element_size() for t in tensors.values()),
-        read_s=(t1 - t0) + (t3 - t2),
-        validate_s=(t2 - t1) + (t4 - t3),
-        ignored=tuple(name for name in metas if name not in specs),
+        read_s=checked.open_s + read_s,
+        validate_s=checked.check_s + validate_s,
+        ignored=checked.ignored,
+        stats=stats,
     )
+
+
+def load_weights(path: Path, specs: Mapping[str, WeightSpec], *, policy: CheckpointPolicy = _DEFAULT_POLICY,
+                 validation: ValidationPolicy = _DEFAULT_VALIDATION, version: str | None = None,
+                 ignored: Collection[str] = (), device: torch.device | str | None = None,
+                 out: Destination | None = None, reader: FastReader | None = None) -> LoadedWeights:
+    """Detect, describe (headers only), check, read only the needed tensors, conform.
+
+    Metadata problems (missing/unexpected names, shapes, dtypes) raise :class:`ValidationError`
+    before any tensor data is read. Raises :class:`CheckpointError` for unreadable or hostile files.
+    With ``device``/``out``/``reader`` the data takes the fast path (see :func:`read_checked`).
+    """
+    checked = open_checkpoint(path, specs, policy=policy, validation=validation, version=version,
+                              ignored=ignored)
+    return read_checked(checked, policy=policy, validation=validation, device=device, out=out, reader=reader)

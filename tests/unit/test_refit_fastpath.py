@@ -1,0 +1,261 @@
+"""The coordinator's fast path on the CPU: checkpoints streamed straight into the slots' tensors."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from serving.engines import build_engine
+from serving.engines.base import Engine
+from serving.examples import TRANSFORMER, example_build_spec
+from serving.factory import build_module
+from serving.refit import CanaryConfig, RefitCoordinator, StagedWeights
+from serving.weights.fastpath import FastPathConfig
+from serving.weights.random_state import random_state_dict
+
+SPEC = example_build_spec(TRANSFORMER)
+X = torch.randint(0, 1000, (4, 16), generator=torch.Generator().manual_seed(0))
+SMALL = FastPathConfig(threads=3, buffers=2, buffer_bytes=1 << 20, read_bytes=8192)
+
+
+def state(seed: int) -> dict[str, torch.Tensor]:
+    return random_state_dict(build_module(TRANSFORMER), seed)
+
+
+def expected(sd: dict[str, torch.Tensor]) -> torch.Tensor:
+    module = build_module(TRANSFORMER)
+    module.load_state_dict(sd)
+    with torch.inference_mode():
+        return module(X)
+
+
+def write(tmp: Path, name: str, sd: dict[str, torch.Tensor]) -> Path:
+    path = tmp / f"{name}.safetensors"
+    save_file(sd, str(path))
+    return path
+
+
+_OPEN: list[RefitCoordinator] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_coordinators() -> Iterator[None]:
+    """The fast path's reader threads live until the coordinator is closed."""
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
+def coordinator(strategy: str, engine: Engine | None = None, **kw: object) -> RefitCoordinator:
+    coord = RefitCoordinator(engine or build_engine("eager", SPEC), strategy=strategy,  # type: ignore[arg-type]
+                             fast_path=True, fast_path_config=SMALL, **kw)
+    _OPEN.append(coord)
+    return coord
+
+
+def ptrs(tensors: object) -> set[int]:
+    return {t.data_ptr() for t in tensors.values() if t.numel()}  # type: ignore[attr-defined]
+
+
+def assert_serves(coord: RefitCoordinator, sd: dict[str, torch.Tensor]) -> None:
+    torch.testing.assert_close(coord.infer([X])[0], expected(sd), rtol=0, atol=0)
+
+
+def test_fast_path_is_on_for_cuda_engines_only_by_default() -> None:
+    assert not RefitCoordinator(build_engine("eager", SPEC)).fast_path
+    assert coordinator("in_place").fast_path
+
+
+@pytest.mark.parametrize("strategy", ["double_buffer", "in_place"])
+def test_refit_from_path_serves_each_version_and_rolls_back(tmp_path: Path, strategy: str) -> None:
+    coord = coordinator(strategy)
+    a, b = state(1), state(2)
+    r1 = coord.refit_from_path(write(tmp_path, "a", a))
+    assert r1.outcome == "success" and r1.version == "a" and r1.detail["bytes"] > 0
+    assert_serves(coord, a)
+    r2 = coord.refit_from_path(write(tmp_path, "b", b))
+    assert r2.outcome == "success" and r2.previous_version == "a"
+    assert {"read", "validate", "transfer", "refit", "swap" if strategy == "double_buffer" else "prescan",
+            "pause", "total"} <= set(r2.stages)
+    assert_serves(coord, b)
+    back = coord.rollback()
+    assert back.outcome == "success" and coord.live_version == "a"
+    assert_serves(coord, a)
+    if strategy == "double_buffer":
+        assert back.tensors_refitted == 0  # the standby slot still held a: a pointer switch
+    coord.close()
+
+
+def test_double_buffer_reuses_the_standby_tensors_and_never_the_live_ones(tmp_path: Path) -> None:
+    coord = coordinator("double_buffer")
+    lives = []
+    for seed in (1, 2, 3, 4):
+        sd = state(seed)
+        assert coord.refit_from_path(write(tmp_path, f"v{seed}", sd)).outcome == "success"
+        assert coord.live is not None
+        lives.append(ptrs(coord.live.tensors))
+        assert_serves(coord, sd)
+    assert lives[0] == lives[2] and lives[1] == lives[3]  # two sets of tensors, alternating
+    assert not lives[0] & lives[1]
+    # the previous version (resident in the standby slot) is in memory, not only on file
+    assert coord.previous is not None and ptrs(coord.previous.tensors) == lives[2]
+
+
+def test_first_install_writes_into_the_eager_modules_own_tensors(tmp_path: Path) -> None:
+    engine = build_engine("eager", SPEC)
+    made: list[set[int]] = []
+    original = engine.new_slot
+
+    def new_slot():  # type: ignore[no-untyped-def]
+        slot = original()
+        made.append(ptrs(slot.module.state_dict()))
+        return slot
+
+    engine.new_slot = new_slot  # type: ignore[method-assign]
+    coord = coordinator("in_place", engine)
+    sd = state(1)
+    assert coord.refit_from_path(write(tmp_path, "v1", sd)).outcome == "success"
+    assert coord.live is not None and ptrs(coord.live.tensors) == made[0]  # no second copy was made
+    assert_serves(coord, sd)
+
+
+def test_in_place_keeps_one_copy_and_remembers_the_previous_version_as_a_file(tmp_path: Path) -> None:
+    coord = coordinator("in_place")
+    a, b = state(1), state(2)
+    coord.refit_from_path(write(tmp_path, "a", a))
+    assert coord.live is not None
+    first = ptrs(coord.live.tensors)
+    coord.refit_from_path(write(tmp_path, "b", b))
+    assert ptrs(coord.live.tensors) == first  # written into the live tensors
+    assert coord.previous is None  # nothing of a is kept in memory
+    assert coord.rollback().outcome == "success"  # re-read from a's file
+    assert coord.live_version == "a" and ptrs(coord.live.tensors) == first
+    assert_serves(coord, a)
+
+
+@pytest.mark.parametrize("strategy", ["double_buffer", "in_place"])
+def test_nan_checkpoint_is_rejected_and_the_old_weights_keep_serving(tmp_path: Path, strategy: str) -> None:
+    coord = coordinator(strategy)
+    a = state(1)
+    coord.refit_from_path(write(tmp_path, "a", a))
+    coord.refit_from_path(write(tmp_path, "a2", state(5)))
+    coord.refit_from_path(write(tmp_path, "a", a))
+    bad = state(2)
+    bad["head.weight"][1, 2] = float("nan")
+    report = coord.refit_from_path(write(tmp_path, "bad", bad))
+    assert report.outcome == "rejected" and report.reason == "invalid"
+    assert "'head.weight'" in report.message and "NaN" in report.message
+    assert coord.live_version == "a"
+    assert_serves(coord, a)
+    good = state(3)
+    assert coord.refit_from_path(write(tmp_path, "good", good)).outcome == "success"
+    assert_serves(coord, good)
+
+
+def test_in_place_without_prescan_restores_the_live_weights_from_their_file(tmp_path: Path) -> None:
+    coord = coordinator("in_place", in_place_prescan=False)
+    a = state(1)
+    coord.refit_from_path(write(tmp_path, "a", a))
+    bad = state(2)
+    bad["head.bias"][0] = float("inf")
+    report = coord.refit_from_path(write(tmp_path, "bad", bad))
+    assert report.outcome == "rolled_back" and report.reason == "invalid"
+    assert coord.live_version == "a"
+    assert_serves(coord, a)
+
+
+def test_in_place_canary_failure_restores_the_live_weights(tmp_path: Path) -> None:
+    coord = coordinator("in_place", canary=CanaryConfig("finite"), canary_input_specs=SPEC.inputs)
+    a = state(1)
+    assert coord.refit_from_path(write(tmp_path, "a", a)).outcome == "success"
+    zeros = {k: torch.zeros_like(v) for k, v in state(2).items()}
+    report = coord.refit_from_path(write(tmp_path, "zeros", zeros))
+    assert report.outcome == "rolled_back" and report.reason == "canary"
+    assert_serves(coord, a)
+
+
+def test_in_place_stops_serving_when_the_live_file_is_gone_and_the_canary_fails(tmp_path: Path) -> None:
+    from serving.errors import NotReadyError
+
+    coord = coordinator("in_place", canary=CanaryConfig("finite"), canary_input_specs=SPEC.inputs)
+    a_path = write(tmp_path, "a", state(1))
+    coord.refit_from_path(a_path)
+    a_path.unlink()
+    report = coord.refit_from_path(write(tmp_path, "zeros", {k: torch.zeros_like(v) for k, v in state(2).items()}))
+    assert report.outcome == "failed" and "restoring the last good weights" in report.message
+    with pytest.raises(NotReadyError):
+        coord.infer([X])
+
+
+def test_weights_installed_from_memory_are_never_overwritten(tmp_path: Path) -> None:
+    """A host install (what the watcher does for a LoRA merge) shares tensors; the fast path must not
+    write into anything the live slot reads."""
+    coord = coordinator("double_buffer")
+    a = state(1)
+    coord.refit_from_path(write(tmp_path, "a", a))
+    assert coord.live is not None
+    merged = dict(coord.live.tensors)
+    merged["head.bias"] = torch.ones_like(merged["head.bias"])
+    assert coord.install(StagedWeights("a+lora", merged)).outcome == "success"
+    assert_serves(coord, {k: v.clone() for k, v in merged.items()})
+    live_before = {k: v.clone() for k, v in coord.live.tensors.items()}
+    b = state(2)
+    assert coord.refit_from_path(write(tmp_path, "b", b)).outcome == "success"
+    assert_serves(coord, b)
+    back = coord.rollback()  # to the merged weights, still intact in the other slot
+    assert back.outcome == "success" and coord.live_version == "a+lora"
+    assert_serves(coord, live_before)
+
+
+def test_in_place_with_merged_live_weights_takes_the_host_path(tmp_path: Path) -> None:
+    coord = coordinator("in_place")
+    coord.refit_from_path(write(tmp_path, "a", state(1)))
+    assert coord.live is not None
+    merged = dict(coord.live.tensors)
+    merged["head.bias"] = torch.ones_like(merged["head.bias"])
+    assert coord.install(StagedWeights("a+lora", merged)).outcome == "success"
+    bad = state(2)
+    bad["head.bias"][0] = float("nan")
+    assert coord.refit_from_path(write(tmp_path, "bad", bad)).outcome == "rejected"
+    assert_serves(coord, merged)
+    b = state(3)
+    assert coord.refit_from_path(write(tmp_path, "b", b)).outcome == "success"
+    assert_serves(coord, b)
+
+
+@pytest.mark.parametrize("strategy", ["double_buffer", "in_place"])
+def test_concurrent_inference_during_fast_refits_never_sees_mixed_weights(tmp_path: Path, strategy: str) -> None:
+    coord = coordinator(strategy)
+    sds = [state(s) for s in (1, 2)]
+    paths = [write(tmp_path, f"v{i}", sd) for i, sd in enumerate(sds)]
+    outs = [expected(sd) for sd in sds]
+    coord.refit_from_path(paths[0])
+    stop = threading.Event()
+    bad: list[str] = []
+    seen = [0, 0]
+
+    def client() -> None:
+        while not stop.is_set():
+            y = coord.infer([X])[0]
+            matches = [i for i, o in enumerate(outs) if torch.equal(y, o)]
+            if len(matches) != 1:
+                bad.append("an output of no version")
+            else:
+                seen[matches[0]] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(12):
+            assert coord.refit_from_path(paths[(i + 1) % 2]).outcome == "success"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not bad and min(seen) > 0
