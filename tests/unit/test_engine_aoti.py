@@ -461,3 +461,59 @@ def test_optional_inductor_configs_only_where_torch_has_them(monkeypatch: pytest
                                                             "aot_inductor.debug_compile": False})
     configs = aoti.inductor_configs()
     assert configs == {**aoti.INDUCTOR_CONFIGS, "aot_inductor.debug_compile": False}
+
+
+# --------------------------------------------------------------------------- under the coordinator
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["double_buffer", "in_place"])
+def test_coordinator_on_aoti_never_serves_mixed_weights_and_rolls_back(tf_engine: AOTIEngine, strategy: str) -> None:
+    """Readers run while another thread refits many times: every output is exactly one version's."""
+    import threading
+
+    from serving.refit import CanaryConfig, RefitCoordinator, StagedWeights
+
+    spec = example_build_spec(TRANSFORMER)
+    coord = RefitCoordinator(tf_engine, strategy=strategy, canary=CanaryConfig("reference"),
+                             canary_input_specs=spec.inputs,
+                             reference_factory=lambda: build_module(spec.factory))
+    x = batch(spec, 2, seed=99)
+    versions, expected = [], []
+    for i in range(4):
+        module, state = random_weights(spec, seed=10 + i)
+        tensors = {k: v for k, v in state.items() if k in tf_engine.weight_specs()}
+        versions.append(StagedWeights(f"v{i}", tensors))
+        with torch.no_grad():
+            expected.append(module(x))
+    assert coord.install(versions[0]).outcome == "success"
+    stop = threading.Event()
+    problems: list[str] = []
+    seen: set[int] = set()
+
+    def reader() -> None:
+        while not stop.is_set():
+            out = coord.infer([x])[0]
+            match = [i for i, e in enumerate(expected) if torch.allclose(out, e, atol=1e-5, rtol=1e-5)]
+            if len(match) != 1:
+                problems.append(f"output matched {match}")
+                return
+            seen.add(match[0])
+
+    threads = [threading.Thread(target=reader, name=f"aoti-reader-{i}") for i in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(12):
+            report = coord.install(versions[i % len(versions)])
+            assert report.outcome in ("success", "noop"), report
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert not problems, problems[:3]
+    assert len(seen) >= 2
+    live = int(coord.live_version[1:])  # type: ignore[index]
+    assert coord.rollback().outcome == "success"
+    assert coord.live_version != f"v{live}"
+    coord.close()
