@@ -81,15 +81,15 @@ class TritonPythonModel:
         t = _pb().get_input_tensor_by_name(request, name)
         if t is None:
             raise HotswapError(f"request has no input {name!r}")
-        if t.is_cpu():
-            return torch.from_numpy(t.as_numpy())
+        # DLPack for CPU and GPU alike: the stub's as_numpy() builds arrays with the numpy ABI it was
+        # compiled for, and under numpy 2 they came out with zero strides (seen with Triton 2.51)
         return torch.utils.dlpack.from_dlpack(t.to_dlpack())
 
     def _output(self, name: str, tensor: torch.Tensor) -> Any:
-        pb = _pb()
-        if tensor.device.type == "cuda":
-            return pb.Tensor.from_dlpack(name, torch.to_dlpack(tensor.contiguous()))  # type: ignore[attr-defined]
-        return pb.Tensor(name, tensor.detach().contiguous().numpy())
+        # an own allocation per response (a row slice of the batch would carry a storage offset);
+        # DLPack, not numpy, for the reason given in _input
+        capsule = torch.to_dlpack(tensor.detach().clone())  # type: ignore[attr-defined]
+        return _pb().Tensor.from_dlpack(name, capsule)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         """Batch the requests through the engine; a failure answers its requests with an error."""
@@ -102,6 +102,9 @@ class TritonPythonModel:
             except Exception as e:  # a bad request never takes the others down
                 inputs.append(None)
                 responses[i] = pb.InferenceResponse(error=pb.TritonError(str(e)))
+        if self._device.type == "cuda":
+            # GPU inputs were written on Triton's stream, which torch's stream does not wait for
+            torch.cuda.synchronize(self._device)
         good = [i for i, x in enumerate(inputs) if x is not None]
         sizes = [inputs[i][0].shape[0] for i in good]  # type: ignore[index]
         for group in split_batches(sizes, self.io.max_batch):
@@ -116,6 +119,8 @@ class TritonPythonModel:
                                for spec, out in zip(self.io.outputs, outputs, strict=True)]
                     responses[i] = pb.InferenceResponse(output_tensors=tensors)
                     offset += n
+                if self._device.type == "cuda":  # Triton reads the outputs on its own stream
+                    torch.cuda.current_stream(self._device).synchronize()
             except Exception as e:
                 log.exception("inference failed")
                 for i in idx:

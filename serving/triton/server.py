@@ -38,12 +38,20 @@ class TritonInstall:
 
 def find_triton() -> TritonInstall:
     """Locate tritonserver and the Python-backend stub for the running Python, or say how to install it."""
-    try:
-        import pytriton
-    except ImportError as e:
-        raise EngineUnavailableError(f"Triton is not installed: {INSTALL_HINT}") from e
-    root = Path(pytriton.__file__).parent / "tritonserver"
-    libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+    import importlib.util
+
+    # find_spec, not import: pytriton's own Python dependencies are not needed to run the server
+    loaded = sys.modules.get("pytriton")
+    if loaded is not None and getattr(loaded, "__path__", None):
+        locations = list(loaded.__path__)
+    else:
+        spec = importlib.util.find_spec("pytriton")
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise EngineUnavailableError(f"Triton is not installed: {INSTALL_HINT}")
+    package = Path(locations[0])
+    root = package / "tritonserver"
+    libs = package.parent / "nvidia_pytriton.libs"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     install = TritonInstall(root / "bin" / "tritonserver", libs, root / "backends" / "python",
                             root / "python_backend_stubs" / version / "triton_python_backend_stub")

@@ -73,8 +73,10 @@ MiB = 1 << 20
 class FastPathConfig:
     """Sizes of the pipeline. The defaults use 384 MiB of pinned memory and 16 reader threads.
 
-    Chosen on an H200 host (docs/gpu.md): 16 MiB reads and 6 buffers beat 4 MiB reads and 4 buffers
-    (34 vs 31 GB/s for 4 GB); 8 threads were slower (28 GB/s).
+    Chosen on H200 hosts (docs/gpu.md, one run each, and hosts differ: the threads alone read the page
+    cache at 31 to 42 GB/s from one machine to the next): 16 MiB reads with 6 buffers came closest to
+    the read rate of their host (84-92% of it, against 77% for 4 MiB reads with 4 buffers); 8 threads
+    were slower.
     """
 
     #: reader threads (each reads ``read_bytes`` at a time with ``os.preadv``)

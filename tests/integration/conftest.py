@@ -6,9 +6,10 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,11 +39,36 @@ def reference_output(model: str, seed: int, x: torch.Tensor) -> torch.Tensor:
         return module(x)
 
 
+#: fixed inputs of the example models
+INPUTS = {
+    "tiny_transformer": torch.randint(0, 1000, (3, 16), generator=torch.Generator().manual_seed(11)),
+    "tiny_cnn": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(12)),
+}
+WIRE = {"tiny_transformer": ("TOKENS", "INT64"), "tiny_cnn": ("IMAGE", "FP32")}
+
+
+def infer_http(url: str, model: str, x: torch.Tensor) -> np.ndarray:
+    """One request through tritonclient's HTTP client."""
+    import tritonclient.http as httpclient
+
+    name, dtype = WIRE[model]
+    client = httpclient.InferenceServerClient(url)
+    try:
+        inp = httpclient.InferInput(name, list(x.shape), dtype)
+        inp.set_data_from_numpy(x.numpy())
+        return np.asarray(client.infer(model, [inp]).as_numpy("LOGITS"))
+    finally:
+        client.close()
+
+
 @dataclass
 class TritonFixture:
     server: TritonProcess
     weights_root: Path
     cache_dir: Path
+    #: what the server answered right after it became ready, before any test published anything
+    startup_versions: dict[str, dict[str, str]] = field(default_factory=dict)
+    startup_outputs: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def http_url(self) -> str:
@@ -110,6 +136,10 @@ def triton_server(tmp_path_factory: pytest.TempPathFactory, engine_cache_dir: Pa
     work = tmp_path_factory.mktemp("triton")
     server = start_server(work, work / "weights", engine_cache_dir)
     try:
-        yield TritonFixture(server, work / "weights", engine_cache_dir)
+        fixture = TritonFixture(server, work / "weights", engine_cache_dir)
+        for model in MODELS:
+            fixture.startup_versions[model] = fixture.versions(model)
+            fixture.startup_outputs[model] = infer_http(server.http_url, model, INPUTS[model])
+        yield fixture
     finally:
         server.stop()

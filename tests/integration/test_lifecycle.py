@@ -46,3 +46,35 @@ def test_restart_keeps_the_live_version_and_shutdown_is_clean(
         assert "cache hit" in log2 and "s saved" in log2, log2[-3000:]
     finally:
         assert second.stop(timeout=60) == 0
+
+
+def test_model_without_valid_weights_is_not_ready_and_says_why(tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    from serving.triton.server import TritonProcess
+
+    from .conftest import REPOSITORY
+
+    repo = tmp_path / "repo"
+    shutil.copytree(REPOSITORY / "tiny_cnn", repo / "tiny_cnn")
+    weights = tmp_path / "weights"
+    (weights / "tiny_cnn").mkdir(parents=True)
+    (weights / "tiny_cnn" / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    env = dict(os.environ, HOTSWAP_WEIGHTS_ROOT=str(weights), HOTSWAP_CACHE_DIR=str(tmp_path / "cache"))
+    server = TritonProcess(repo, work_dir=tmp_path / "run", env=env)
+    server.start()
+    try:
+        deadline = time.monotonic() + 120
+        index: list[dict[str, object]] = []
+        while time.monotonic() < deadline:
+            index = server.repository_index()
+            if index and index[0].get("state") == "UNAVAILABLE":
+                break
+            time.sleep(0.5)
+        assert index and index[0].get("state") == "UNAVAILABLE", (index, server.log_tail())
+        reason = str(index[0].get("reason"))
+        assert "no valid weights" in reason and "broken.safetensors" in reason, reason
+        assert not server.model_ready("tiny_cnn")
+    finally:
+        server.stop(timeout=60)

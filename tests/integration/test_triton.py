@@ -9,32 +9,18 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
-import tritonclient.http as httpclient
 
 from serving.triton.scrape import scrape, select, total
 
-from .conftest import TritonFixture, random_checkpoint, reference_output
+from .conftest import INPUTS, WIRE, TritonFixture, infer_http, random_checkpoint, reference_output
 
 pytestmark = pytest.mark.integration
 
-TOKENS = torch.randint(0, 1000, (3, 16), generator=torch.Generator().manual_seed(11))
-IMAGE = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(12))
-
-
-def infer_http(url: str, model: str, x: torch.Tensor) -> np.ndarray:
-    name, dtype = ("TOKENS", "INT64") if model == "tiny_transformer" else ("IMAGE", "FP32")
-    client = httpclient.InferenceServerClient(url)
-    try:
-        inp = httpclient.InferInput(name, list(x.shape), dtype)
-        inp.set_data_from_numpy(x.numpy())
-        result = client.infer(model, [inp])
-        return np.asarray(result.as_numpy("LOGITS"))
-    finally:
-        client.close()
+TOKENS = INPUTS["tiny_transformer"]
 
 
 def infer_grpc(url: str, model: str, x: torch.Tensor) -> np.ndarray:
-    name, dtype = ("TOKENS", "INT64") if model == "tiny_transformer" else ("IMAGE", "FP32")
+    name, dtype = WIRE[model]
     client = grpcclient.InferenceServerClient(url)
     try:
         inp = grpcclient.InferInput(name, list(x.shape), dtype)
@@ -45,18 +31,20 @@ def infer_grpc(url: str, model: str, x: torch.Tensor) -> np.ndarray:
 
 
 def assert_serves(triton: TritonFixture, model: str, seed: int) -> None:
-    x = TOKENS if model == "tiny_transformer" else IMAGE
+    x = INPUTS[model]
     expected = reference_output(model, seed, x).numpy()
     np.testing.assert_allclose(infer_http(triton.http_url, model, x), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_ready_only_with_weights_and_serving_the_initial_checkpoint(triton_server: TritonFixture) -> None:
+    """At startup (recorded by the fixture before any test published) each model served `initial`."""
     for model in ("tiny_transformer", "tiny_cnn"):
         assert triton_server.server.model_ready(model)
-        versions = triton_server.versions(model)
+        versions = triton_server.startup_versions[model]
         assert versions and set(versions.values()) == {"initial"}, versions
-        assert_serves(triton_server, model, seed=0)
-    assert len(triton_server.versions("tiny_cnn")) == 2  # two instances, each its own process
+        expected = reference_output(model, 0, INPUTS[model]).numpy()
+        np.testing.assert_allclose(triton_server.startup_outputs[model], expected, atol=1e-4, rtol=1e-4)
+    assert len(triton_server.startup_versions["tiny_cnn"]) == 2  # two instances, each its own process
 
 
 def test_http_and_grpc_agree(triton_server: TritonFixture) -> None:

@@ -396,6 +396,7 @@ def test_removing_the_adapter_returns_exactly_to_the_base_refitting_only_touched
     config, tensors = random_adapter(build_module(TRANSFORMER), targets=["q_proj", "fc2"], r=4, alpha=8, seed=3)
     path = publish_adapter(rig, "lora", config, tensors)
     rig.wait_live("v1+lora")
+    rig.idle()  # the worker records its history just after the coordinator switched
     merged = rig.watcher.history[-1].report
     assert merged.tensors_refitted == 4  # q_proj and fc2 of two blocks; nothing else moved
     live = rig.coord.live
@@ -412,6 +413,7 @@ def test_removing_the_adapter_returns_exactly_to_the_base_refitting_only_touched
     shutil.copyfile(folder / "v1.safetensors", folder / ".again.tmp")
     os.rename(folder / ".again.tmp", folder / "v1-again.safetensors")
     rig.wait_live("v1-again")
+    rig.idle()
     assert torch.equal(rig.output(), base_out)
     assert rig.watcher.history[-1].report.tensors_refitted == 4
 
