@@ -415,9 +415,8 @@ class RefitCoordinator:
         version whose tensors these are."""
         device = self.engine.device
         held = self._buffers.get(id(slot))
-        if held is None:  # a fresh slot: an eager module already has its tensors on the device
-            module = getattr(slot, "module", None)
-            held = dict(module.state_dict()) if isinstance(module, torch.nn.Module) else {}
+        if held is None:  # a fresh slot: its own tensors (an eager module's, AOTI's constant buffers)
+            held = dict(slot.buffers())
         protected: set[int] = set()
         if protect_live:
             protected = _ptrs(self.live.tensors if self.live else None)
@@ -570,7 +569,8 @@ class RefitCoordinator:
         try:
             slot.refit(transferred)
         finally:  # even a failed refit may have pointed the slot at some of them
-            self._buffers[id(slot)] = {**self._buffers.get(id(slot), {}), **transferred}
+            own = slot.buffers()  # a slot that copies into buffers of its own runs with those
+            self._buffers[id(slot)] = dict(own) if own else {**self._buffers.get(id(slot), {}), **transferred}
 
     def _verify(self, slot: WeightSlot, staged: StagedWeights, timer: _Timer) -> None:
         if self.canary.mode == "off":

@@ -9,22 +9,23 @@ The build checks both: no weight files in the package, and the compiled model's 
 exactly the state-dict tensors the graph reads. The package goes to the stripped-engine cache;
 a hit loads it without exporting or compiling.
 
-Each slot is its own loaded runner (``aoti_load_package``) with its own constant blob, so a
-standby slot is refitted and checked while the active one serves; switching slots is the
-coordinator's pointer switch. A refit copies into the runner's blob
-(``load_constants(..., user_managed=False)``), although ``user_managed=True`` would make the refit
-itself a pointer switch: in torch 2.13 that form leaks every tensor it is given
-(``MaybeOwningAtenTensorHandle(handle, user_managed=true)`` in ``aoti_runtime/utils.h`` takes a new
-handle with ``aoti_torch_new_tensor_handle`` and its destructor never frees it; measured: 50 refits
-of a 4.4 MB model grew the process by 219 MB, against 4 MB with copies). The copy is a plain
-``memcpy`` of each tensor's whole *storage* to the constant's slot, using the tensor's own strides
-and offset, so every tensor must be contiguous and alone in its storage: a view into a larger
-storage overruns the blob (measured: heap corruption). :meth:`AOTISlot.transfer` makes them so and
-:meth:`AOTISlot.refit` refuses anything else.
+Each slot is its own loaded runner (the package loader ``aoti_load_package`` builds), so a standby slot is refitted and
+checked while the active one serves; switching slots is the coordinator's pointer switch. A slot's
+constants are its own buffers, allocated once and registered once with
+``load_constants(..., user_managed=True)`` (the runner points at them); a refit writes into them, and
+a loader may write into them directly (:meth:`AOTISlot.buffers`), so a refit costs no copy at all.
+Registering new tensors on every refit is what must not happen: in torch 2.13 the user-managed form
+leaks every tensor it is given (``MaybeOwningAtenTensorHandle(handle, user_managed=true)`` in
+``aoti_runtime/utils.h`` takes a new handle with ``aoti_torch_new_tensor_handle`` and its destructor
+never frees it; measured: 50 refits of a 4.4 MB model passing new tensors grew the process by 219 MB).
+Registered once, the buffers live as long as the slot anyway. (The copying form,
+``user_managed=False``, ``memcpy``s each tensor's whole *storage*, so a view into a larger storage
+overruns the blob — measured: heap corruption; :meth:`AOTISlot.refit` refuses such views.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -35,7 +36,7 @@ import threading
 import time
 import weakref
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -280,11 +281,35 @@ def _device_of(spec: BuildSpec) -> torch.device:
     return device
 
 
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """Make ``torch.nn.init``'s in-place initializers no-ops while a module is built on meta.
+
+    On the meta device they would be dispatched to torch's Python reference kernels, whose first
+    use imports torch._dynamo (about 1.9 s of a cache-hit start, measured); meta tensors hold no
+    values to initialize anyway.
+    """
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")
+             and callable(getattr(torch.nn.init, n))]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+
+    def skip(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return tensor
+
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, skip)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+
+
 def _make_module(spec: BuildSpec, device: torch.device, *, meta: bool) -> torch.nn.Module:
     """The model in the spec's dtype; on the meta device when only its architecture is needed."""
     if meta:
         try:
-            with torch.device("meta"):
+            with torch.device("meta"), _no_init():
                 return build_module(spec.factory, spec.kwargs()).to(dtype=spec.dtype)
         except Exception as e:  # a factory that cannot build on meta (e.g. reads files): build for real
             log.debug("factory %s cannot build on the meta device (%s); building on %s",
@@ -292,10 +317,32 @@ def _make_module(spec: BuildSpec, device: torch.device, *, meta: bool) -> torch.
     return build_module(spec.factory, spec.kwargs()).to(device=device, dtype=spec.dtype)
 
 
-def _load_runner(path: Path, device: torch.device) -> Any:
+class _Runner:
+    """The package loader itself (``torch._C._aoti.AOTIModelPackageLoader``), as
+    ``torch._inductor.aoti_load_package`` builds it, without the Python wrapper: importing that
+    wrapper imports torch._dynamo (about 1.9 s of a cache-hit start, measured); our inputs and
+    outputs are flat tensor lists, so the wrapper's pytree handling is not needed."""
+
+    def __init__(self, path: Path, device_index: int) -> None:
+        # (path, model_name, run_single_threaded, num_runners, device_index): load_package's call
+        self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, device_index)
+
+    def get_constant_fqns(self) -> list[str]:
+        return list(self.loader.get_constant_fqns())
+
+    def load_constants(self, constants: Mapping[str, torch.Tensor], *, check_full_update: bool,
+                       user_managed: bool) -> None:
+        # (constants_map, use_inactive, check_full_update, user_managed): AOTICompiledModel.load_constants
+        self.loader.load_constants(dict(constants), False, check_full_update, user_managed)
+
+    def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.loader.boxed_run(list(inputs)))
+
+
+def _load_runner(path: Path, device: torch.device) -> _Runner:
     index = device.index if device.type != "cpu" and device.index is not None else -1
     try:
-        return torch._inductor.aoti_load_package(str(path), device_index=index)
+        return _Runner(path, index)
     except Exception as e:
         raise EngineBuildError(f"AOTI engine: cannot load the package {path}: {e}") from e
 
@@ -345,9 +392,11 @@ class AOTIEngine(Engine):
         device = _device_of(spec)
         module = _make_module(spec, device, meta=cache is not None)
         graph = graph_fingerprint(module, spec.factory, spec.kwargs())
-        configs = inductor_configs()
+        # the key names every setting asked for; which optional ones a torch applies follows from its
+        # version, itself in the key (asking torch._inductor would import torch._dynamo: ~2 s per hit)
+        key_flags = {**INDUCTOR_CONFIGS, **OPTIONAL_INDUCTOR_CONFIGS}
         fields = cache_key_fields(
-            engine=cls.kind, graph=graph, spec=spec, build_flags=configs, device=device,
+            engine=cls.kind, graph=graph, spec=spec, build_flags=key_flags, device=device,
             extra={"host_cpu": host_cpu_fields(), "example_batch": EXAMPLE_BATCH},
         )
         key = cache_key(fields)
@@ -362,7 +411,8 @@ class AOTIEngine(Engine):
                     engine, detail, cache = None, f"cache unusable: {e}", None
                 if engine is not None:
                     return engine
-            return cls._compile(spec, device, module, cache, key, fields, configs, workdir, t0, detail)
+            return cls._compile(spec, device, module, cache, key, fields, inductor_configs(), workdir, t0,
+                                detail)
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
@@ -515,12 +565,28 @@ class AOTIEngine(Engine):
 
 
 class AOTISlot(WeightSlot):
-    """One loaded runner with its own constant blob (a copy of the weights it was refitted with)."""
+    """One loaded runner whose constants are this slot's own buffers.
+
+    The buffers are allocated once and registered with the runner once (``user_managed=True``:
+    the runner points at them); every refit then only writes into them. Registering the *same*
+    tensors is what makes the user-managed form safe here: torch 2.13's ``user_managed`` keeps an
+    extra reference to each tensor it is given and never drops it (module docstring), which leaks
+    a weight set per refit if new tensors are passed each time, but costs nothing for buffers that
+    live as long as the slot anyway.
+    """
 
     def __init__(self, engine: AOTIEngine, runner: Any) -> None:
         self.engine = engine
         self._runner: Any = runner
         self._ready = False
+        self._registered = False
+        self._buffers: dict[str, torch.Tensor] | None = None
+
+    def buffers(self) -> Mapping[str, torch.Tensor]:
+        if self._buffers is None:
+            self._buffers = {n: torch.empty(s.shape, dtype=s.dtype, device=self.engine.device)
+                             for n, s in self.engine.weight_specs().items()}
+        return self._buffers
 
     @property
     def ready(self) -> bool:
@@ -545,9 +611,10 @@ class AOTISlot(WeightSlot):
         return out
 
     def refit(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """Copy ``weights`` into this slot's runner; the caller's tensors may be freed afterwards.
+        """Copy ``weights`` into this slot's buffers (tensors that already are the buffers, because a
+        loader wrote into :meth:`buffers`, are not copied); the caller's tensors may be freed afterwards.
 
-        The first refit must be complete; a later one may be partial (the runner keeps the rest).
+        The first refit must be complete; a later one may be partial (the buffers keep the rest).
         """
         if self._runner is None:
             raise NotReadyError("AOTI slot is closed")
@@ -558,15 +625,23 @@ class AOTISlot(WeightSlot):
         )
         if problems:
             raise ValidationError(f"refit of AOTI engine {engine.spec.factory}", problems)
-        update = {n: t for n, t in weights.items() if n not in engine.ignored_names}
+        buffers = self.buffers()
         try:
-            # user_managed=False on purpose: the user-managed form leaks every tensor it is given
-            # (module docstring), which a hot-swap server refitting for days cannot afford.
-            self._runner.load_constants(update, check_full_update=first, user_managed=False)
+            with torch.no_grad():
+                for name, t in weights.items():
+                    if name in engine.ignored_names:
+                        continue
+                    dest = buffers[name]
+                    if dest.numel() and t.data_ptr() == dest.data_ptr():
+                        continue  # written in place by the loader
+                    dest.copy_(t)
+            if not self._registered:
+                self._runner.load_constants(dict(buffers), check_full_update=True, user_managed=True)
+                self._registered = True
         except Exception as e:
             self._ready = False  # part of the update may be in: not a consistent weight set
             raise RefitError(
-                f"AOTI engine {engine.spec.factory}: load_constants failed ({e}); this slot needs a full "
+                f"AOTI engine {engine.spec.factory}: refit failed ({e}); this slot needs a full "
                 "refit before it can run again"
             ) from e
         self._ready = True

@@ -47,6 +47,14 @@ class WeightSlot(abc.ABC):
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Run inference with this slot's weights. Inputs are batched, on any device."""
 
+    def buffers(self) -> Mapping[str, torch.Tensor]:
+        """The slot's own weight tensors, which a loader may write new weights into directly (then a
+        refit with those same tensors makes them live without another copy). Empty: no such tensors.
+
+        Only written while the slot is not serving (standby) or while requests are held (in place).
+        """
+        return {}
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the slot holds."""
 

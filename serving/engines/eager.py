@@ -53,6 +53,9 @@ class EagerSlot(WeightSlot):
             raise RefitError(f"eager refit: unknown tensors {result.unexpected_keys[:10]}")
         self.loaded = True
 
+    def buffers(self) -> Mapping[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.module.state_dict().items()}
+
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if not self.loaded:
             raise NotReadyError("eager engine: no weights installed yet")
