@@ -29,7 +29,6 @@ from serving.specs import BuildSpec, TensorSpec
 from serving.weights.random_state import random_state_dict
 from serving.weights.writer import write_safetensors
 
-
 FAST_PATH: bool | None = None  # the coordinator's default: the fast path on CUDA, host reads on CPU
 
 
