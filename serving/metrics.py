@@ -15,8 +15,10 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-#: refit stages, in the order they run
-STAGES = ("read", "validate", "transfer", "refit", "verify", "swap", "total")
+#: refit stages, in the order they run: ``drain`` waits for requests still running on the standby
+#: slot (double buffer), ``pause`` is how long new requests waited (the swap itself, or the whole
+#: in-place refit), ``total`` the whole refit
+STAGES = ("read", "validate", "drain", "transfer", "refit", "verify", "swap", "pause", "total")
 
 #: buckets for stage latencies, 100 us .. 2 min
 LATENCY_BUCKETS = (

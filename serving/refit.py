@@ -458,14 +458,7 @@ class RefitCoordinator:
 
     def _fast_double_buffer(self, checked: CheckedCheckpoint, content_hash: str | None, timer: _Timer,
                             detail: dict[str, float]) -> tuple[StagedWeights, int]:
-        if self._standby is None:
-            self._standby = self.engine.new_slot()
-            self._contents[id(self._standby)] = None
-        standby = self._standby
-        t = time.perf_counter()
-        with self._cond:  # requests that started on it before the last swap must finish first
-            self._cond.wait_for(lambda: self._users.get(id(standby), 0) == 0)
-        timer.stage("drain", t)
+        standby = self._free_standby(timer)
         dest = self._claim(standby, checked, protect_live=True)
         staged = self._stream_into(checked, dest, content_hash, timer, detail)
         n = self._load_slot(standby, staged, timer, dict(staged.tensors))
@@ -594,7 +587,8 @@ class RefitCoordinator:
             out = torch.func.functional_call(ref, weights, tuple(x.to(device) for x in self._canary_inputs))
         return [out] if isinstance(out, torch.Tensor) else list(out)
 
-    def _install_double_buffer(self, staged: StagedWeights, timer: _Timer) -> int:
+    def _free_standby(self, timer: _Timer) -> WeightSlot:
+        """The standby slot (made on first use), once every request that started on it has finished."""
         if self._standby is None:
             self._standby = self.engine.new_slot()
             self._contents[id(self._standby)] = None
@@ -602,7 +596,11 @@ class RefitCoordinator:
         t = time.perf_counter()
         with self._cond:  # requests that started on it before the last swap must finish first
             self._cond.wait_for(lambda: self._users.get(id(standby), 0) == 0)
-        timer.stage("refit", t)
+        timer.stage("drain", t)
+        return standby
+
+    def _install_double_buffer(self, staged: StagedWeights, timer: _Timer) -> int:
+        standby = self._free_standby(timer)
         n = self._load_slot(standby, staged, timer)
         self._verify(standby, staged, timer)
         t = time.perf_counter()

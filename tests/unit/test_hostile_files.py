@@ -12,7 +12,7 @@ import logging
 import os
 import struct
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,21 +21,6 @@ from watch_helpers import Rig, expected, refits, safetensors_bytes, snapshot, st
 
 import serving.weights.checkpoint as checkpoint_mod
 from serving.weights import CheckpointPolicy
-
-
-@pytest.fixture
-def folder(tmp_path: Path) -> Path:
-    d = tmp_path / "weights"
-    d.mkdir()
-    return d
-
-
-@pytest.fixture
-def rigs() -> Iterator[list[Rig]]:
-    made: list[Rig] = []
-    yield made
-    for r in made:
-        r.close()
 
 
 def serving_v1(rigs: list[Rig], folder: Path, **kw: object) -> Rig:

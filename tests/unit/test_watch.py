@@ -8,7 +8,6 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,21 +29,6 @@ from serving.refit import RefitReport
 from serving.watch import WeightsWatcher, content_hash_file
 
 MODES = ["inotify", "polling"]
-
-
-@pytest.fixture
-def folder(tmp_path: Path) -> Path:
-    d = tmp_path / "weights"
-    d.mkdir()
-    return d
-
-
-@pytest.fixture
-def rigs() -> Iterator[list[Rig]]:
-    made: list[Rig] = []
-    yield made
-    for r in made:
-        r.close()
 
 
 def make(rigs: list[Rig], folder: Path, **kw: object) -> Rig:

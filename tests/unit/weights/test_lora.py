@@ -7,7 +7,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -318,21 +318,6 @@ def test_random_adapter_roundtrip_and_cli(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- through the watcher, eager engine
-
-
-@pytest.fixture
-def folder(tmp_path: Path) -> Path:
-    d = tmp_path / "weights"
-    d.mkdir()
-    return d
-
-
-@pytest.fixture
-def rigs() -> Iterator[list[Rig]]:
-    made: list[Rig] = []
-    yield made
-    for r in made:
-        r.close()
 
 
 def publish_adapter(rig: Rig, name: str, config: Mapping[str, object], tensors: Mapping[str, torch.Tensor]) -> Path:
