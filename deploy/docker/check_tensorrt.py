@@ -68,8 +68,8 @@ def check(installed: str | None, container: str | None) -> list[str]:
                 "(pip install '.[tensorrt]')"]
     if container is None:
         return ["found no TensorRT in the base image (no libnvinfer.so.X.Y.Z in "
-                f"{', '.join(LIB_DIRS)}, no $TRT_VERSION): is it an "
-                "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 image?"]
+                f"{', '.join(LIB_DIRS)}, no $TRT_VERSION): is it an nvcr.io/nvidia/tritonserver image "
+                "with TensorRT >= 10.14, e.g. 26.03-trtllm-python-py3 (TRITON_VERSION, TRITON_IMAGE_SUFFIX)?"]
     a, b = release(installed), release(container)
     if a is None or b is None or a != b:
         return [f"tensorrt wheel {installed} does not match the base image's TensorRT {container}: "

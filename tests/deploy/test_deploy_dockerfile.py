@@ -18,8 +18,12 @@ from packaging.requirements import Requirement
 DOCKERFILE = promkit.DEPLOY / "Dockerfile"
 CHECK_TRT = promkit.DEPLOY / "docker" / "check_tensorrt.py"
 
-#: Triton container release -> its TensorRT (release notes / Frameworks Support Matrix; deploy/README.md)
-TRITON_TENSORRT = {"24.10": "10.5.0"}
+#: (Triton container release, image flavour) -> its TensorRT release (Triton's compatibility.md, release notes,
+#: Frameworks Support Matrix; deploy/README.md, docs/tensorrt.md)
+TRITON_TENSORRT = {
+    **{(f"26.0{m}", "trtllm-python-py3"): "10.14.1" for m in range(3, 8)},
+    ("24.10", "py3"): "10.5.0",
+}
 
 
 def instructions(text: str) -> list[tuple[str, str]]:
@@ -72,17 +76,17 @@ def test_hadolint_flags_a_bad_dockerfile(tmp_path: Path) -> None:
 def test_base_image_and_tensorrt_pin(parsed: list[tuple[str, str]]) -> None:
     args = _args(parsed)
     froms = [a for kw, a in parsed if kw == "FROM"]
-    assert froms == ["nvcr.io/nvidia/tritonserver:${TRITON_VERSION}-py3"]
+    assert froms == ["nvcr.io/nvidia/tritonserver:${TRITON_VERSION}-${TRITON_IMAGE_SUFFIX}"]
     assert re.fullmatch(r"\d\d\.\d\d", args["TRITON_VERSION"])
-    assert TRITON_TENSORRT[args["TRITON_VERSION"]] == args["TENSORRT_VERSION"], (
+    assert TRITON_TENSORRT[args["TRITON_VERSION"], args["TRITON_IMAGE_SUFFIX"]] == args["TENSORRT_VERSION"], (
         "TENSORRT_VERSION must be the TensorRT of the base image (deploy/README.md says how to find it)")
     gpu = yaml.safe_load((promkit.COMPOSE_DIR / "compose.gpu.yaml").read_text())["services"]["triton"]
-    assert gpu["build"]["args"]["TENSORRT_VERSION"] == args["TENSORRT_VERSION"]
+    for name in ("TRITON_VERSION", "TRITON_IMAGE_SUFFIX", "TENSORRT_VERSION"):
+        assert gpu["build"]["args"][name] == args[name], f"compose.gpu.yaml {name} vs the Dockerfile's default"
+    cpu = yaml.safe_load((promkit.COMPOSE_DIR / "compose.yaml").read_text())["services"]["triton"]
+    assert (cpu["build"]["args"]["TRITON_VERSION"], cpu["build"]["args"]["TRITON_IMAGE_SUFFIX"]) in TRITON_TENSORRT
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pyproject's tensorrt extra (tensorrt>=10.14) excludes the TensorRT 10.5.0 of Triton 24.10: the lead "
-    "must align them (see the deploy report); remove this mark once the default image build resolves"))
 def test_pyproject_admits_the_pinned_tensorrt(parsed: list[tuple[str, str]]) -> None:
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     pinned = _args(parsed)["TENSORRT_VERSION"]
@@ -133,7 +137,7 @@ def _shell(parsed: list[tuple[str, str]]) -> list[str]:
 
 
 @pytest.mark.parametrize(("extras", "torch_index", "expect_spec", "expect_constraint"), [
-    ("tensorrt", "", ".[tensorrt]", "tensorrt==10.5.0"),
+    ("tensorrt", "", ".[tensorrt]", "tensorrt==10.14.1.*"),
     ("", "https://download.pytorch.org/whl/cpu", ".", ""),
 ])
 def test_install_step_runs_under_the_image_shell(parsed: list[tuple[str, str]], tmp_path: Path, extras: str,
@@ -172,23 +176,24 @@ def _check_trt(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
 
 
 def test_check_tensorrt_accepts_the_matching_wheel(tmp_path: Path) -> None:
-    (tmp_path / "libnvinfer.so.10.5.0").touch()
+    # the default build: 26.03-trtllm-python-py3 ships 10.14.1.48, pip takes the wheel 10.14.1.48.post1
+    (tmp_path / "libnvinfer.so.10.14.1").touch()
     (tmp_path / "libnvinfer.so.10").touch()
-    r = _check_trt("--lib-dir", str(tmp_path), "--installed", "10.5.0.post1")
+    r = _check_trt("--lib-dir", str(tmp_path), "--installed", "10.14.1.48.post1")
     assert r.returncode == 0, r.stderr
-    assert "matches the base image's TensorRT 10.5.0" in r.stdout
+    assert "matches the base image's TensorRT 10.14.1" in r.stdout
 
 
 def test_check_tensorrt_rejects_another_release(tmp_path: Path) -> None:
-    (tmp_path / "libnvinfer.so.10.5.0").touch()
-    r = _check_trt("--lib-dir", str(tmp_path), "--installed", "10.14.1.48")
+    (tmp_path / "libnvinfer.so.10.14.1").touch()
+    r = _check_trt("--lib-dir", str(tmp_path), "--installed", "10.15.1.29")
     assert r.returncode == 1
-    assert "tensorrt wheel 10.14.1.48 does not match" in r.stderr and "TENSORRT_VERSION=10.5.0" in r.stderr
+    assert "tensorrt wheel 10.15.1.29 does not match" in r.stderr and "TENSORRT_VERSION=10.14.1" in r.stderr
 
 
 def test_check_tensorrt_reads_trt_version_and_reports_a_missing_tensorrt(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRT_VERSION"}
-    r = _check_trt("--lib-dir", str(tmp_path), "--installed", "10.5.0", env=dict(env, TRT_VERSION="10.5.0.18"))
+    r = _check_trt("--lib-dir", str(tmp_path), "--installed", "10.14.1.48", env=dict(env, TRT_VERSION="10.14.1.48"))
     assert r.returncode == 0, r.stderr
-    r = _check_trt("--lib-dir", str(tmp_path), "--installed", "10.5.0", env=env)
+    r = _check_trt("--lib-dir", str(tmp_path), "--installed", "10.14.1.48", env=env)
     assert r.returncode == 1 and "found no TensorRT in the base image" in r.stderr

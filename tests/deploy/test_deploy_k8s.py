@@ -142,7 +142,7 @@ def test_deployments_follow_the_serving_rules(rendered: dict[str, list[dict[str,
             assert c["securityContext"]["allowPrivilegeEscalation"] is False
             gpus = c["resources"].get("limits", {}).get("nvidia.com/gpu")
             if name.startswith("gpu"):
-                assert gpus == 1 and c["image"].endswith(":24.10"), where
+                assert gpus == 1 and c["image"].endswith(":26.03"), where
                 assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
             else:
                 assert gpus is None and c["image"].endswith(":24.10-cpu"), where
