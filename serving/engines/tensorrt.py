@@ -36,6 +36,7 @@ import inspect
 import json
 import logging
 import math
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -232,15 +233,18 @@ T = TypeVar("T")
 
 
 class EngineCacheLike(Protocol):
-    """What this engine needs of ``serving.cache.EngineCache``.
+    """What this engine needs of ``serving.cache.EngineCache`` (the same signatures).
 
-    ``load`` calls ``loader(entry_dir)`` on a hit and returns its result (``None`` on a miss);
-    ``store`` writes the named files and metadata as one entry.
+    ``load`` verifies the entry's checksums and calls ``loader(entry)`` on a hit (``None`` on a
+    miss); ``store`` copies the named files into one new entry with its JSON metadata; ``remove``
+    drops an entry. The cache counts its own hit/miss/store/corrupt/evict events.
     """
 
-    def load(self, key: str, loader: Callable[[Path], T]) -> T | None: ...
+    def load(self, key: str, loader: Callable[[Any], T]) -> T | None: ...  # loader gets a CacheEntry
 
-    def store(self, key: str, files: Mapping[str, bytes], meta: Mapping[str, object]) -> object: ...
+    def store(self, key: str, files: Mapping[str, Path], meta: Mapping[str, object]) -> object: ...
+
+    def remove(self, key: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -307,19 +311,19 @@ class CacheBridge:
         if self.cache is None:
             return None
         key = cache_key(self.key_for(torch_trt_hash))
+        if key in self._missed:  # Torch-TensorRT looks up twice on a miss (pull, then insert)
+            return None
         try:
-            entry = self.cache.load(key, read_entry)
-        except CacheError as e:
+            entry = self.cache.load(key, lambda stored: read_entry(stored.path))
+        except CacheError as e:  # checksums fine, content unusable: drop it so it is rebuilt
             log.warning("%s", e)
             self.metrics.cache_event("corrupt")
+            self.cache.remove(key)
             entry = None
         if entry is None:
-            if key not in self._missed:  # Torch-TensorRT looks up twice on a miss (pull, then insert)
-                self._missed.add(key)
-                self.metrics.cache_event("miss")
+            self._missed.add(key)
             return None
         self.hit = (key, entry)
-        self.metrics.cache_event("hit")
         return entry.blob
 
     def save(self, torch_trt_hash: str, blob: bytes) -> None:
@@ -334,9 +338,14 @@ class CacheBridge:
         key = cache_key(fields)
         if self.cache is None:
             return None
-        self.cache.store(key, entry_files(self.staged[1], weight_map, literals, fields),
-                         {"engine": "tensorrt", **{k: v for k, v in fields.items() if k != "inputs"}})
-        self.metrics.cache_event("store")
+        meta = json.loads(json.dumps({"engine": "tensorrt", **{k: v for k, v in fields.items() if k != "inputs"}},
+                                     default=str))
+        with tempfile.TemporaryDirectory(prefix="hotswap-trt-") as tmp:
+            paths = {}
+            for name, data in entry_files(self.staged[1], weight_map, literals, fields).items():
+                paths[name] = Path(tmp) / name
+                paths[name].write_bytes(data)
+            self.cache.store(key, paths, meta)
         return key
 
 

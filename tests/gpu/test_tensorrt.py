@@ -7,16 +7,16 @@ CUDA GPU. Run inside an NGC Triton container (see docs/tensorrt.md):
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import torch
 
+from serving.cache import EngineCache
 from serving.errors import EngineUnavailableError, NotReadyError
 from serving.examples import CNN, TRANSFORMER, example_build_spec
 from serving.specs import BuildSpec
@@ -38,25 +38,6 @@ _REASON = _skip_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
 
 
-class DirCache:
-    """A directory-per-key cache with the API the engine uses (``load(key, loader)``, ``store``)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def load(self, key: str, loader: Callable[[Path], T]) -> T | None:
-        d = self.root / key
-        return loader(d) if d.is_dir() else None
-
-    def store(self, key: str, files: Mapping[str, bytes], meta: Mapping[str, object]) -> object:
-        d = self.root / key
-        d.mkdir(parents=True, exist_ok=True)
-        for name, data in files.items():
-            (d / name).write_bytes(data)
-        (d / "meta.json").write_text(json.dumps(dict(meta), default=str))
-        return d
-
-
 def _spec(factory: str, **kwargs: Any) -> BuildSpec:
     base = example_build_spec(factory, device="cuda", max_batch=8)
     return BuildSpec(base.factory, base.inputs, base.outputs, base.max_batch, "cuda", base.dtype,
@@ -75,7 +56,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def engines(cache_dir: Path) -> dict[str, Any]:
     from serving.engines.tensorrt import TensorRTEngine
 
-    cache = DirCache(cache_dir)
+    cache = EngineCache(cache_dir)
     return {name: TensorRTEngine.build(_spec(f, **kw), cache=cache)
             for name, (f, kw) in {"cnn": (CNN, {}), "transformer": (TRANSFORMER, {}),
                                   "big": (TRANSFORMER, BIG_TRANSFORMER)}.items()}
@@ -176,7 +157,7 @@ def test_cache_hit_skips_the_build(engines: dict[str, Any], cache_dir: Path) -> 
 
     cold = engines["transformer"].build_info
     t0 = time.perf_counter()
-    warm = TensorRTEngine.build(_spec(TRANSFORMER), cache=DirCache(cache_dir))
+    warm = TensorRTEngine.build(_spec(TRANSFORMER), cache=EngineCache(cache_dir))
     print(f"startup: cold build {cold.seconds:.2f}s ({cold.cache}), from cache "
           f"{time.perf_counter() - t0:.2f}s ({warm.build_info.cache})")
     assert cold.cache == "miss" and warm.build_info.cache == "hit"

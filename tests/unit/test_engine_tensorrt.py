@@ -5,9 +5,8 @@ refit control flow against :class:`FakeTensorRTRefitter`, a stand-in that enforc
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,6 +16,7 @@ import torch
 from prometheus_client import CollectorRegistry
 from torch import nn
 
+from serving.cache import EngineCache
 from serving.engines import trt_mapping as tm
 from serving.engines.tensorrt import (
     CacheBridge,
@@ -129,27 +129,6 @@ def test_cache_key_is_stricter_than_the_graph_hash() -> None:
 
 
 # =========================================================================== cache bridge
-class DictDirCache:
-    """A directory-per-key cache with the ``load(key, loader)`` / ``store(key, files, meta)`` API."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.stores = 0
-
-    def load(self, key: str, loader: Callable[[Path], T]) -> T | None:
-        d = self.root / key
-        return loader(d) if d.is_dir() else None
-
-    def store(self, key: str, files: Mapping[str, bytes], meta: Mapping[str, object]) -> object:
-        d = self.root / key
-        d.mkdir(parents=True, exist_ok=True)
-        for name, data in files.items():
-            (d / name).write_bytes(data)
-        (d / "meta.json").write_text(json.dumps(dict(meta), default=str))
-        self.stores += 1
-        return d
-
-
 def _events(registry: CollectorRegistry, event: str) -> float:
     return registry.get_sample_value("hotswap_engine_cache_events_total", {"event": event}) or 0.0
 
@@ -164,7 +143,7 @@ def _tiny_map() -> tuple[tm.WeightMap, dict[str, torch.Tensor]]:
 def test_cache_bridge_miss_store_hit_and_corrupt(tmp_path: Path) -> None:
     registry = CollectorRegistry()
     metrics = prometheus_metrics(registry)
-    cache = DictDirCache(tmp_path)
+    cache = EngineCache(tmp_path, metrics=metrics)  # the real cache: it counts its own events
     spec = example_build_spec(CNN, device="cuda")
 
     def fields(h: str) -> dict[str, object]:
@@ -176,7 +155,8 @@ def test_cache_bridge_miss_store_hit_and_corrupt(tmp_path: Path) -> None:
     bridge.save("h1", b"engine-blob")
     wm, lits = _tiny_map()
     key = bridge.commit(wm, lits)
-    assert key == cache_key(fields("h1")) and cache.stores == 1 and _events(registry, "store") == 1
+    assert key == cache_key(fields("h1")) and _events(registry, "store") == 1
+    assert [e.key for e in cache.entries()] == [key]
 
     again = CacheBridge(cache, fields, metrics)
     assert again.load("h1") == b"engine-blob"
@@ -189,6 +169,7 @@ def test_cache_bridge_miss_store_hit_and_corrupt(tmp_path: Path) -> None:
     third = CacheBridge(cache, fields, metrics)
     assert third.load("h1") is None and third.hit is None
     assert _events(registry, "corrupt") == 1
+    assert cache.entries() == []  # removed, to be rebuilt
 
 
 def test_read_entry_names_the_file(tmp_path: Path) -> None:
