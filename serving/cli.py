@@ -116,30 +116,29 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from serving.engines import build_engine
     from serving.metrics import prometheus_metrics
-    from serving.refit import CanaryConfig, RefitCoordinator
-    from serving.specs import BuildSpec
-    from serving.watch import WeightsWatcher
-    from serving.weights import CheckpointPolicy
+    from serving.service import HotswapService
+    from serving.settings import parse_settings
 
     folder = Path(args.folder).expanduser().resolve()
     inputs = _input_specs(args)
-    spec = BuildSpec(factory=args.factory, inputs=inputs, device=args.device, dtype=dtype_from_name(args.dtype),
-                     factory_kwargs=tuple(sorted(_factory_kwargs(args.kwargs).items())))
+    params = {
+        "model_factory": args.factory, "factory_kwargs": json.dumps(_factory_kwargs(args.kwargs)),
+        "engine": args.engine, "weights_dir": str(folder), "refit_strategy": args.strategy, "dtype": args.dtype,
+        "canary": args.canary if inputs else "off", "max_file_bytes": str(args.max_file_bytes),
+        "allow_pickle": str(args.allow_pickle), "watch_mode": args.mode, "poll_interval_s": str(args.poll_interval),
+        "debounce_s": str(args.debounce), "lora_scale": str(args.lora_scale),
+    }
+    if args.cache_dir:
+        params["engine_cache_dir"] = str(Path(args.cache_dir).expanduser().resolve())
+    settings = parse_settings(params, model_name=args.name, device=args.device)
     registry = CollectorRegistry()
     metrics = prometheus_metrics(registry, {"model": args.name})
-    engine = build_engine(args.engine, spec, metrics=metrics)
-    policy = CheckpointPolicy(allow_pickle=args.allow_pickle, max_bytes=args.max_file_bytes, root=folder)
-    canary = args.canary if inputs else "off"
-    coord = RefitCoordinator(engine, strategy=args.strategy, canary=CanaryConfig(mode=canary),
-                             canary_input_specs=inputs, metrics=metrics, checkpoint_policy=policy)
-    watcher = WeightsWatcher(folder, coord, mode=args.mode, poll_interval_s=args.poll_interval,
-                             debounce_s=args.debounce, metrics=metrics, lora_scale=args.lora_scale,
-                             checkpoint_policy=policy)
-    report = watcher.install_initial()
-    print(f"initial weights: {report.version if report and report.ok else 'none'}"
-          f"{f' ({report.outcome}: {report.reason})' if report and not report.ok else ''}", flush=True)
+    service = HotswapService(settings, inputs, (), args.max_batch, metrics)
+    report = service.start(require_weights=False)
+    rejected = service.watcher.rejected if service.watcher else {}
+    print(f"initial weights: {report.version if report else 'none'}"
+          f"{f' (rejected: {dict(rejected)})' if rejected else ''}", flush=True)
     server = None
     if args.metrics_port is not None:
         server, _ = start_http_server(args.metrics_port, addr=args.metrics_addr, registry=registry)
@@ -149,7 +148,6 @@ def cmd_watch(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
-    watcher.start()
     print(f"watching {folder} ({args.mode}); publish by writing NAME.tmp then renaming it; Ctrl-C stops",
           flush=True)
     try:
@@ -157,13 +155,13 @@ def cmd_watch(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        watcher.stop()
-        coord.close()
-        engine.close()
+        live = service.coordinator.live_version if service.coordinator else None
+        rejected = dict(service.watcher.rejected) if service.watcher else {}
+        service.close()
         if server is not None:
             server.shutdown()
             server.server_close()
-    print(f"stopped; live weights: {coord.live_version}; rejected: {dict(watcher.rejected) or 'none'}", flush=True)
+    print(f"stopped; live weights: {live}; rejected: {rejected or 'none'}", flush=True)
     return 0
 
 
@@ -202,6 +200,8 @@ def _add_watch_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     watch.add_argument("--lora-scale", type=float, default=1.0)
     watch.add_argument("--max-file-bytes", type=int, default=64 << 30)
     watch.add_argument("--allow-pickle", action="store_true", help="accept .pt/.pth/.bin (weights_only=True)")
+    watch.add_argument("--max-batch", type=int, default=8, help="largest batch the engine is built for")
+    watch.add_argument("--cache-dir", help="stripped-engine cache (default: $HOTSWAP_CACHE_DIR, ~/.cache/hotswap)")
     watch.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free one)")
     watch.add_argument("--metrics-addr", default="127.0.0.1")
     watch.add_argument("--exit-after", type=float, help="stop after this many seconds (default: run until signalled)")

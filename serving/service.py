@@ -48,11 +48,12 @@ class HotswapService:
         self.watcher: WeightsWatcher | None = None
         self.initial: RefitReport | None = None
 
-    def start(self) -> RefitReport:
+    def start(self, *, require_weights: bool = True) -> RefitReport | None:
         """Build or load the engine, install the newest valid weights, start watching.
 
-        Raises :class:`NotReadyError` (saying why) when no valid weights are in the folder:
-        a model without weights must not report ready.
+        Raises :class:`NotReadyError` (saying why) when no valid weights are in the folder: a model
+        without weights must not report ready. ``require_weights=False`` (``hotswap watch``) starts
+        watching anyway and returns ``None``; inference raises NotReadyError until weights arrive.
         """
         s = self.settings
         t0 = time.perf_counter()
@@ -78,18 +79,18 @@ class HotswapService:
             checkpoint_policy=self.coordinator.checkpoint_policy,
         )
         report = self.watcher.install_initial()
-        if report is None or not self.coordinator.ready:
+        if require_weights and (report is None or not self.coordinator.ready):
             why = "; ".join(f"{p}: {r}" for p, r in sorted(self.watcher.rejected.items())) or "it is empty"
             self.close()
             raise NotReadyError(
                 f"model {s.model_name!r} has no valid weights in {s.weights_dir} ({why}); drop a checkpoint "
                 "there (e.g. `hotswap weights random --factory ... -o <dir>/v1.safetensors`) and load again"
             )
-        self.initial = report
+        self.initial = report if self.coordinator.ready else None
         self.watcher.start()
         log.info("%s: serving weights %r after %.2fs; watching %s (%s)", s.model_name,
                  self.coordinator.live_version, time.perf_counter() - t0, s.weights_dir, s.watch_mode)
-        return report
+        return self.initial
 
     def _reference_module(self) -> torch.nn.Module:
         module = build_module(self.spec.factory, self.spec.kwargs())

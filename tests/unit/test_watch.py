@@ -452,7 +452,7 @@ def test_cli_watch_installs_what_is_published_while_it_runs(tmp_path: Path,
     publisher = threading.Thread(target=lambda: write_atomic(folder / "v2.safetensors", state(2)), name="publisher")
     publisher.start()
     code = main(["watch", "--factory", TRANSFORMER, "--folder", str(folder), "--debounce", "0.05",
-                 "--metrics-port", "0", "--exit-after", "1.5"])
+                 "--cache-dir", str(tmp_path / "cache"), "--metrics-port", "0", "--exit-after", "1.5"])
     publisher.join()
     out = capsys.readouterr().out
     assert code == 0
