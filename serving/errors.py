@@ -7,7 +7,8 @@ Validation errors collect every problem before raising, as safetensors'
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 
 class HotswapError(Exception):
@@ -50,6 +51,23 @@ class CheckpointError(HotswapError):
         super().__init__(message)
         if reason is not None:
             self.reason = reason
+
+
+@contextlib.contextmanager
+def reading(source: object, *, gone: str = "deleted while reading",
+            gone_reason: str = "changed_during_read") -> Iterator[None]:
+    """Turn OS errors while reading ``source`` into :class:`CheckpointError` with the reasons the
+    watcher counts: ``gone_reason`` for a vanished file, ``unreadable`` for the rest. The message
+    names the file the OS named (a shard, say), else ``source``."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{e.filename or source}: {gone}", reason=gone_reason) from e
+    except PermissionError as e:
+        raise CheckpointError(f"{e.filename or source}: permission denied; make it readable by the server's "
+                              "user", reason="unreadable") from e
+    except OSError as e:
+        raise CheckpointError(f"{source}: cannot read: {e}", reason="unreadable") from e
 
 
 class ValidationError(HotswapError):

@@ -700,9 +700,9 @@ class WeightsWatcher:
         return _Entry(name, path, kind, is_dir, fp, mtime_ns, version, manifest, problem)
 
     def _read_small(self, path: Path) -> bytes:
-        from serving.errors import CheckpointError
+        from serving.errors import CheckpointError, reading
 
-        try:
+        with reading(path, gone="disappeared while reading", gone_reason="not_found"):
             real = path.resolve(strict=True)
             root = self.policy.root.resolve() if self.policy.root is not None else None
             if root is not None and not real.is_relative_to(root):
@@ -711,12 +711,6 @@ class WeightsWatcher:
                 raise CheckpointError(f"{path}: not a regular file", reason="manifest_invalid")
             with open(real, "rb") as f:
                 return f.read(2 << 20)
-        except PermissionError as e:
-            raise CheckpointError(f"{path}: permission denied", reason="unreadable") from e
-        except FileNotFoundError as e:
-            raise CheckpointError(f"{path}: disappeared while reading", reason="not_found") from e
-        except OSError as e:
-            raise CheckpointError(f"{path}: cannot read: {e}", reason="unreadable") from e
 
     def _walk(self, top: Path) -> tuple[list[tuple[str, int, int, int, int]], tuple[str, str] | None]:
         """Fingerprint rows of a directory (itself, then every entry below it), capped at max_files."""

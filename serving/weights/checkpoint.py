@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from safetensors import SafetensorError, safe_open
 
-from serving.errors import CheckpointError, ValidationError
+from serving.errors import CheckpointError, ValidationError, reading
 from serving.weights.safetensors_header import TensorMeta, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -395,24 +395,19 @@ def _locate(c: CheckpointCandidate, names: list[str]) -> dict[Path, list[str]]:
 
 def _read_safetensors(file: Path, names: list[str]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            available = set(f.keys())
-            missing = [n for n in names if n not in available]
-            if missing:
-                raise ValidationError(str(file), [f"tensor {n!r}: not in the file" for n in missing])
-            for n in names:
-                # get_tensor returns a view of the file mapping: copy it so that later writes to the
-                # file can neither change nor (by truncation) fault the weights we hand out
-                out[n] = f.get_tensor(n).clone()
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{file}: deleted while reading", reason="changed_during_read") from e
-    except PermissionError as e:
-        raise CheckpointError(f"{file}: permission denied", reason="unreadable") from e
-    except SafetensorError as e:
-        raise CheckpointError(f"{file}: safetensors refused the file: {e}", reason="corrupt") from e
-    except OSError as e:
-        raise CheckpointError(f"{file}: cannot read: {e}", reason="unreadable") from e
+    with reading(file):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                available = set(f.keys())
+                missing = [n for n in names if n not in available]
+                if missing:
+                    raise ValidationError(str(file), [f"tensor {n!r}: not in the file" for n in missing])
+                for n in names:
+                    # get_tensor returns a view of the file mapping: copy it so that later writes to the
+                    # file can neither change nor (by truncation) fault the weights we hand out
+                    out[n] = f.get_tensor(n).clone()
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: safetensors refused the file: {e}", reason="corrupt") from e
     return out
 
 

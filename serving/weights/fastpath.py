@@ -58,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-from serving.errors import CheckpointError, ConfigError, ValidationError
+from serving.errors import CheckpointError, ConfigError, ValidationError, reading
 from serving.specs import WeightSpec, dtype_name
 from serving.weights.checkpoint import CheckpointCandidate, _baseline, _verify_unchanged
 from serving.weights.safetensors_header import HEADER_LEN_BYTES, TensorMeta
@@ -427,21 +427,16 @@ class FastReader:
             t0 = time.perf_counter()
             fds: dict[str, int] = {}
             try:
-                for s in sources:
-                    if s.file not in fds:
-                        fds[s.file] = os.open(s.file, os.O_RDONLY)
-                if device.type == "cuda":
-                    chunks = plan_chunks(sources, self.config.buffer_bytes)
-                    timing, ok = self._run_cuda(chunks, targets, fds, device, source)
-                else:
-                    chunks = plan_chunks(sources, self.config.read_bytes)
-                    timing, ok = self._run_cpu(chunks, targets, fds)
-            except FileNotFoundError as e:
-                raise CheckpointError(f"{e.filename}: deleted before it was read", reason="changed_during_read") from e
-            except PermissionError as e:
-                raise CheckpointError(f"{e.filename}: permission denied", reason="unreadable") from e
-            except OSError as e:
-                raise CheckpointError(f"{source}: cannot read: {e}", reason="unreadable") from e
+                with reading(source, gone="deleted before it was read"):
+                    for s in sources:
+                        if s.file not in fds:
+                            fds[s.file] = os.open(s.file, os.O_RDONLY)
+                    if device.type == "cuda":
+                        chunks = plan_chunks(sources, self.config.buffer_bytes)
+                        timing, ok = self._run_cuda(chunks, targets, fds, device, source)
+                    else:
+                        chunks = plan_chunks(sources, self.config.read_bytes)
+                        timing, ok = self._run_cpu(chunks, targets, fds)
             finally:
                 for fd in fds.values():
                     os.close(fd)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from serving.errors import CheckpointError, ValidationError
+from serving.errors import CheckpointError, ValidationError, reading
 from serving.specs import WeightSpec, dtype_name
 from serving.weights.checkpoint import CheckpointPolicy, describe_checkpoint, detect_checkpoint, read_tensors
 
@@ -419,7 +419,7 @@ def read_adapter_config(path: Path, policy: CheckpointPolicy | None = None) -> d
     """Read ``adapter_config.json`` of an adapter directory as a dict (size-capped, root-checked)."""
     policy = policy or CheckpointPolicy()
     cfg = path / ADAPTER_CONFIG
-    try:
+    with reading(cfg, gone="missing", gone_reason="not_found"):
         real = cfg.resolve(strict=True)
         if policy.root is not None and not real.is_relative_to(policy.root.resolve()):
             raise CheckpointError(f"{cfg} -> {real}: outside the allowed root {policy.root}", reason="outside_root")
@@ -429,12 +429,6 @@ def read_adapter_config(path: Path, policy: CheckpointPolicy | None = None) -> d
         if st.st_size > _MAX_CONFIG_BYTES:
             raise CheckpointError(f"{cfg}: {st.st_size} bytes; an adapter config is small JSON", reason="lora_invalid")
         raw = real.read_bytes()
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{cfg}: missing", reason="not_found") from e
-    except PermissionError as e:
-        raise CheckpointError(f"{cfg}: permission denied", reason="unreadable") from e
-    except OSError as e:
-        raise CheckpointError(f"{cfg}: cannot read: {e}", reason="unreadable") from e
     try:
         doc = json.loads(raw.decode("utf-8"))
     except ValueError as e:

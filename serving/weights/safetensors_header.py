@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from serving.errors import CheckpointError
+from serving.errors import CheckpointError, reading
 
 #: the 8-byte little-endian header length that starts every safetensors file
 HEADER_LEN_BYTES = 8
@@ -204,20 +204,12 @@ def parse_header(prefix: bytes, file_size: int, source: str, *,
 def read_header(path: Path, *, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str, TensorMeta]:
     """Read and check the header of a safetensors file; reads only the header bytes."""
     source = str(path)
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            first = f.read(HEADER_LEN_BYTES)
-            if len(first) == HEADER_LEN_BYTES:
-                (n,) = struct.unpack("<Q", first)
-                # read the JSON only when its length is sane; parse_header reports why otherwise
-                if 0 < n <= max_header_bytes and HEADER_LEN_BYTES + n <= size:
-                    first += f.read(n)
-    except PermissionError as e:
-        raise CheckpointError(f"{source}: permission denied; make it readable by the server's user",
-                              reason="unreadable") from e
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{source}: no such file", reason="not_found") from e
-    except OSError as e:
-        raise CheckpointError(f"{source}: cannot read: {e}", reason="unreadable") from e
+    with reading(source, gone="no such file", gone_reason="not_found"), open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        first = f.read(HEADER_LEN_BYTES)
+        if len(first) == HEADER_LEN_BYTES:
+            (n,) = struct.unpack("<Q", first)
+            # read the JSON only when its length is sane; parse_header reports why otherwise
+            if 0 < n <= max_header_bytes and HEADER_LEN_BYTES + n <= size:
+                first += f.read(n)
     return parse_header(first, size, source, max_header_bytes=max_header_bytes)
