@@ -304,29 +304,21 @@ def select_versions(candidates: Sequence[Candidate], attempt: Callable[[Candidat
     bases = newest_first(c for c in candidates if c.kind == "checkpoint")
     adapters = newest_first(c for c in candidates if c.kind == "adapter") if adapters_enabled else []
     attempted: list[Candidate] = []
-    installed_base: Candidate | None = None
+
+    def first_installed(group: Sequence[Candidate]) -> tuple[Candidate | None, bool]:
+        """Try newest first until one installs; (installed, whether to stop the batch)."""
+        for c in group:
+            attempted.append(c)
+            result = attempt(c)
+            if result in ("ok", "stop"):
+                return (c if result == "ok" else None), result == "stop"
+        return None, False
+
+    installed_base, stopped = first_installed(bases)
     installed_adapter: Candidate | None = None
-    stopped = False
-    for c in bases:
-        attempted.append(c)
-        result = attempt(c)
-        if result == "ok":
-            installed_base = c
-            break
-        if result == "stop":
-            stopped = True
-            break
     if not stopped:
         eligible = [a for a in adapters if installed_base is None or a.key > installed_base.key]
-        for a in eligible:
-            attempted.append(a)
-            result = attempt(a)
-            if result == "ok":
-                installed_adapter = a
-                break
-            if result == "stop":
-                stopped = True
-                break
+        installed_adapter, stopped = first_installed(eligible)
     tried = {c.name for c in attempted}
     skipped = tuple(c for c in candidates if c.name not in tried and (c.kind == "checkpoint" or adapters_enabled))
     return Selection(installed_base, installed_adapter, tuple(attempted), skipped, stopped)
