@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -47,14 +48,16 @@ INPUTS = {
 WIRE = {"tiny_transformer": ("TOKENS", "INT64"), "tiny_cnn": ("IMAGE", "FP32")}
 
 
-def infer_http(url: str, model: str, x: torch.Tensor) -> np.ndarray:
-    """One request through tritonclient's HTTP client."""
+def infer(url: str, model: str, x: torch.Tensor, *, protocol: str = "http") -> np.ndarray:
+    """One request through tritonclient's HTTP (or, with ``protocol="grpc"``, gRPC) client."""
+    import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 
+    api: Any = httpclient if protocol == "http" else grpcclient
     name, dtype = WIRE[model]
-    client = httpclient.InferenceServerClient(url)
+    client = api.InferenceServerClient(url)
     try:
-        inp = httpclient.InferInput(name, list(x.shape), dtype)
+        inp = api.InferInput(name, list(x.shape), dtype)
         inp.set_data_from_numpy(x.numpy())
         return np.asarray(client.infer(model, [inp]).as_numpy("LOGITS"))
     finally:
@@ -139,7 +142,7 @@ def triton_server(tmp_path_factory: pytest.TempPathFactory, engine_cache_dir: Pa
         fixture = TritonFixture(server, work / "weights", engine_cache_dir)
         for model in MODELS:
             fixture.startup_versions[model] = fixture.versions(model)
-            fixture.startup_outputs[model] = infer_http(server.http_url, model, INPUTS[model])
+            fixture.startup_outputs[model] = infer(server.http_url, model, INPUTS[model])
         yield fixture
     finally:
         server.stop()

@@ -7,33 +7,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import tritonclient.grpc as grpcclient
 
 from serving.triton.scrape import scrape, select, total
 
-from .conftest import INPUTS, WIRE, TritonFixture, infer_http, random_checkpoint, reference_output
+from .conftest import INPUTS, TritonFixture, infer, random_checkpoint, reference_output
 
 pytestmark = pytest.mark.integration
 
 TOKENS = INPUTS["tiny_transformer"]
 
 
-def infer_grpc(url: str, model: str, x: torch.Tensor) -> np.ndarray:
-    name, dtype = WIRE[model]
-    client = grpcclient.InferenceServerClient(url)
-    try:
-        inp = grpcclient.InferInput(name, list(x.shape), dtype)
-        inp.set_data_from_numpy(x.numpy())
-        return np.asarray(client.infer(model, [inp]).as_numpy("LOGITS"))
-    finally:
-        client.close()
-
-
 def assert_serves(triton: TritonFixture, model: str, seed: int) -> None:
     x = INPUTS[model]
     expected = reference_output(model, seed, x).numpy()
-    np.testing.assert_allclose(infer_http(triton.http_url, model, x), expected, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(infer(triton.http_url, model, x), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_ready_only_with_weights_and_serving_the_initial_checkpoint(triton_server: TritonFixture) -> None:
@@ -48,8 +35,8 @@ def test_ready_only_with_weights_and_serving_the_initial_checkpoint(triton_serve
 
 
 def test_http_and_grpc_agree(triton_server: TritonFixture) -> None:
-    a = infer_http(triton_server.http_url, "tiny_transformer", TOKENS)
-    b = infer_grpc(triton_server.grpc_url, "tiny_transformer", TOKENS)
+    a = infer(triton_server.http_url, "tiny_transformer", TOKENS)
+    b = infer(triton_server.grpc_url, "tiny_transformer", TOKENS, protocol="grpc")
     np.testing.assert_array_equal(a, b)
     assert a.shape == (3, 5)
 
