@@ -145,7 +145,7 @@ class TritonProcess:
     def __init__(self, repository: Path, *, work_dir: Path, http_port: int | None = None,
                  grpc_port: int | None = None, metrics_port: int | None = None,
                  env: Mapping[str, str] | None = None, log_path: Path | None = None,
-                 extra_args: Sequence[str] = ()) -> None:
+                 model_control_mode: str = "none", extra_args: Sequence[str] = ()) -> None:
         self.repository = repository.resolve()
         self.work_dir = work_dir
         self.http_port = http_port or free_port()
@@ -153,6 +153,7 @@ class TritonProcess:
         self.metrics_port = metrics_port or free_port()
         self.env = dict(os.environ if env is None else env)
         self.log_path = log_path or work_dir / "tritonserver.log"
+        self.model_control_mode = model_control_mode
         self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -174,7 +175,8 @@ class TritonProcess:
             str(install.binary), f"--model-repository={self.repository}", f"--backend-directory={backends}",
             "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
             f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
-            f"--metrics-port={self.metrics_port}", "--model-control-mode=none", "--exit-on-error=false",
+            f"--metrics-port={self.metrics_port}", f"--model-control-mode={self.model_control_mode}",
+            "--exit-on-error=false",
             "--allow-cpu-metrics=true", "--metrics-interval-ms=1000", *self.extra_args,
         ]
 

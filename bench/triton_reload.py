@@ -1,0 +1,339 @@
+"""Baseline: a new model version the way a Triton user publishes it without hotswap.
+
+    python -m bench.triton_reload --json out.json --width 4096 --layers 8 --swaps 5 [--kind KIND_CPU]
+
+The same benchmark MLP as ``bench.gpu_serve_swap`` (``layers`` square Linear layers with tanh plus a
+marker bias), served by a plain Python-backend ``model.py`` that loads its weights in ``initialize``
+(``safetensors.torch.load_file`` then ``load_state_dict``; no hotswap code in the server). Triton runs
+with ``--model-control-mode=explicit``; each new version is published as a new version directory (files
+copied under a hidden name, then renamed to ``<n>/``) and loaded through the repository API
+(``POST /v2/repository/models/<name>/load``), with ``version_policy: latest 1``. Clients send requests
+throughout. Reported per version: publish (rename) → first response computed with the new weights,
+how long the load call took, failed requests, responses matching no single version, p99 latency
+during reloads over steady, and peak GPU memory (``nvidia-smi``) or, on CPU, the peak resident memory
+of the server and its stubs, over the model size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from serving.triton.server import TritonProcess
+from serving.triton.swapload import run_swap_load
+
+NAME = "mlp_reload"
+
+CONFIG = """name: "{name}"
+backend: "python"
+max_batch_size: 8
+dynamic_batching {{ max_queue_delay_microseconds: 500 }}
+version_policy: {{ latest: {{ num_versions: 1 }} }}
+input [ {{ name: "X", data_type: TYPE_FP32, dims: [ {width} ] }} ]
+output [ {{ name: "Y", data_type: TYPE_FP32, dims: [ {width} ] }} ]
+instance_group [ {{ count: 1, kind: {kind}{gpus} }} ]
+parameters {{ key: "width", value: {{ string_value: "{width}" }} }}
+parameters {{ key: "layers", value: {{ string_value: "{layers}" }} }}
+"""
+
+#: what a Triton user writes: build the model, load this version's weights, serve. Nothing of hotswap.
+MODEL_PY = '''"""Plain Python-backend model: weights loaded once, in initialize, from this version's folder."""
+
+import json
+import os
+
+import torch
+import triton_python_backend_utils as pb_utils
+from safetensors.torch import load_file
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, width, layers, device):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(
+            torch.nn.Linear(width, width, bias=False, device=device) for _ in range(layers))
+        self.marker = torch.nn.Parameter(torch.zeros(width, device=device))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x + self.marker
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config["parameters"].items()}
+        gpu = args["model_instance_kind"] == "GPU"
+        self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if gpu else "cpu")
+        with torch.device("meta"):
+            module = MLP(int(params["width"]), int(params["layers"]), "meta")
+        folder = os.path.join(args["model_repository"], args["model_version"])
+        state = load_file(os.path.join(folder, "model.safetensors"), device=str(self.device))
+        module.load_state_dict(state, assign=True)
+        self.module = module.eval()
+
+    def execute(self, requests):
+        responses = []
+        with torch.inference_mode():
+            for request in requests:
+                x = torch.utils.dlpack.from_dlpack(pb_utils.get_input_tensor_by_name(request, "X").to_dlpack())
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                y = self.module(x.to(self.device))
+                if self.device.type == "cuda":
+                    torch.cuda.current_stream(self.device).synchronize()
+                out = pb_utils.Tensor.from_dlpack("Y", torch.utils.dlpack.to_dlpack(y.clone()))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
+        return responses
+'''
+
+
+def state_for(seed: int, width: int, layers: int) -> dict[str, torch.Tensor]:
+    """Version ``seed``'s weights (the same recipe as ``bench.gpu_serve_swap``)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {f"layers.{i}.weight": torch.randn(width, width, generator=g) / width ** 0.5 for i in range(layers)}
+    sd["marker"] = torch.randn(width, generator=g)
+    return sd
+
+
+def expected_output(sd: dict[str, torch.Tensor], x: torch.Tensor, device: str) -> np.ndarray:
+    h = x.to(device)
+    for i in range(len(sd) - 1):
+        h = torch.tanh(h @ sd[f"layers.{i}.weight"].to(device).T)
+    return (h + sd["marker"].to(device)).cpu().numpy()
+
+
+class MemorySampler:
+    """Peak GPU memory in use (``nvidia-smi``), or peak resident memory of a process tree on CPU."""
+
+    def __init__(self, pid: int | None, gpu: bool, interval_s: float = 0.05) -> None:
+        self.pid, self.gpu, self.interval_s = pid, gpu, interval_s
+        self.peak_bytes = 0
+        self.baseline_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
+
+    def sample(self) -> int:
+        if self.gpu:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                  "-i", "0"], capture_output=True, text=True, timeout=10).stdout
+            return int(float(out.split()[0]) * 2**20) if out.strip() else 0
+        return tree_rss(self.pid) if self.pid else 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.peak_bytes = max(self.peak_bytes, self.sample())
+            except (OSError, subprocess.SubprocessError, ValueError):
+                continue
+
+    def __enter__(self) -> MemorySampler:
+        self.baseline_bytes = self.peak_bytes = self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+            rss[int(entry.name)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += rss.get(p, 0)
+        todo.extend(children.get(p, []))
+    return total
+
+
+def make_repository(root: Path, width: int, layers: int, kind: str) -> Path:
+    model = root / NAME
+    model.mkdir(parents=True)
+    gpus = ", gpus: [ 0 ]" if kind == "KIND_GPU" else ""
+    (model / "config.pbtxt").write_text(CONFIG.format(name=NAME, width=width, layers=layers, kind=kind, gpus=gpus))
+    return model
+
+
+def publish_version(model_dir: Path, number: int, weights: Path) -> float:
+    """A new version directory: files copied under a hidden name, then renamed to ``<number>/``.
+    Returns the time of the rename (what the user's publish step ends with)."""
+    tmp = model_dir / f".{number}.tmp"
+    tmp.mkdir()
+    (tmp / "model.py").write_text(MODEL_PY)
+    shutil.copyfile(weights, tmp / "model.safetensors")
+    t = time.monotonic()
+    os.rename(tmp, model_dir / str(number))
+    return t
+
+
+def load_model(server: TritonProcess, timeout: float) -> None:
+    """The repository API call a user makes after publishing (blocks until Triton has loaded it)."""
+    req = urllib.request.Request(f"http://{server.http_url}/v2/repository/models/{NAME}/load", data=b"{}",
+                                 method="POST")
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        r.read()
+
+
+def measure_reload(work: Path, *, width: int, layers: int, kind: str, swaps: int, versions: int, clients: int,
+                   batch: int, atol: float, ready_timeout: float, log: Path | None = None) -> dict[str, Any]:
+    """One run of the baseline; the result has the same fields as hotswap's serve-swap entries."""
+    import tritonclient.grpc as grpcclient
+
+    device = "cuda" if kind == "KIND_GPU" else "cpu"
+    model_dir = make_repository(work / "repository", width, layers, kind)
+    x = torch.randn(batch, width, generator=torch.Generator().manual_seed(7))
+    files: dict[str, Path] = {}
+    expected: dict[str, np.ndarray] = {}
+    (work / "versions").mkdir()
+    from safetensors.torch import save_file
+
+    for i in range(versions + 1):
+        sd = state_for(1000 + i, width, layers)
+        files[f"v{i}"] = work / "versions" / f"v{i}.safetensors"
+        save_file(sd, str(files[f"v{i}"]))
+        expected[f"v{i}"] = expected_output(sd, x, device)
+    number = 1
+    publish_version(model_dir, number, files["v0"])
+    server = TritonProcess(work / "repository", work_dir=work / "triton", log_path=log,
+                           model_control_mode="explicit", extra_args=[f"--load-model={NAME}"])
+    out: dict[str, Any] = {"model_bytes": 4 * width * (width * layers + 1), "instance": kind}
+    try:
+        t0 = time.monotonic()
+        server.start()
+        server.wait_ready([NAME], timeout=ready_timeout)
+        out["server_ready_s"] = time.monotonic() - t0
+        local = threading.local()
+        opened: list[Any] = []
+
+        def infer() -> np.ndarray:
+            if not hasattr(local, "client"):
+                local.client = grpcclient.InferenceServerClient(server.grpc_url)
+                opened.append(local.client)
+            inp = grpcclient.InferInput("X", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x.numpy())
+            return np.asarray(local.client.infer(NAME, [inp], client_timeout=120).as_numpy("Y"))
+
+        probe = grpcclient.InferenceServerClient(server.grpc_url)
+        opened.append(probe)
+        first_response_s: list[float] = []
+        load_call_s: list[float] = []
+
+        def first_with(version: str, since: float, deadline: float) -> float:
+            ref = expected[version]
+            while time.monotonic() < deadline:
+                inp = grpcclient.InferInput("X", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x.numpy())
+                try:
+                    y = np.asarray(probe.infer(NAME, [inp], client_timeout=120).as_numpy("Y"))
+                except Exception:  # noqa: BLE001 - a failed probe is retried; the clients count failures
+                    time.sleep(0.005)
+                    continue
+                if y.shape == ref.shape and np.allclose(y, ref, atol=atol, rtol=0):
+                    return time.monotonic() - since
+            raise TimeoutError(f"{version} never answered")
+
+        def swap_to(version: str) -> None:
+            nonlocal number
+            number += 1
+            t_publish = publish_version(model_dir, number, files[version])
+            t = time.monotonic()
+            load_model(server, timeout=ready_timeout)
+            load_call_s.append(time.monotonic() - t)
+            first_response_s.append(first_with(version, t_publish, t_publish + ready_timeout))
+            shutil.rmtree(model_dir / str(number - 1), ignore_errors=True)  # what a user's cleanup does
+
+        order = [f"v{1 + i % versions}" for i in range(swaps)]
+        pid = server.proc.pid if server.proc is not None else None
+        with MemorySampler(pid, gpu=device == "cuda") as mem:
+            try:
+                r = run_swap_load(infer, expected, swap_to, order, clients=clients, warmup_s=3.0, settle_s=0.5,
+                                  cooldown_s=2.0, atol=atol)
+            finally:
+                for c in opened:
+                    c.close()
+        result = r.to_json()
+        out.update(result)
+        out["publish_to_first_response_s"] = {"median": float(np.median(first_response_s)),
+                                              "max": max(first_response_s), "all": first_response_s}
+        out["load_call_s"] = {"median": float(np.median(load_call_s)), "max": max(load_call_s)}
+        out["p99_during_over_steady"] = r.swap_p99_ms / r.steady_p99_ms if r.steady_p99_ms else None
+        out["peak_memory_bytes"] = mem.peak_bytes
+        out["memory_before_bytes"] = mem.baseline_bytes
+        out["peak_memory_over_model"] = mem.peak_bytes / out["model_bytes"]
+        out["memory_kind"] = "gpu (nvidia-smi, whole device)" if device == "cuda" else "rss of server and stubs"
+    finally:
+        out["triton_log_tail"] = server.log_tail(3000)
+        server.stop()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--width", type=int, default=4096)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--swaps", type=int, default=5)
+    ap.add_argument("--versions", type=int, default=3)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--kind", default="KIND_GPU", choices=["KIND_GPU", "KIND_CPU"])
+    ap.add_argument("--atol", type=float, default=1e-3)
+    ap.add_argument("--ready-timeout", type=float, default=600)
+    ap.add_argument("--triton-log", metavar="FILE")
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout must still stop the server
+    work = Path(tempfile.mkdtemp(prefix="triton-reload-"))
+    result: dict[str, Any] = {"argv": sys.argv[1:] if argv is None else argv, "errors": []}
+    try:
+        result["baseline"] = measure_reload(
+            work, width=args.width, layers=args.layers, kind=args.kind, swaps=args.swaps, versions=args.versions,
+            clients=args.clients, batch=args.batch, atol=args.atol, ready_timeout=args.ready_timeout,
+            log=Path(args.triton_log) if args.triton_log else None)
+    except Exception as e:  # the JSON keeps the failure
+        result["errors"].append({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    text = json.dumps(result, indent=2, default=str)
+    if args.json:
+        Path(args.json).write_text(text)
+    b = result.get("baseline")
+    if b:
+        print(f"triton reload: publish->first response median {b['publish_to_first_response_s']['median']:.3f} s, "
+              f"errors {b['errors']} torn {b['torn']} p99 during/steady {b['p99_during_over_steady']}, "
+              f"peak memory {b['peak_memory_over_model']:.2f}x model")
+    for e in result["errors"]:
+        print("ERROR", e["error"], file=sys.stderr)
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
