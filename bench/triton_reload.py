@@ -28,7 +28,6 @@ import threading
 import time
 import traceback
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
