@@ -1,0 +1,321 @@
+"""What one top-level name in the weights folder is: inspection, completeness and identity.
+
+Functions of the folder's contents and the :class:`~serving.weights.CheckpointPolicy`; no threads,
+no state. Files are only stat'ed and read, never modified. A version's identity (its content
+hash) and its publish time (:func:`publish_time_ns`) are decided here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from serving.errors import CheckpointError, HotswapError, reading
+from serving.publish import (
+    ADAPTER_CONFIG,
+    MANIFEST_NAME,
+    Fingerprint,
+    FoundFile,
+    Manifest,
+    classify_name,
+    is_temp_name,
+    manifest_problems,
+    parse_manifest,
+    tree_hash,
+    version_of,
+)
+from serving.weights import CheckpointPolicy, describe_checkpoint, detect_checkpoint, read_header
+from serving.weights.lora import adapter_weights_file, read_adapter_config
+
+#: a version directory with more files than this is refused without reading it
+DEFAULT_MAX_FILES = 1000
+HASH_READ_BYTES = 4 << 20
+#: content hashes are computed over chunks of this size, in parallel
+CONTENT_CHUNK = 16 << 20
+
+Problem = tuple[str, str]  # (reason, message)
+Row = tuple[str, int, int, int, int]  # (relative path, size, mtime_ns, inode, mode)
+
+
+@dataclass
+class Entry:
+    """What was found on disk for one top-level name (filled in as the worker learns more)."""
+
+    name: str
+    path: Path
+    kind: str  # "checkpoint" | "adapter"
+    is_dir: bool
+    fp: Fingerprint
+    mtime_ns: int
+    version: str
+    manifest: Manifest | None = None
+    #: refused without reading (symlink outside the folder, too many files, not a regular file, ...)
+    problem: Problem | None = None
+    #: may only mean "still being copied" (unparseable manifest, a file vanished while listing)
+    soft: Problem | None = None
+    content_hash: str | None = None
+    first_event: float | None = None
+
+
+#: what :func:`inspect_entry` finds besides an entry: nothing there, a temp name, or not a checkpoint
+Absent = Literal["gone", "temp", "ignored"]
+
+
+def row(rel: str, st: os.stat_result) -> Row:
+    return (rel, st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode)
+
+
+def age_s(fp: Fingerprint) -> float:
+    """Seconds since the newest modification inside the entry."""
+    return max(0.0, time.time() - fp.newest_mtime_ns / 1e9)
+
+
+def publish_time_ns(entry: Entry) -> int:
+    """When the entry was published, for ordering versions (see docs/publish.md)."""
+    return entry.mtime_ns
+
+
+def _root(policy: CheckpointPolicy) -> Path | None:
+    return policy.root.resolve() if policy.root is not None else None
+
+
+def inspect_entry(folder: Path, name: str, policy: CheckpointPolicy, max_files: int) -> Entry | Absent:
+    """Stat ``folder/name`` (never reading data): kind, fingerprint, version, problems found on the way."""
+    path = folder / name
+    try:
+        lst = os.lstat(path)
+    except FileNotFoundError:
+        return "gone"
+    target = path
+    if stat.S_ISLNK(lst.st_mode):
+        fp = Fingerprint((row("", lst),))
+        try:
+            target = path.resolve(strict=True)
+        except (OSError, RuntimeError) as e:
+            return Entry(name, path, "checkpoint", False, fp, lst.st_mtime_ns, version_of(name, is_dir=False),
+                         soft=("not_found", f"{path}: dangling or looping symlink ({e})"))
+        root = _root(policy)
+        if root is not None and not target.is_relative_to(root):
+            return Entry(name, path, "checkpoint", False, fp, lst.st_mtime_ns, version_of(name, is_dir=False),
+                         problem=("outside_root", f"{path} -> {target}: the symlink points outside the weights "
+                                  f"folder {root}; copy or move the checkpoint into the folder instead"))
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return "gone"
+    except OSError as e:
+        fp = Fingerprint((row("", lst),))
+        return Entry(name, path, "checkpoint", False, fp, lst.st_mtime_ns, version_of(name, is_dir=False),
+                     problem=("unreadable", f"{path}: cannot stat: {e}"))
+    is_dir = stat.S_ISDIR(st.st_mode)
+    has_adapter = is_dir and os.path.lexists(path / ADAPTER_CONFIG)
+    kind = classify_name(name, is_dir=is_dir, has_adapter_config=has_adapter)
+    if kind == "temp":
+        return "temp"
+    if kind == "ignored":
+        return "ignored"
+    if not is_dir:
+        problem: Problem | None = None
+        if not stat.S_ISREG(st.st_mode):
+            problem = ("unsupported", f"{path}: not a regular file (a fifo, socket or device?); "
+                                      f"publish checkpoints as regular files")
+        return _finish(name, path, kind, False, Fingerprint((row("", st),)), st.st_mtime_ns, None, problem, policy)
+    rows, problem = walk(path, _root(policy), max_files)
+    manifest: Manifest | None = None
+    soft: Problem | None = None
+    if problem is not None and problem[0] == "not_found":
+        problem, soft = None, problem
+    if problem is None and soft is None and os.path.lexists(path / MANIFEST_NAME):
+        try:
+            manifest = parse_manifest(read_small(path / MANIFEST_NAME, policy), str(path / MANIFEST_NAME))
+        except HotswapError as e:
+            if e.reason == "outside_root":
+                problem = (e.reason, str(e))
+            else:
+                soft = (e.reason, str(e))
+    entry = _finish(name, path, kind, True, Fingerprint(tuple(rows)), st.st_mtime_ns, manifest, problem, policy)
+    entry.soft = soft
+    return entry
+
+
+def _finish(name: str, path: Path, kind: str, is_dir: bool, fp: Fingerprint, mtime_ns: int,
+            manifest: Manifest | None, problem: Problem | None, policy: CheckpointPolicy) -> Entry:
+    if problem is None and fp.total_size > policy.max_bytes:
+        problem = ("too_large", f"{path}: {fp.total_size} bytes, over the cap of {policy.max_bytes} "
+                                f"(max_file_bytes); raise the cap if this is expected")
+    version = version_of(name, is_dir=is_dir, manifest_version=manifest.version if manifest else None)
+    return Entry(name, path, kind, is_dir, fp, mtime_ns, version, manifest, problem)
+
+
+def read_small(path: Path, policy: CheckpointPolicy) -> bytes:
+    """The first 2 MiB of a small file inside the folder (a manifest)."""
+    with reading(path, gone="disappeared while reading", gone_reason="not_found"):
+        real = path.resolve(strict=True)
+        root = _root(policy)
+        if root is not None and not real.is_relative_to(root):
+            raise CheckpointError(f"{path} -> {real}: outside the weights folder", reason="outside_root")
+        if not real.is_file():
+            raise CheckpointError(f"{path}: not a regular file", reason="manifest_invalid")
+        with open(real, "rb") as f:
+            return f.read(2 << 20)
+
+
+def walk(top: Path, root: Path | None, max_files: int) -> tuple[list[Row], Problem | None]:
+    """Fingerprint rows of a directory (itself, then every entry below it), capped at ``max_files``."""
+    rows = [row("", os.stat(top))]
+    stack = [""]
+    count = 0
+    while stack:
+        rel_dir = stack.pop()
+        directory = top / rel_dir if rel_dir else top
+        try:
+            with os.scandir(directory) as it:
+                children = sorted(it, key=lambda e: e.name)
+        except PermissionError:
+            return rows, ("unreadable", f"{directory}: permission denied listing the directory")
+        except FileNotFoundError:
+            return rows, ("not_found", f"{directory}: disappeared while listing it")
+        for child in children:
+            count += 1
+            if count > max_files:
+                return rows, ("too_many_files", f"{top}: more than {max_files} files and directories; a "
+                                                f"checkpoint or adapter has a handful (shards, index, config)")
+            rel = f"{rel_dir}/{child.name}" if rel_dir else child.name
+            try:
+                lst = child.stat(follow_symlinks=False)
+                if child.is_symlink():
+                    real = Path(child.path).resolve(strict=True)
+                    if root is not None and not real.is_relative_to(root):
+                        return rows, ("outside_root", f"{top / rel} -> {real}: symlink pointing outside the "
+                                                      f"weights folder {root}")
+                    st = os.stat(real)
+                else:
+                    st = lst
+            except FileNotFoundError:
+                return rows, ("not_found", f"{top / rel}: disappeared, or a dangling symlink")
+            except (OSError, RuntimeError) as e:
+                return rows, ("unreadable", f"{top / rel}: cannot stat: {e}")
+            if stat.S_ISDIR(st.st_mode):
+                rows.append(row(rel + "/", st))
+                if not child.is_symlink():
+                    stack.append(rel)
+            elif stat.S_ISREG(st.st_mode):
+                rows.append(row(rel, st))
+            else:
+                return rows, ("unsupported", f"{top / rel}: not a regular file (a fifo, socket or device?)")
+    return rows, None
+
+
+def check_complete(entry: Entry, policy: CheckpointPolicy) -> Problem | None:
+    """The cheap completeness check: headers agree with file sizes, or the manifest verifies
+    (which also sets ``entry.content_hash``)."""
+    if entry.soft is not None:
+        return entry.soft
+    try:
+        if entry.manifest is not None:
+            return verify_manifest(entry)
+        if entry.kind == "adapter":
+            read_adapter_config(entry.path, policy)
+            weights = adapter_weights_file(entry.path)
+            if weights is not None and weights.suffix == ".safetensors":
+                read_header(weights)
+            return None
+        if entry.is_dir:
+            describe_checkpoint(detect_checkpoint(entry.path, policy), policy)
+            return None
+        candidate = detect_checkpoint(entry.path, policy)  # regular, non-empty, allowed by the policy
+        if candidate.format == "safetensors":
+            read_header(candidate.files[0])
+        return None
+    except HotswapError as e:
+        return (e.reason, str(e))
+
+
+def _files(entry: Entry) -> list[tuple[str, int]]:
+    """(relative path, size) of the regular files of a directory entry, temp names left out."""
+    return [(r[0], r[1]) for r in entry.fp.rows
+            if r[0] and not r[0].endswith("/") and not any(is_temp_name(p) for p in r[0].split("/"))]
+
+
+def verify_manifest(entry: Entry) -> Problem | None:
+    manifest = entry.manifest
+    assert manifest is not None
+    sizes = {r[0]: r[1] for r in entry.fp.rows if r[0] and not r[0].endswith("/")}
+    found: dict[str, FoundFile] = {}
+    for f in manifest.files:
+        if f.path not in sizes:
+            continue
+        size = sizes[f.path]
+        digest = None
+        if f.size is None or f.size == size:
+            try:
+                digest = sha256_file(entry.path / f.path)
+            except OSError as e:
+                return ("unreadable", f"{entry.path / f.path}: cannot read: {e}")
+        found[f.path] = FoundFile(size, digest)
+    listed = {f.path for f in manifest.files}
+    others = [rel for rel in sizes if rel != MANIFEST_NAME and rel not in listed
+              and not any(is_temp_name(part) for part in rel.split("/"))]
+    problems = manifest_problems(manifest, found, others)
+    if problems:
+        return ("manifest_mismatch", f"{entry.path}: does not match its {MANIFEST_NAME} (incomplete copy or "
+                                     f"stale manifest): " + "; ".join(problems[:10]))
+    entry.content_hash = manifest.content_hash()
+    return None
+
+
+def sha256_file(path: Path) -> str:
+    """Plain sha256 of a file (what a MANIFEST.json lists)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(HASH_READ_BYTES)
+            if not chunk:
+                return h.hexdigest()
+            h.update(chunk)
+
+
+def content_hash_file(path: Path, pool: ThreadPoolExecutor | None = None) -> str:
+    """A file's content identity: sha256 over its size and the sha256 of each 16 MiB chunk.
+
+    The chunks are hashed in parallel (hashlib releases the GIL), so a large checkpoint costs a
+    fraction of a serial sha256 on the path from publish to serving.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        fd = f.fileno()
+
+        def chunk(i: int) -> bytes:
+            h = hashlib.sha256()
+            pos, end = i * CONTENT_CHUNK, min(size, (i + 1) * CONTENT_CHUNK)
+            while pos < end:
+                data = os.pread(fd, min(HASH_READ_BYTES, end - pos), pos)
+                if not data:
+                    raise OSError(f"{path}: shorter than its size while hashing (truncated meanwhile?)")
+                h.update(data)
+                pos += len(data)
+            return h.digest()
+
+        n = max(1, -(-size // CONTENT_CHUNK))
+        digests = list(pool.map(chunk, range(n))) if pool is not None and n > 1 else [chunk(i) for i in range(n)]
+    top = hashlib.sha256(f"chunks:{CONTENT_CHUNK}:{size}\n".encode())
+    for d in digests:
+        top.update(d)
+    return top.hexdigest()
+
+
+def content_hash(entry: Entry, pool_for: Callable[[int], ThreadPoolExecutor | None]) -> str:
+    """The entry's identity: the verified manifest's, else the hash of its file (or of its tree).
+    ``pool_for(size)`` gives the threads to hash a file of ``size`` bytes with (None: serially)."""
+    if entry.content_hash is not None:
+        return entry.content_hash
+    if not entry.is_dir:
+        return content_hash_file(entry.path, pool_for(entry.fp.total_size))
+    return tree_hash([(rel, content_hash_file(entry.path / rel, pool_for(size))) for rel, size in _files(entry)])
