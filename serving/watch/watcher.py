@@ -92,6 +92,18 @@ class WatchRecord:
     hash_s: float
     report: RefitReport
 
+    def summary(self) -> str:
+        """One line for the log: the outcome, the time from the first event, and where it went (ms)."""
+        r = self.report
+        parts = []
+        if self.first_event is not None:
+            parts.append(f"settle {1e3 * max(0.0, self.started - self.first_event):.0f}")
+        parts.append(f"hash {1e3 * self.hash_s:.0f}")
+        parts += [f"{k} {1e3 * v:.0f}" for k, v in r.stages.items() if k != "total"]
+        since = self.first_event if self.first_event is not None else self.started
+        return (f"refit {self.version} -> {r.outcome}{f' ({r.reason})' if r.reason else ''} in "
+                f"{1e3 * (self.finished - since):.0f} ms from the first event ({', '.join(parts)})")
+
 
 class WeightsWatcher:
     """Watch ``folder`` and install what is published there into ``coordinator``.
@@ -554,8 +566,10 @@ class WeightsWatcher:
             report = self._lineage.apply_adapter(entry)
         else:
             report = self._lineage.install_checkpoint(entry)
-        self.history.append(WatchRecord(str(entry.path), entry.kind, entry.version, entry.first_event, started,
-                                        time.monotonic(), hash_s, report))
+        record = WatchRecord(str(entry.path), entry.kind, entry.version, entry.first_event, started,
+                             time.monotonic(), hash_s, report)
+        self.history.append(record)
+        log.info("%s", record.summary())
         if report.outcome in ("success", "noop"):
             return "ok", report
         if report.outcome == "failed":  # the engine's fault, not the file's: retry when it changes

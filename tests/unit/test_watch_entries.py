@@ -85,3 +85,13 @@ def test_identity_comes_from_a_verified_manifest_or_the_content(tmp_path: Path) 
     assert content_hash_file(a) == content_hash_file(b) != content_hash_file(c)
     single = inspect_entry(tmp_path, "a.safetensors", policy(tmp_path), 10)
     assert isinstance(single, Entry) and content_hash(single, lambda size: None) == content_hash_file(a)
+
+
+def test_the_refit_log_line_names_the_total_and_every_stage() -> None:
+    from serving.refit import RefitReport
+    from serving.watch import WatchRecord
+
+    report = RefitReport("success", "v7", "v6", {"read": 0.15, "transfer": 0.05, "swap": 0.00001, "total": 0.2})
+    line = WatchRecord("/w/v7.safetensors", "checkpoint", "v7", 10.0, 10.05, 10.45, 0.18, report).summary()
+    assert line == ("refit v7 -> success in 450 ms from the first event "
+                    "(settle 50, hash 180, read 150, transfer 50, swap 0)")
