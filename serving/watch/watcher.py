@@ -42,6 +42,7 @@ from serving.publish import (
     select_versions,
 )
 from serving.refit import RefitCoordinator, RefitReport
+from serving.watch.debounce import Debouncer, Pending
 from serving.watch.entries import (
     CONTENT_CHUNK,
     DEFAULT_MAX_FILES,
@@ -62,19 +63,6 @@ log = logging.getLogger("serving.watch")
 
 _STOP = object()
 _LOG_CHARS = 800  # longer messages are cut in the log (the ledger keeps them whole)
-
-
-@dataclass
-class _Pending:
-    """An entry with events the worker has not handled yet."""
-
-    last_event: float
-    first_event: float
-    renamed_in: bool = False
-    closed: bool = False
-    recheck_at: float = 0.0
-    fp: Fingerprint | None = None
-    fp_since: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -142,7 +130,8 @@ class WeightsWatcher:
         self._observer: FolderObserver | None = None
         self._worker: threading.Thread | None = None
         self._busy = False
-        self._pending: dict[str, _Pending] = {}
+        self._events = Debouncer(self._folder_str, self.debounce_s)
+        self._pending = self._events.pending  # name -> Pending, shared with the debouncer
         self._pool: ThreadPoolExecutor | None = None
         self._seen: dict[str, Fingerprint] = {}
         self._ignored_logged: set[str] = set()
@@ -224,13 +213,13 @@ class WeightsWatcher:
                     if again is None:
                         continue
                     if again.fp != entry.fp:  # still being written: the worker takes it from here
-                        self._pending[entry.name] = _Pending(now, now)
+                        self._pending[entry.name] = Pending(now, now)
                         continue
                 obs = Observation(stable=True, age_s=age_s(entry.fp),
                                   problem=entry.problem or check_complete(entry, self.policy))
                 decision = completeness(obs, debounce_s=self.debounce_s, settle_s=self.settle_s)
                 if decision.action == "wait":
-                    self._pending[entry.name] = _Pending(now, now, recheck_at=now + decision.recheck_in_s)
+                    self._pending[entry.name] = Pending(now, now, recheck_at=now + decision.recheck_in_s)
                     continue
                 self._seen[entry.name] = entry.fp
                 if decision.problem is not None:
@@ -326,80 +315,22 @@ class WeightsWatcher:
         if self._observer is not None and self._observer.supervise(force):
             self._rescan()
 
-    def _due_at(self, p: _Pending) -> float:
-        """A rename is a complete publish: considered at once. In-place writes wait for the debounce."""
-        return max(p.last_event + (0.0 if p.renamed_in else self.debounce_s), p.recheck_at)
-
     def _wait_timeout(self) -> float:
         now = time.monotonic()
         interval = self._observer.check_interval_s if self._observer is not None else 1.0
-        due = now + interval
-        for p in self._pending.values():
-            due = min(due, self._due_at(p))
-        return max(0.001, due - now)
+        return max(0.001, self._events.next_due(now, now + interval) - now)
 
     def _absorb_safely(self, item: object) -> None:
         try:
             if isinstance(item, FsEvent):
-                self._absorb(item)
+                absorbed = self._events.absorb(item)
+                if absorbed.folder_deleted:
+                    self._supervise(force=True)
+                for name in absorbed.gone:
+                    self._gone(name)
         except Exception:
             log.exception("weights watcher: could not handle event %r", item)
             self.metrics.watcher_error()
-
-    def _entry_of(self, path: str) -> tuple[str, bool] | None:
-        """``(top-level name, whether path is that entry itself)``; None outside the folder or for temp names."""
-        if not path:
-            return None
-        rel = os.path.relpath(os.path.normpath(path), self._folder_str)
-        if rel == "." or rel.startswith(".." + os.sep) or rel == ".." or os.path.isabs(rel):
-            return None
-        parts = rel.split(os.sep)
-        if is_temp_name(parts[0]):
-            return None
-        return parts[0], len(parts) == 1
-
-    def _absorb(self, ev: FsEvent) -> None:
-        if ev.kind == "deleted" and os.path.normpath(ev.src) == self._folder_str:
-            self._supervise(force=True)
-            return
-        if ev.kind == "moved":
-            src, dest = self._entry_of(ev.src), self._entry_of(ev.dest)
-            if src is not None and (dest is None or dest[0] != src[0]):
-                if src[1]:
-                    self._gone(src[0])
-                else:
-                    self._touch(src[0], ev.when)
-            if dest is not None:
-                self._touch(dest[0], ev.when, renamed_in=dest[1])
-            return
-        entry = self._entry_of(ev.src)
-        if entry is None:
-            return
-        name, is_self = entry
-        if ev.kind == "deleted" and is_self:
-            self._gone(name)
-        elif ev.kind == "closed":
-            self._touch(name, ev.when, closed=is_self, writing=not is_self)
-        elif ev.kind == "modified":
-            self._touch(name, ev.when, writing=True)
-        elif ev.kind == "created":
-            self._touch(name, ev.when, writing=is_self)
-        else:  # attrib, deletions below the entry
-            self._touch(name, ev.when)
-
-    def _touch(self, name: str, when: float, *, renamed_in: bool = False, closed: bool = False,
-               writing: bool = False) -> None:
-        p = self._pending.get(name)
-        if p is None:
-            p = self._pending[name] = _Pending(when, when)
-        p.last_event = max(p.last_event, when)
-        p.recheck_at = 0.0  # something happened: look again after the debounce, not at a later recheck
-        if writing:  # written in place since: neither an atomic rename nor a finished write
-            p.renamed_in = p.closed = False
-        if renamed_in:
-            p.renamed_in, p.closed = True, False
-        if closed:
-            p.closed = True
 
     def _gone(self, name: str) -> None:
         self._pending.pop(name, None)
@@ -409,7 +340,7 @@ class WeightsWatcher:
     def _rescan(self) -> None:
         now = time.monotonic()
         for name in self._list_names():
-            self._pending.setdefault(name, _Pending(now, now))
+            self._pending.setdefault(name, Pending(now, now))
 
     def _list_names(self) -> list[str]:
         try:
@@ -451,7 +382,7 @@ class WeightsWatcher:
     # ------------------------------------------------------------------ processing
     def _process_due(self) -> None:
         now = time.monotonic()
-        due = sorted(n for n, p in self._pending.items() if now >= self._due_at(p))
+        due = self._events.due(now)
         entries: list[Entry] = []
         for name in due:
             p = self._pending[name]
@@ -467,7 +398,7 @@ class WeightsWatcher:
         if entries:
             self._install_batch(entries, runtime=True)
 
-    def _gate(self, name: str, p: _Pending, now: float) -> Entry | None:
+    def _gate(self, name: str, p: Pending, now: float) -> Entry | None:
         """Decide on one due entry: drop it, wait for it, reject it, or return it for installing."""
         entry = self._inspect(name)
         if entry is None:
@@ -556,7 +487,7 @@ class WeightsWatcher:
         if again is None or again.fp != entry.fp:
             self._seen.pop(entry.name, None)
             now = time.monotonic()
-            self._pending.setdefault(entry.name, _Pending(now, now))
+            self._pending.setdefault(entry.name, Pending(now, now))
             return "rejected", None
         if self._ledger.lookup_hash(str(entry.path), entry.fp, entry.content_hash) is not None:
             log.debug("weights folder: %s has content refused before; not read again", entry.path)
