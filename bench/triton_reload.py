@@ -28,6 +28,7 @@ import threading
 import time
 import traceback
 import urllib.request
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,10 @@ class TritonPythonModel:
         with torch.device("meta"):
             module = MLP(int(params["width"]), int(params["layers"]), "meta")
         folder = os.path.join(args["model_repository"], args["model_version"])
-        state = load_file(os.path.join(folder, "model.safetensors"), device=str(self.device))
+        state = {}
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".safetensors"):
+                state.update(load_file(os.path.join(folder, name), device=str(self.device)))
         module.load_state_dict(state, assign=True)
         self.module = module.eval()
 
@@ -182,13 +186,17 @@ def make_repository(root: Path, width: int, layers: int, kind: str) -> Path:
     return model
 
 
-def publish_version(model_dir: Path, number: int, weights: Path) -> float:
-    """A new version directory: files copied under a hidden name, then renamed to ``<number>/``.
-    Returns the time of the rename (what the user's publish step ends with)."""
+def publish_version(model_dir: Path, number: int, weights: Sequence[Path], *, link: bool = False) -> float:
+    """A new version directory: files copied (or hard-linked: large benchmarks) under a hidden name,
+    then renamed to ``<number>/``. Returns the time of the rename (what the user's publish step ends with)."""
     tmp = model_dir / f".{number}.tmp"
     tmp.mkdir()
     (tmp / "model.py").write_text(MODEL_PY)
-    shutil.copyfile(weights, tmp / "model.safetensors")
+    for f in weights:
+        if link:
+            os.link(f, tmp / f.name)
+        else:
+            shutil.copyfile(f, tmp / f.name)
     t = time.monotonic()
     os.rename(tmp, model_dir / str(number))
     return t
@@ -202,29 +210,39 @@ def load_model(server: TritonProcess, timeout: float) -> None:
         r.read()
 
 
-def measure_reload(work: Path, *, width: int, layers: int, kind: str, swaps: int, versions: int, clients: int,
-                   batch: int, atol: float, ready_timeout: float, log: Path | None = None) -> dict[str, Any]:
-    """One run of the baseline; the result has the same fields as hotswap's serve-swap entries."""
+def random_versions(root: Path, count: int, width: int, layers: int, x: torch.Tensor,
+                    device: str) -> tuple[dict[str, list[Path]], dict[str, np.ndarray]]:
+    """``count`` + 1 random versions (v0 first), one safetensors file each, and their expected outputs."""
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    files: dict[str, list[Path]] = {}
+    expected: dict[str, np.ndarray] = {}
+    for i in range(count + 1):
+        sd = state_for(1000 + i, width, layers)
+        (root / f"v{i}").mkdir()
+        files[f"v{i}"] = [root / f"v{i}" / "model.safetensors"]
+        save_file(sd, str(files[f"v{i}"][0]))
+        expected[f"v{i}"] = expected_output(sd, x, device)
+    return files, expected
+
+
+def measure_reload(work: Path, *, width: int, layers: int, kind: str, files: Mapping[str, Sequence[Path]],
+                   expected: Mapping[str, np.ndarray], x: torch.Tensor, swaps: int, clients: int, atol: float,
+                   ready_timeout: float, link: bool = False, log: Path | None = None) -> dict[str, Any]:
+    """One run of the baseline (``files["v0"]`` served first, then the others in turn); the result has the
+    same fields as hotswap's entries in ``bench.gpu_publish``."""
     import tritonclient.grpc as grpcclient
 
     device = "cuda" if kind == "KIND_GPU" else "cpu"
     model_dir = make_repository(work / "repository", width, layers, kind)
-    x = torch.randn(batch, width, generator=torch.Generator().manual_seed(7))
-    files: dict[str, Path] = {}
-    expected: dict[str, np.ndarray] = {}
-    (work / "versions").mkdir()
-    from safetensors.torch import save_file
-
-    for i in range(versions + 1):
-        sd = state_for(1000 + i, width, layers)
-        files[f"v{i}"] = work / "versions" / f"v{i}.safetensors"
-        save_file(sd, str(files[f"v{i}"]))
-        expected[f"v{i}"] = expected_output(sd, x, device)
+    versions = len(files) - 1
     number = 1
-    publish_version(model_dir, number, files["v0"])
+    publish_version(model_dir, number, files["v0"], link=link)
     server = TritonProcess(work / "repository", work_dir=work / "triton", log_path=log,
                            model_control_mode="explicit", extra_args=[f"--load-model={NAME}"])
-    out: dict[str, Any] = {"model_bytes": 4 * width * (width * layers + 1), "instance": kind}
+    out: dict[str, Any] = {"model_bytes": 4 * width * (width * layers + 1), "instance": kind,
+                           "how": "new version directory + POST /v2/repository/models/<name>/load"}
     try:
         t0 = time.monotonic()
         server.start()
@@ -263,7 +281,7 @@ def measure_reload(work: Path, *, width: int, layers: int, kind: str, swaps: int
         def swap_to(version: str) -> None:
             nonlocal number
             number += 1
-            t_publish = publish_version(model_dir, number, files[version])
+            t_publish = publish_version(model_dir, number, files[version], link=link)
             t = time.monotonic()
             load_model(server, timeout=ready_timeout)
             load_call_s.append(time.monotonic() - t)
@@ -313,9 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="triton-reload-"))
     result: dict[str, Any] = {"argv": sys.argv[1:] if argv is None else argv, "errors": []}
     try:
+        x = torch.randn(args.batch, args.width, generator=torch.Generator().manual_seed(7))
+        device = "cuda" if args.kind == "KIND_GPU" else "cpu"
+        files, expected = random_versions(work / "versions", args.versions, args.width, args.layers, x, device)
         result["baseline"] = measure_reload(
-            work, width=args.width, layers=args.layers, kind=args.kind, swaps=args.swaps, versions=args.versions,
-            clients=args.clients, batch=args.batch, atol=args.atol, ready_timeout=args.ready_timeout,
+            work, width=args.width, layers=args.layers, kind=args.kind, files=files, expected=expected, x=x,
+            swaps=args.swaps, clients=args.clients, atol=args.atol, ready_timeout=args.ready_timeout,
             log=Path(args.triton_log) if args.triton_log else None)
     except Exception as e:  # the JSON keeps the failure
         result["errors"].append({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]})

@@ -1,0 +1,301 @@
+"""Publish → first response through a real Triton, by model size, beside Triton's own reload.
+
+    python -m bench.gpu_publish --json out.json --sizes 1,4,16 --swaps 20 --baseline-swaps 3
+
+For each size (GB, float32): the benchmark MLP (``bench.gpu_refit:big_mlp``: square Linear layers
+with tanh, plus a marker bias that identifies the version) is served by hotswap on a ``KIND_GPU``
+Python-backend instance, once per refit strategy, while clients send requests. Each new version
+is a directory renamed into the watched folder (the large layers shard hard-linked between
+versions, a marker shard of its own): what a user does with ``hotswap publish`` or ``mv``. Per
+swap: rename → the first response computed with the new weights (a probe client asks until the
+answer carries the new marker), and the watcher's own breakdown from the server log (settle, hash,
+read, validate, transfer, refit, verify, swap; "other" is the rest: event delivery and the answer
+itself). Then the same model and versions through Triton's own reload (``bench.triton_reload``:
+a plain model.py, explicit model control, a new version directory and the repository load API).
+Reported per size: ``model_bytes``, ``publish_to_first_response_s``, the stage medians, the
+stream rate against the pinned-copy limit of the same run, ``p99_during_over_steady``, ``errors``,
+``torn``, peak GPU memory over the model, and a ``baseline`` entry with the same fields.
+Targets are reported, not asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.gpu_refit import (
+    GB,
+    MARKER_STEP,
+    BigMLP,
+    environment,
+    pick_dir,
+    pinned_copy_seconds,
+    write_safetensors_stream,
+)
+from bench.gpu_serve_swap import ensure_pytriton_findable, make_repository, wait_ready
+from bench.triton_reload import MemorySampler, measure_reload
+from serving.triton.server import TritonProcess
+from serving.triton.swapload import run_swap_load
+
+WIDTH = 4096
+#: the watcher's log line for one refit (serving.watch.WatchRecord.summary)
+SUMMARY = re.compile(r"refit (?P<version>\S+) -> (?P<outcome>\w+)(?: \([^)]*\))? in (?P<total>\d+) ms from the "
+                     r"first event \((?P<stages>[^)]*)\)")
+
+
+def parse_summaries(log_text: str) -> dict[str, dict[str, float]]:
+    """version -> {"total": ms, stage: ms, ...} of every successful refit in a server log. Pure."""
+    out: dict[str, dict[str, float]] = {}
+    for m in SUMMARY.finditer(log_text):
+        if m.group("outcome") != "success":
+            continue
+        stages = {"total": float(m.group("total"))}
+        for part in m.group("stages").split(", "):
+            name, _, value = part.rpartition(" ")
+            if name:
+                stages[name] = float(value)
+        out[m.group("version")] = stages
+    return out
+
+
+class Sources:
+    """The versions of one model size: one shared layers file, one marker file per version."""
+
+    def __init__(self, root: Path, width: int, layers: int, versions: int, device: str) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root, self.width, self.layers = root, width, layers
+        distinct = []
+        for i in range(min(layers, 4)):
+            g = torch.Generator(device=device).manual_seed(i)
+            distinct.append((torch.randn(width, width, generator=g, device=device) / width ** 0.5).cpu())
+        self.layers_file = root / "layers.safetensors"
+        write_safetensors_stream(self.layers_file,
+                                 [(f"layers.{i}.weight", distinct[i % len(distinct)]) for i in range(layers)])
+        self.markers = {}
+        for k in range(versions + 1):
+            self.markers[f"v{k}"] = root / f"marker-v{k}" / "marker.safetensors"
+            self.markers[f"v{k}"].parent.mkdir()
+            write_safetensors_stream(self.markers[f"v{k}"],
+                                     [("marker", torch.full((width,), k * MARKER_STEP))])
+        self.model_bytes = 4 * width * (width * layers + 1)
+        with open(self.layers_file, "rb") as f:  # in the page cache, as a just-copied checkpoint is
+            while f.read(64 << 20):
+                pass
+
+    def expected(self, x: torch.Tensor, device: str) -> dict[str, np.ndarray]:
+        """What each version answers to ``x``: the layers' output (computed once) plus its marker."""
+        from safetensors.torch import load_file
+
+        module = BigMLP(self.width, self.layers, device, torch.float32)
+        module.load_state_dict({**load_file(self.layers_file, device=device),
+                                "marker": torch.zeros(self.width, device=device)})
+        with torch.inference_mode():
+            h = module(x.to(device)).cpu().numpy()
+        del module
+        torch.cuda.empty_cache() if device.startswith("cuda") else None
+        return {v: h + float(v[1:]) * MARKER_STEP for v in self.markers}
+
+    def files(self, version: str) -> list[Path]:
+        return [self.layers_file, self.markers[version]]
+
+    def publish(self, folder: Path, version: str, name: str) -> float:
+        """A sharded checkpoint directory renamed into ``folder``; the time of the rename."""
+        tmp = folder / f".{name}.tmp"
+        tmp.mkdir()
+        os.link(self.layers_file, tmp / "layers.safetensors")
+        os.link(self.markers[version], tmp / "marker.safetensors")
+        weight_map = {f"layers.{i}.weight": "layers.safetensors" for i in range(self.layers)}
+        weight_map["marker"] = "marker.safetensors"
+        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        t = time.monotonic()
+        os.rename(tmp, folder / name)
+        return t
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def first_response(infer: Callable[[], np.ndarray], ref: np.ndarray, since: float, timeout: float,
+                   atol: float) -> float:
+    """Seconds from ``since`` until ``infer`` answers ``ref``."""
+    deadline = since + timeout
+    while time.monotonic() < deadline:
+        try:
+            y = infer()
+        except Exception:  # noqa: BLE001 - the load clients count failures; the probe only waits
+            time.sleep(0.002)
+            continue
+        if y.shape == ref.shape and np.allclose(y, ref, atol=atol, rtol=0):
+            return time.monotonic() - since
+    raise TimeoutError(f"no answer with the new weights after {timeout}s")
+
+
+def run_hotswap(work: Path, src: Sources, x: torch.Tensor, expected: dict[str, np.ndarray],
+                args: argparse.Namespace) -> dict[str, Any]:
+    strategies = [s for s in args.strategies.split(",") if s]
+    repo, weights_root = work / "repository", work / "weights"
+    names = make_repository(repo, src.width, src.layers, strategies, "KIND_GPU")
+    counter = iter(range(1_000_000))
+    for name in names:
+        (weights_root / name).mkdir(parents=True)
+        src.publish(weights_root / name, "v0", f"v0-{next(counter)}")
+    env = dict(os.environ, HOTSWAP_WEIGHTS_ROOT=str(weights_root), HOTSWAP_CACHE_DIR=str(work / "cache"))
+    server = TritonProcess(repo, work_dir=work / "triton", env=env)
+    results: dict[str, Any] = {}
+    try:
+        t0 = time.monotonic()
+        server.start()
+        wait_ready(server, names, args.ready_timeout)
+        results["server_ready_s"] = time.monotonic() - t0
+        for name, strategy in zip(names, strategies, strict=True):
+            results[strategy] = run_strategy(server, name, weights_root / name, src, x, expected, args, counter)
+    finally:
+        results["triton_log_tail"] = server.log_tail(3000)
+        server.stop()
+    return results
+
+
+def run_strategy(server: TritonProcess, name: str, folder: Path, src: Sources, x: torch.Tensor,
+                 expected: dict[str, np.ndarray], args: argparse.Namespace, counter: Iterator[int]) -> dict[str, Any]:
+    """``args.swaps`` publishes into one served model under client load."""
+    import tritonclient.grpc as grpcclient
+
+    local = threading.local()
+    opened: list[Any] = []
+
+    def infer() -> np.ndarray:
+        if not hasattr(local, "client"):
+            local.client = grpcclient.InferenceServerClient(server.grpc_url)
+            opened.append(local.client)
+        inp = grpcclient.InferInput("X", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x.numpy())
+        return np.asarray(local.client.infer(name, [inp], client_timeout=120).as_numpy("Y"))
+
+    swaps: list[dict[str, Any]] = []
+
+    def swap_to(version: str) -> None:
+        entry = f"{version}-{next(counter)}"
+        t = src.publish(folder, version, entry)
+        swaps.append({"entry": entry, "publish_to_first_response_s":
+                      first_response(infer, expected[version], t, args.ready_timeout, args.atol)})
+
+    first_response(infer, expected["v0"], time.monotonic(), args.ready_timeout, args.atol)
+    order = [f"v{1 + i % args.versions}" for i in range(args.swaps)]
+    with MemorySampler(None, gpu=True) as mem:
+        try:
+            r = run_swap_load(infer, expected, swap_to, order, clients=args.clients, warmup_s=3.0,
+                              settle_s=0.5, cooldown_s=2.0, atol=args.atol)
+        finally:
+            for c in opened:
+                c.close()
+    stages = parse_summaries(server.log_path.read_text(errors="replace"))
+    for s in swaps:
+        s["stages_ms"] = stages.get(s["entry"], {})
+    return summarize(r.to_json(), swaps, src.model_bytes, mem)
+
+
+def summarize(load: dict[str, Any], swaps: list[dict[str, Any]], model_bytes: int,
+              mem: MemorySampler) -> dict[str, Any]:
+    totals = [s["publish_to_first_response_s"] for s in swaps]
+    names = sorted({k for s in swaps for k in s["stages_ms"]})
+    stage_ms = {k: median([s["stages_ms"][k] for s in swaps if k in s["stages_ms"]]) for k in names}
+    if stage_ms.get("total") is not None and totals:
+        stage_ms["other"] = 1e3 * float(median(totals) or 0) - float(stage_ms["total"] or 0)
+    streamed = [s["stages_ms"].get("read", 0) + s["stages_ms"].get("transfer", 0) for s in swaps if s["stages_ms"]]
+    out = {**load, "model_bytes": model_bytes,
+           "publish_to_first_response_s": {"median": median(totals), "max": max(totals, default=None),
+                                           "all": totals},
+           "stages_ms_median": stage_ms,
+           "stream_gbps": model_bytes / (median(streamed) or float("nan")) / 1e6 if streamed else None,
+           "p99_during_over_steady": load["swap_p99_ms"] / load["steady_p99_ms"] if load["steady_p99_ms"] else None,
+           "peak_memory_bytes": mem.peak_bytes, "memory_before_bytes": mem.baseline_bytes,
+           "peak_memory_over_model": mem.peak_bytes / model_bytes,
+           "swaps_detail": swaps}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--sizes", default="1,4,16", help="model sizes in GB (float32)")
+    ap.add_argument("--swaps", type=int, default=20)
+    ap.add_argument("--baseline-swaps", type=int, default=3, help="Triton reloads per size (0: no baseline)")
+    ap.add_argument("--versions", type=int, default=4)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--strategies", default="double_buffer")
+    ap.add_argument("--atol", type=float, default=1e-3)
+    ap.add_argument("--ready-timeout", type=float, default=600)
+    ap.add_argument("--dir", help="where checkpoints are written (default: /dev/shm if it has room)")
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout must still stop the servers
+    ensure_pytriton_findable()
+    results: dict[str, Any] = {"environment": environment("cuda"), "argv": sys.argv[1:] if argv is None else argv,
+                               "sizes": [], "errors": []}
+    x = torch.randn(args.batch, WIDTH, generator=torch.Generator().manual_seed(7))
+    for size in [float(s) for s in args.sizes.split(",") if s]:
+        layers = max(1, round(size * GB / (WIDTH * WIDTH * 4)))
+        work = Path(tempfile.mkdtemp(prefix="gpu-publish-", dir=pick_dir(args.dir, 2 * size * GB)))
+        entry: dict[str, Any] = {"size_gb": size, "width": WIDTH, "layers": layers}
+        try:
+            src = Sources(work / "sources", WIDTH, layers, args.versions, "cuda")
+            entry["model_bytes"] = src.model_bytes
+            entry["pinned_limit_gbps"] = src.model_bytes / pinned_copy_seconds(src.model_bytes, "cuda") / GB
+            expected = src.expected(x, "cuda")
+            entry["hotswap"] = run_hotswap(work / "hotswap", src, x, expected, args)
+            if args.baseline_swaps:
+                files = {v: src.files(v) for v in src.markers}
+                entry["baseline"] = measure_reload(
+                    work / "reload", width=WIDTH, layers=layers, kind="KIND_GPU", files=files, expected=expected,
+                    x=x, swaps=args.baseline_swaps, clients=args.clients, atol=args.atol,
+                    ready_timeout=args.ready_timeout, link=True)
+        except Exception as e:  # the JSON keeps the failure; the next size still runs
+            results["errors"].append({"size_gb": size, "error": f"{type(e).__name__}: {e}",
+                                      "traceback": traceback.format_exc()[-4000:]})
+            print(f"!! {size} GB: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        results["sizes"].append(entry)
+        print(json.dumps(brief(entry)), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    return 1 if results["errors"] else 0
+
+
+def brief(entry: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures of one size (what the README table shows)."""
+    out: dict[str, Any] = {"size_gb": entry["size_gb"], "pinned_limit_gbps": entry.get("pinned_limit_gbps")}
+    for strategy, r in entry.get("hotswap", {}).items():
+        if isinstance(r, dict):
+            out[strategy] = {k: r.get(k) for k in ("publish_to_first_response_s", "stages_ms_median", "stream_gbps",
+                                                  "p99_during_over_steady", "errors", "torn",
+                                                  "peak_memory_over_model")}
+            out[strategy]["publish_to_first_response_s"] = r["publish_to_first_response_s"]["median"]
+    b = entry.get("baseline")
+    if b:
+        out["baseline"] = {"publish_to_first_response_s": b["publish_to_first_response_s"]["median"],
+                           "errors": b["errors"], "torn": b["torn"],
+                           "p99_during_over_steady": b["p99_during_over_steady"],
+                           "peak_memory_over_model": b["peak_memory_over_model"]}
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
