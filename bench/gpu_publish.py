@@ -274,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
         results["sizes"].append(entry)
         print(json.dumps(brief(entry)), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+        if args.json:  # after every size: a time limit does not lose the sizes done
+            Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     return 1 if results["errors"] else 0
 
 
