@@ -134,6 +134,8 @@ def ensure_pytriton_findable() -> None:
             raise
         stub = types.ModuleType("pytriton")
         stub.__file__ = spec.origin
+        stub.__spec__ = spec
+        stub.__path__ = list(spec.submodule_search_locations or [os.path.dirname(spec.origin)])
         sys.modules["pytriton"] = stub
 
 
