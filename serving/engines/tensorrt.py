@@ -48,6 +48,7 @@ import torch
 
 from serving.engines import trt_mapping as tm
 from serving.engines.base import BuildInfo, Engine, WeightSlot
+from serving.engines.export import export, make_module
 from serving.errors import (
     CacheError,
     ConfigError,
@@ -57,7 +58,6 @@ from serving.errors import (
     NotReadyError,
     RefitError,
 )
-from serving.factory import build_module
 from serving.metrics import HotswapMetrics
 from serving.specs import BuildSpec, WeightSpec, dtype_name
 
@@ -933,30 +933,6 @@ class TensorRTEngine(Engine):
                             options=self.options, preloaded=has_weights)
 
 
-def _example_inputs(spec: BuildSpec, device: torch.device) -> tuple[torch.Tensor, ...]:
-    batch = min(2, spec.max_batch)
-    out = []
-    for s in spec.inputs:
-        shape = (batch, *s.shape)
-        if s.dtype.is_floating_point:
-            out.append(torch.randn(shape, device=device).to(s.dtype))
-        else:
-            out.append(torch.zeros(shape, dtype=s.dtype, device=device))
-    return tuple(out)
-
-
-def _export(module: torch.nn.Module, spec: BuildSpec, device: torch.device) -> torch.export.ExportedProgram:
-    args = _example_inputs(spec, device)
-    dyn: Any = None
-    if spec.max_batch > 1:
-        batch = torch.export.Dim("batch", min=1, max=spec.max_batch)
-        dyn = tuple({0: batch} for _ in args)
-    try:
-        return torch.export.export(module, args, dynamic_shapes=dyn, strict=False)
-    except Exception as e:
-        raise EngineBuildError(f"torch.export of {spec.factory} failed ({type(e).__name__}: {e})") from e
-
-
 def _trt_inputs(spec: BuildSpec) -> list[Any]:
     from torch_tensorrt._Input import Input
 
@@ -965,24 +941,17 @@ def _trt_inputs(spec: BuildSpec) -> list[Any]:
                                  max_shape=(spec.max_batch, *s.shape), dtype=s.dtype) for s in spec.inputs]
 
 
-def _make_module(spec: BuildSpec, device: torch.device) -> torch.nn.Module:
-    module = build_module(spec.factory, spec.kwargs())
-    if spec.dtype.is_floating_point and spec.dtype != torch.float32:
-        module = module.to(spec.dtype)
-    return module.to(device).eval()
-
-
 def _build(spec: BuildSpec, device: torch.device, env: TrtEnvironment, options: TrtBuildOptions,
            cache: EngineCacheLike | None, metrics: HotswapMetrics) -> _Built:
     from torch_tensorrt.dynamo._compiler import convert_exported_program_to_serialized_trt_engine
     from torch_tensorrt.dynamo._engine_cache import BaseEngineCache
 
-    module = _make_module(spec, device)
+    module = make_module(spec, device)
     bridge = CacheBridge(cache, lambda h: cache_key_fields(h, env, spec, options), metrics)
     trt_inputs = _trt_inputs(spec)
     try:
         serialized = convert_exported_program_to_serialized_trt_engine(
-            _export(module, spec, device), arg_inputs=trt_inputs, device=device,
+            export(module, spec, device), arg_inputs=trt_inputs, device=device,
             custom_engine_cache=make_torch_trt_cache(bridge), **_compile_options(device, options))
     except HotswapError:
         raise
@@ -1034,9 +1003,9 @@ def _derive_and_verify(spec: BuildSpec, device: torch.device, options: TrtBuildO
     """The exact weight map of a freshly built engine, checked against Torch-TensorRT for other weights."""
     settings = _settings(device, options)
     names = _engine_weight_names(stripped)
-    module = _make_module(spec, device)
+    module = make_module(spec, device)
     specs = _read_sources(module)
-    ep = _export(module, spec, device)
+    ep = export(module, spec, device)
     reads = _graph_reads(ep)
     gm = _lower(ep, settings, annotate=list(specs))
     refit_map, attrs = _network_weights(gm, trt_inputs, settings)
@@ -1057,7 +1026,7 @@ def _derive_and_verify(spec: BuildSpec, device: torch.device, options: TrtBuildO
             for k, v in module.state_dict().items():
                 if k in random:
                     v.copy_(random[k].to(v.device))
-        gm2 = _lower(_export(module, spec, device), settings, annotate=None)
+        gm2 = _lower(export(module, spec, device), settings, annotate=None)
         refit_map2, _ = _network_weights(gm2, trt_inputs, settings)
         problems += tm.compare_records(derivation.records, {**build_sources, **random}, derivation.literals,
                                        refit_map2)

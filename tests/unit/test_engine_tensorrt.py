@@ -615,11 +615,12 @@ def test_three_refits_in_a_row_each_match_eager() -> None:
 
 
 def test_graph_reads_excludes_unused_state() -> None:
-    from serving.engines.tensorrt import _export, _graph_reads
+    from serving.engines.export import export
+    from serving.engines.tensorrt import _graph_reads
     from serving.examples.cnn import tiny_cnn
 
     spec = example_build_spec(CNN, device="cpu", max_batch=4)
     m = tiny_cnn().eval()
-    reads = _graph_reads(_export(m, spec, torch.device("cpu")))
+    reads = _graph_reads(export(m, spec, torch.device("cpu")))
     assert "bn1.running_var" in reads and "conv1.weight" in reads and "head.bias" in reads
     assert "bn1.num_batches_tracked" not in reads
