@@ -17,7 +17,6 @@ from prometheus_client import CollectorRegistry
 from torch import nn
 
 from serving.cache import EngineCache
-from serving.engines import trt_mapping as tm
 from serving.engines.tensorrt import (
     CacheBridge,
     TensorRTEngine,
@@ -32,6 +31,7 @@ from serving.engines.tensorrt import (
     trt_dtype_to_torch,
     unavailable_message,
 )
+from serving.engines.tensorrt import mapping as tm
 from serving.errors import (
     CacheError,
     ConfigError,
@@ -616,11 +616,11 @@ def test_three_refits_in_a_row_each_match_eager() -> None:
 
 def test_graph_reads_excludes_unused_state() -> None:
     from serving.engines.export import export
-    from serving.engines.tensorrt import _graph_reads
+    from serving.engines.tensorrt.build import graph_reads
     from serving.examples.cnn import tiny_cnn
 
     spec = example_build_spec(CNN, device="cpu", max_batch=4)
     m = tiny_cnn().eval()
-    reads = _graph_reads(export(m, spec, torch.device("cpu")))
+    reads = graph_reads(export(m, spec, torch.device("cpu")))
     assert "bn1.running_var" in reads and "conv1.weight" in reads and "head.bias" in reads
     assert "bn1.num_batches_tracked" not in reads

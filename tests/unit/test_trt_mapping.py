@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from serving.engines import trt_mapping as tm
+from serving.engines.tensorrt import mapping as tm
 from serving.specs import WeightSpec
 
 
