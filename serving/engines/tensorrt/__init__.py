@@ -3,7 +3,8 @@
 One module per job:
 
 * :mod:`.environment`: is TensorRT usable here (versions, GPU); the message and install hint if not;
-* :mod:`.options`: :class:`TrtBuildOptions`, the build and refit options, each described once;
+* :mod:`.options`: :class:`TrtBuildOptions`, the build and refit options, each described once
+  (:data:`OPTIONS`);
 * :mod:`.cache_bridge`: our stripped-engine cache behind Torch-TensorRT's, with the stricter key;
 * :mod:`.build`: the Torch-TensorRT conversion and the derivation and check of the weight map;
 * :mod:`.mapping`: how each engine weight is computed from checkpoint tensors (pure torch, JSON);
@@ -41,13 +42,13 @@ from serving.engines.tensorrt.environment import (
     probe_environment,
     unavailable_message,
 )
-from serving.engines.tensorrt.options import TrtBuildOptions
+from serving.engines.tensorrt.options import OPTIONS, OptionInfo, TrtBuildOptions
 from serving.engines.tensorrt.runtime import make_logger, torch_dtype_to_trt_name, trt_dtype_to_torch
 from serving.engines.tensorrt.slot import EngineHandle, RefitBackend, RefitterLike, StreamLike, TensorRTSlot
 
 __all__ = [
     "CACHE_SCHEMA", "CacheBridge", "CacheEntry", "EngineCacheLike", "EngineHandle", "INSTALL_HINT", "MIN_TENSORRT",
-    "MIN_TORCH_TENSORRT", "RefitBackend", "RefitterLike", "StreamLike", "TensorRTEngine",
+    "MIN_TORCH_TENSORRT", "OPTIONS", "OptionInfo", "RefitBackend", "RefitterLike", "StreamLike", "TensorRTEngine",
     "TensorRTSlot", "TrtBuildOptions", "TrtEnvironment", "cache_key", "cache_key_fields", "engine_nbytes_fraction",
     "entry_files", "make_logger", "make_torch_trt_cache", "parse_version", "probe_environment", "read_entry",
     "torch_dtype_to_trt_name", "trt_dtype_to_torch", "unavailable_message",
