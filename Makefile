@@ -30,7 +30,7 @@ lint: venv
 
 typecheck: venv
 	$(VENV)/bin/mypy serving
-	$(VENV)/bin/mypy --config-file mypy-tensorrt.ini serving/engines/tensorrt.py serving/engines/trt_mapping.py
+	$(VENV)/bin/mypy --config-file mypy-tensorrt.ini serving/engines/tensorrt serving/engines/export.py
 
 serve: venv
 	$(VENV)/bin/hotswap serve --model-repository model_repository

@@ -25,7 +25,6 @@ overruns the blob — measured: heap corruption; :meth:`AOTISlot.refit` refuses 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import logging
@@ -36,7 +35,7 @@ import threading
 import time
 import weakref
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -46,6 +45,7 @@ import torch.utils._pytree as pytree
 
 from serving.cache import CacheEntry, EngineCache, cache_key, cache_key_fields, graph_fingerprint
 from serving.engines.base import BuildInfo, Engine, WeightSlot
+from serving.engines.export import EXAMPLE_BATCH, export, make_module
 from serving.errors import (
     CacheError,
     EngineBuildError,
@@ -54,7 +54,6 @@ from serving.errors import (
     RefitError,
     ValidationError,
 )
-from serving.factory import build_module
 from serving.metrics import HotswapMetrics
 from serving.specs import BuildSpec, WeightSpec, dtype_name
 
@@ -74,8 +73,6 @@ OPTIONAL_INDUCTOR_CONFIGS: dict[str, object] = {
 }
 #: the payload file of a cache entry
 PACKAGE_FILE = "model.pt2"
-#: batch of the example inputs given to torch.export (1 would specialize the batch dimension)
-EXAMPLE_BATCH = 2
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -116,11 +113,6 @@ def host_cpu_fields() -> dict[str, str]:
         "model": model or platform.processor(),
         "flags_sha256": hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest(),
     }
-
-
-def example_inputs(spec: BuildSpec, device: torch.device, batch: int) -> tuple[torch.Tensor, ...]:
-    """Zeros of each input's dtype and shape (zeros are valid token ids too)."""
-    return tuple(torch.zeros((batch, *i.shape), dtype=i.dtype, device=device) for i in spec.inputs)
 
 
 def graph_tensor_usage(ep: torch.export.ExportedProgram) -> tuple[set[str], set[str]]:
@@ -281,42 +273,6 @@ def _device_of(spec: BuildSpec) -> torch.device:
     return device
 
 
-@contextlib.contextmanager
-def _no_init() -> Iterator[None]:
-    """Make ``torch.nn.init``'s in-place initializers no-ops while a module is built on meta.
-
-    On the meta device they would be dispatched to torch's Python reference kernels, whose first
-    use imports torch._dynamo (about 1.9 s of a cache-hit start, measured); meta tensors hold no
-    values to initialize anyway.
-    """
-    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")
-             and callable(getattr(torch.nn.init, n))]
-    saved = {n: getattr(torch.nn.init, n) for n in names}
-
-    def skip(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        return tensor
-
-    try:
-        for n in names:
-            setattr(torch.nn.init, n, skip)
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.nn.init, n, f)
-
-
-def _make_module(spec: BuildSpec, device: torch.device, *, meta: bool) -> torch.nn.Module:
-    """The model in the spec's dtype; on the meta device when only its architecture is needed."""
-    if meta:
-        try:
-            with torch.device("meta"), _no_init():
-                return build_module(spec.factory, spec.kwargs()).to(dtype=spec.dtype)
-        except Exception as e:  # a factory that cannot build on meta (e.g. reads files): build for real
-            log.debug("factory %s cannot build on the meta device (%s); building on %s",
-                      spec.factory, e, device)
-    return build_module(spec.factory, spec.kwargs()).to(device=device, dtype=spec.dtype)
-
-
 class _Runner:
     """The package loader itself (``torch._C._aoti.AOTIModelPackageLoader``), as
     ``torch._inductor.aoti_load_package`` builds it, without the Python wrapper: importing that
@@ -390,7 +346,7 @@ class AOTIEngine(Engine):
         """
         t0 = time.perf_counter()
         device = _device_of(spec)
-        module = _make_module(spec, device, meta=cache is not None)
+        module = make_module(spec, device, meta=cache is not None)
         graph = graph_fingerprint(module, spec.factory, spec.kwargs())
         # the key names every setting asked for; which optional ones a torch applies follows from its
         # version, itself in the key (asking torch._inductor would import torch._dynamo: ~2 s per hit)
@@ -470,17 +426,9 @@ class AOTIEngine(Engine):
         detail: str,
     ) -> AOTIEngine:
         if any(t.is_meta for t in module.state_dict().values()):
-            module = _make_module(spec, device, meta=False)
-        batch = min(EXAMPLE_BATCH, spec.max_batch)
-        dynamic: tuple[dict[int, Any], ...] | None = None
-        if spec.max_batch > 1:
-            dim = torch.export.Dim("batch", min=1, max=spec.max_batch)
-            dynamic = tuple({0: dim} for _ in spec.inputs)
-        try:
-            with torch.no_grad():
-                ep = torch.export.export(module, example_inputs(spec, device, batch), dynamic_shapes=dynamic)
-        except Exception as e:
-            raise EngineBuildError(f"AOTI engine: torch.export of {spec.factory} failed: {e}") from e
+            module = make_module(spec, device)
+        with torch.no_grad():
+            ep = export(module, spec, device)
 
         used, _ = graph_tensor_usage(ep)
         specs, ignored, problems = split_state(module.state_dict(), used)

@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from serving.engines.base import BuildInfo, Engine, WeightSlot
+from serving.engines.export import make_module
 from serving.errors import NotReadyError, RefitError
-from serving.factory import build_module
 from serving.metrics import HotswapMetrics
 from serving.specs import BuildSpec, WeightSpec
 
@@ -81,20 +81,13 @@ class EagerEngine(Engine):
 
         t0 = time.perf_counter()
         device = torch.device(spec.device)
-        module = cls._make_module(spec, device)
+        module = make_module(spec, device)
         specs = module_weight_specs(module)
         info = BuildInfo("bypass", time.perf_counter() - t0, None, "eager modules are not cached")
         return cls(spec, device, specs, info)
-
-    @staticmethod
-    def _make_module(spec: BuildSpec, device: torch.device) -> torch.nn.Module:
-        module = build_module(spec.factory, spec.kwargs())
-        if spec.dtype.is_floating_point and spec.dtype != torch.float32:
-            module = module.to(spec.dtype)
-        return module.to(device).eval()
 
     def weight_specs(self) -> Mapping[str, WeightSpec]:
         return self._specs
 
     def new_slot(self) -> EagerSlot:
-        return EagerSlot(self._make_module(self.spec, self.device), self.device, frozenset(self._specs))
+        return EagerSlot(make_module(self.spec, self.device), self.device, frozenset(self._specs))

@@ -21,7 +21,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 import serving.engines.aoti as aoti
-from serving.cache import EngineCache, graph_fingerprint
+from serving.cache import EngineCache
 from serving.engines.aoti import (
     AOTIEngine,
     constant_problems,
@@ -443,17 +443,6 @@ def test_cached_spec_problems_compare_names_shapes_dtypes() -> None:
     assert len(problems) == 3
     assert "module tensor 'n'" in problems[0] and "'v' is not in the module" in problems[1]
     assert "'w' is [3, 2] float16, the module has [2, 3] float32" in problems[2]
-
-
-@pytest.mark.parametrize("factory", [TRANSFORMER, CNN])
-def test_meta_module_has_the_same_fingerprint(factory: str) -> None:
-    """A cache lookup builds the module on the meta device (no weight init): same key as a real build."""
-    spec = dataclasses.replace(example_build_spec(factory), dtype=torch.float16)
-    meta = aoti._make_module(spec, torch.device("cpu"), meta=True)
-    real = aoti._make_module(spec, torch.device("cpu"), meta=False)
-    assert all(t.is_meta for t in meta.state_dict().values())
-    assert not any(t.is_meta for t in real.state_dict().values())
-    assert graph_fingerprint(meta, factory, {}) == graph_fingerprint(real, factory, {})
 
 
 def test_optional_inductor_configs_only_where_torch_has_them(monkeypatch: pytest.MonkeyPatch) -> None:

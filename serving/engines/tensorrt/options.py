@@ -1,0 +1,110 @@
+"""Options of a TensorRT build and of its refits: one frozen dataclass, each option described once.
+
+Every field of :class:`TrtBuildOptions` carries, in its metadata, the option key it is read from
+(an entry of ``BuildSpec.options``), its kind and what it does; :data:`OPTIONS` lists those rows
+(key, field, kind, default, doc) for a settings table or the docs, and
+:meth:`TrtBuildOptions.from_spec` parses a spec's options by them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import Field, dataclass, field, fields
+from typing import Any, Literal, cast
+
+from serving.errors import ConfigError
+from serving.specs import BuildSpec
+
+OptionKind = Literal["bool", "int"]
+
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+
+
+@dataclass(frozen=True)
+class _Described:
+    key: str
+    kind: OptionKind
+    doc: str
+    minimum: int | None = None
+
+
+def _option(key: str, kind: OptionKind, doc: str, minimum: int | None = None) -> dict[str, _Described]:
+    """Field metadata: the option key a field is read from, its kind, what it does, its lower bound."""
+    return {"option": _Described(key, kind, doc, minimum)}
+
+
+@dataclass(frozen=True)
+class TrtBuildOptions:
+    """Settings of a TensorRT build and of its refits (from ``BuildSpec.options``; see :data:`OPTIONS`)."""
+
+    weights_validation: bool = field(default=True, metadata=_option(
+        "trt_weights_validation", "bool",
+        "TensorRT checks the weights of every refit, e.g. for NaN/Inf (Refitter.weights_validation)"))
+    max_threads: int = field(default=0, metadata=_option(
+        "trt_refit_max_threads", "int",
+        "threads TensorRT may use for a refit (Refitter.max_threads); 0 keeps TensorRT's default", minimum=0))
+    optimization_level: int | None = field(default=None, metadata=_option(
+        "trt_optimization_level", "int",
+        "TensorRT builder optimization level (Torch-TensorRT optimization_level); unset keeps its default"))
+    workspace_size: int = field(default=0, metadata=_option(
+        "trt_workspace_size", "int",
+        "TensorRT builder workspace in bytes (Torch-TensorRT workspace_size); 0 keeps its default"))
+    verify_seed: int = field(default=0, metadata=_option(
+        "trt_verify_seed", "int",
+        "seed of the random weight set the build checks the weight map against"))
+
+    @classmethod
+    def from_spec(cls, spec: BuildSpec) -> TrtBuildOptions:
+        """The options a spec sets (defaults for the rest); one :class:`ConfigError` naming every bad value."""
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for opt in OPTIONS:
+            raw = spec.option(opt.key)
+            if raw is None:
+                continue
+            try:
+                values[opt.name] = opt.parse(raw)
+            except ValueError as e:
+                problems.append(str(e))
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class OptionInfo:
+    """One option: its key in ``BuildSpec.options``, the :class:`TrtBuildOptions` field it sets, and its rules."""
+
+    key: str
+    name: str
+    kind: OptionKind
+    default: bool | int | None
+    doc: str
+    minimum: int | None = None
+
+    def parse(self, raw: object) -> bool | int:
+        """The value of a raw option (a string from ``config.pbtxt``): a bool from true/false, 1/0 or
+        yes/no (any case), an int from its decimal form; ``ValueError`` naming key and value."""
+        if self.kind == "bool":
+            text = str(raw).strip().lower()
+            if text not in _TRUE + _FALSE:
+                raise ValueError(f"option {self.key}={text!r}: use true or false")
+            return text in _TRUE
+        try:
+            number = int(str(raw))
+        except ValueError:
+            raise ValueError(f"option {self.key}={raw!r} is not an integer") from None
+        if self.minimum is not None and number < self.minimum:
+            raise ValueError(f"option {self.key}={number} must be >= {self.minimum}")
+        return number
+
+
+def _info(f: Field[Any]) -> OptionInfo:
+    d: _Described = f.metadata["option"]
+    return OptionInfo(d.key, f.name, d.kind, cast("bool | int | None", f.default), d.doc, d.minimum)
+
+
+#: every option of :class:`TrtBuildOptions`, in field order
+OPTIONS: tuple[OptionInfo, ...] = tuple(_info(f) for f in fields(TrtBuildOptions))
+
+__all__ = ["OPTIONS", "OptionInfo", "OptionKind", "TrtBuildOptions"]
