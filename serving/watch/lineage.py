@@ -88,6 +88,13 @@ class Lineage:
             self.base = coord.live
         return report
 
+    def identify(self, version: str, content_hash: str) -> None:
+        """The content hash of the live checkpoint ``version``, computed after it went live."""
+        live = self.coordinator.identify(version, content_hash)
+        if live is not None and self.base is not None and self.base.version == version and \
+                self.base.content_hash is None:
+            self.base = live
+
     def _current_base(self) -> StagedWeights | None:
         if self.base is not None:
             return self.base

@@ -29,6 +29,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from serving.background import lower_priority
 from serving.errors import ConfigError
 from serving.metrics import HotswapMetrics
 from serving.publish import (
@@ -46,11 +47,13 @@ from serving.watch.debounce import Debouncer, Pending
 from serving.watch.entries import (
     CONTENT_CHUNK,
     DEFAULT_MAX_FILES,
+    PREHASH_MAX_BYTES,
     Entry,
     age_s,
     check_complete,
     content_hash,
     inspect_entry,
+    quick_identity,
 )
 from serving.watch.lineage import Lineage, entry_key
 from serving.watch.observer import WATCH_MODES, FolderObserver, FsEvent
@@ -79,6 +82,8 @@ class WatchRecord:
     finished: float
     hash_s: float
     report: RefitReport
+    #: the content hash computed after the weights went live (large checkpoints seen for the first time)
+    identity_s: float = 0.0
 
     def summary(self) -> str:
         """One line for the log: the outcome, the time from the first event, and where it went (ms)."""
@@ -88,9 +93,12 @@ class WatchRecord:
             parts.append(f"settle {1e3 * max(0.0, self.started - self.first_event):.0f}")
         parts.append(f"hash {1e3 * self.hash_s:.0f}")
         parts += [f"{k} {1e3 * v:.0f}" for k, v in r.stages.items() if k != "total"]
+        if self.identity_s:
+            parts.append(f"identity after live {1e3 * self.identity_s:.0f}")
         since = self.first_event if self.first_event is not None else self.started
         return (f"refit {self.version} -> {r.outcome}{f' ({r.reason})' if r.reason else ''} in "
-                f"{1e3 * (self.finished - since):.0f} ms from the first event ({', '.join(parts)})")
+                f"{1e3 * (self.finished - self.identity_s - since):.0f} ms from the first event "
+                f"({', '.join(parts)})")
 
 
 class WeightsWatcher:
@@ -103,7 +111,8 @@ class WeightsWatcher:
     def __init__(self, folder: Path, coordinator: RefitCoordinator, *, mode: str = "inotify",
                  poll_interval_s: float = 1.0, debounce_s: float = 0.2, metrics: HotswapMetrics | None = None,
                  lora_scale: float = 1.0, checkpoint_policy: CheckpointPolicy | None = None,
-                 settle_s: float = 2.0, max_files: int = DEFAULT_MAX_FILES) -> None:
+                 settle_s: float = 2.0, max_files: int = DEFAULT_MAX_FILES,
+                 prehash_max_bytes: int = PREHASH_MAX_BYTES) -> None:
         if mode not in WATCH_MODES:
             raise ConfigError(f"watch_mode {mode!r}: choose one of {WATCH_MODES}")
         if poll_interval_s <= 0 or debounce_s < 0 or settle_s < 0 or max_files < 1:
@@ -117,6 +126,8 @@ class WeightsWatcher:
         self.debounce_s = float(debounce_s)
         self.settle_s = float(settle_s)
         self.max_files = max_files
+        self.prehash_max_bytes = prehash_max_bytes
+        self._quick_ids: collections.OrderedDict[str, str] = collections.OrderedDict()  # quick -> full hash
         self.metrics = metrics or coordinator.metrics
         self.lora_scale = float(lora_scale)
         policy = checkpoint_policy or coordinator.checkpoint_policy
@@ -376,7 +387,8 @@ class WeightsWatcher:
             return None
         if self._pool is None:
             workers = max(1, min(8, (os.cpu_count() or 1)))
-            self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"hotswap-hash-{self.folder.name}")
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"hotswap-hash-{self.folder.name}",
+                                            initializer=lower_priority)
         return self._pool
 
     # ------------------------------------------------------------------ processing
@@ -473,8 +485,13 @@ class WeightsWatcher:
     def _attempt(self, entry: Entry) -> tuple[str, RefitReport | None]:
         started = time.monotonic()
         t0 = time.perf_counter()
+        quick: str | None = None
         try:
-            entry.content_hash = content_hash(entry, self._hash_pool)
+            if entry.content_hash is None and entry.kind == "checkpoint" and \
+                    entry.fp.total_size > self.prehash_max_bytes:
+                quick = quick_identity(entry)
+            if quick is None or quick in self._quick_ids:  # small, or content seen before: a no-op or rollback?
+                entry.content_hash = content_hash(entry, self._hash_pool)
         except FileNotFoundError:
             self._gone(entry.name)
             return "rejected", None
@@ -483,13 +500,10 @@ class WeightsWatcher:
             return "rejected", report
         hash_s = time.perf_counter() - t0
         # the entry must still be what was hashed (a write during hashing means: not complete)
-        again = self._inspect(entry.name)
-        if again is None or again.fp != entry.fp:
-            self._seen.pop(entry.name, None)
-            now = time.monotonic()
-            self._pending.setdefault(entry.name, Pending(now, now))
+        if not self._unchanged(entry):
             return "rejected", None
-        if self._ledger.lookup_hash(str(entry.path), entry.fp, entry.content_hash) is not None:
+        if entry.content_hash is not None and \
+                self._ledger.lookup_hash(str(entry.path), entry.fp, entry.content_hash) is not None:
             log.debug("weights folder: %s has content refused before; not read again", entry.path)
             return "rejected", None
         self._ledger.forget(str(entry.path))  # changed since it was refused: judged afresh
@@ -497,8 +511,13 @@ class WeightsWatcher:
             report = self._lineage.apply_adapter(entry)
         else:
             report = self._lineage.install_checkpoint(entry)
+        identity_s = self._identify_after(entry, report) if entry.content_hash is None else 0.0
+        if quick is not None and entry.content_hash is not None:
+            self._quick_ids[quick] = entry.content_hash
+            while len(self._quick_ids) > 64:
+                self._quick_ids.popitem(last=False)
         record = WatchRecord(str(entry.path), entry.kind, entry.version, entry.first_event, started,
-                             time.monotonic(), hash_s, report)
+                             time.monotonic(), hash_s, report, identity_s)
         self.history.append(record)
         log.info("%s", record.summary())
         if report.outcome in ("success", "noop"):
@@ -508,6 +527,33 @@ class WeightsWatcher:
             return "stop", report
         self._ledger.record(Rejection(str(entry.path), entry.fp, entry.content_hash, report.reason, report.message))
         return "rejected", report
+
+    def _unchanged(self, entry: Entry) -> bool:
+        """Still what was inspected; if not, it is being written: drop it and look again later."""
+        again = self._inspect(entry.name)
+        if again is not None and again.fp == entry.fp:
+            return True
+        self._seen.pop(entry.name, None)
+        now = time.monotonic()
+        self._pending.setdefault(entry.name, Pending(now, now))
+        return False
+
+    def _identify_after(self, entry: Entry, report: RefitReport) -> float:
+        """Hash a large checkpoint after it went live (or was refused): the identity later publishes are
+        compared with (no-op, rollback, refused before). Unknown when the entry changed meanwhile."""
+        t0 = time.perf_counter()
+        try:
+            h = content_hash(entry, self._hash_pool)
+        except OSError as e:
+            log.info("weights folder: %s could not be hashed after it was read (%s); its identity stays unknown",
+                     entry.path, e)
+            return time.perf_counter() - t0
+        again = inspect_entry(self.folder, entry.name, self.policy, self.max_files)
+        if isinstance(again, Entry) and again.fp == entry.fp:
+            entry.content_hash = h
+            if report.outcome == "success":
+                self._lineage.identify(entry.version, h)
+        return time.perf_counter() - t0
 
     def _reject_entry(self, entry: Entry, reason: str, message: str) -> RefitReport:
         """Refuse an entry without handing it to the coordinator: count, log once, record."""
