@@ -33,6 +33,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,33 @@ class Sources:
     def files(self, version: str) -> list[Path]:
         return [self.layers_file, self.markers[version]]
 
+    def evict(self) -> None:
+        """Drop the checkpoint's pages from the page cache (a file not read since it was written)."""
+        for f in (self.layers_file, *self.markers.values()):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+    def disk_read_gbps(self, threads: int = 16) -> float:
+        """The reader threads on the evicted layers file: what the disk gives."""
+        self.evict()
+        size = self.layers_file.stat().st_size
+        fd = os.open(self.layers_file, os.O_RDONLY)
+        step = 16 << 20
+        try:
+            def read(offset: int) -> int:
+                return len(os.pread(fd, step, offset))
+
+            t = time.perf_counter()
+            with ThreadPoolExecutor(threads) as ex:
+                done = sum(ex.map(read, range(0, size, step)))
+            return done / (time.perf_counter() - t) / GB
+        finally:
+            os.close(fd)
+
     def publish(self, folder: Path, version: str, name: str) -> float:
         """A sharded checkpoint directory renamed into ``folder``; the time of the rename."""
         tmp = folder / f".{name}.tmp"
@@ -192,6 +220,8 @@ def run_strategy(server: TritonProcess, name: str, folder: Path, src: Sources, x
 
     def swap_to(version: str) -> None:
         entry = f"{version}-{next(counter)}"
+        if args.cold:
+            src.evict()
         t = src.publish(folder, version, entry)
         swaps.append({"entry": entry, "publish_to_first_response_s":
                       first_response(infer, expected[version], t, args.ready_timeout, args.atol)})
@@ -244,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--atol", type=float, default=1e-3)
     ap.add_argument("--ready-timeout", type=float, default=600)
     ap.add_argument("--dir", help="where checkpoints are written (default: /dev/shm if it has room)")
+    ap.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache before each "
+                    "publish (put --dir on a disk: tmpfs cannot be evicted); also reports the disk's read rate")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout must still stop the servers
     ensure_pytriton_findable()
@@ -259,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
             entry["model_bytes"] = src.model_bytes
             entry["pinned_limit_gbps"] = src.model_bytes / pinned_copy_seconds(src.model_bytes, "cuda") / GB
             expected = src.expected(x, "cuda")
+            if args.cold:
+                entry["cold"] = True
+                entry["disk_read_gbps"] = src.disk_read_gbps()
             entry["hotswap"] = run_hotswap(work / "hotswap", src, x, expected, args)
             if args.baseline_swaps:
                 files = {v: src.files(v) for v in src.markers}

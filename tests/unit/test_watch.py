@@ -458,3 +458,27 @@ def test_cli_watch_installs_what_is_published_while_it_runs(tmp_path: Path,
     assert code == 0
     assert "metrics on http://127.0.0.1:" in out
     assert "stopped; live weights: v2; rejected: none" in out
+
+
+def test_a_large_new_checkpoint_is_read_once_before_it_goes_live_and_hashed_after(folder: Path,
+                                                                                    rigs: list[Rig]) -> None:
+    """Above prehash_max_bytes, new content goes live without a hash first; its identity is computed
+    after, so a later copy of it is still a no-op and an earlier version a rollback."""
+    rig = make(rigs, folder, prehash_max_bytes=0)
+    v1 = rig.publish("v1.safetensors", 1)
+    rig.watcher.install_initial()
+    rig.start()
+    v2 = rig.publish("v2.safetensors", 2)
+    rig.wait_live("v2")
+    rig.idle()
+    record = rig.watcher.history[-1]
+    assert record.version == "v2" and record.identity_s > 0  # hashed after it went live, not before
+    assert rig.coord.live is not None and rig.coord.live.content_hash == content_hash_file(v2)
+    rig.publish("v2-copy.safetensors", 2)  # seen before: hashed first, nothing to do
+    wait_for(lambda: refits(rig.registry, "noop") == 1, "a no-op")
+    shutil.copyfile(v1, folder / ".rollback.tmp")
+    os.rename(folder / ".rollback.tmp", folder / "rollback.safetensors")
+    rig.wait_live("rollback")
+    rig.idle()
+    assert rig.watcher.history[-1].report.tensors_refitted == 0  # the standby still held v1: a pointer switch
+    assert_serves(rig, 1)
