@@ -22,7 +22,7 @@ Either way nothing but the destination tensors (and the small pool) is allocated
 (:class:`FastReader`) keeps its pool, its threads and its stream from one refit to the next.
 
 Memory, and the trade-off behind the coordinator's two strategies on a GPU
-(``serving/refit.py`` decides; this module only fills the tensors it is given):
+(``serving/refit/`` decides; this module only fills the tensors it is given):
 
 * ``double_buffer`` holds two device copies of the model: the live one and the standby one.
   A refit writes the new checkpoint into the standby slot's tensors (allocated once, then reused),
