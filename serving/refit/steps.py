@@ -99,9 +99,9 @@ class Steps:
             else:  # intact elsewhere (on the host): transfer what the slot no longer holds
                 self.slots.refit(slot, slot.transfer(self.slots.changed(slot, live)), live)
         except Exception as e:
-            where = f" from {live.source}" if from_file else ""
+            where = f" (re-reading {live.source})" if from_file else ""
             log.critical("in-place restore of %s%s failed; the model stops serving: %s", live.version, where, e)
             self.slots.stop()
             self.live_lost = True
-            raise RefitError(f"restoring the last good weights{where} failed: {e}") from e
+            raise RefitError(f"restoring the last good weights failed{where}: {e}") from e
         return True
