@@ -178,14 +178,12 @@ def plan_chunks(sources: Iterable[TensorSource], chunk_bytes: int) -> list[Chunk
 
 def data_start(file: str | Path) -> int:
     """Absolute offset of a safetensors file's data section (8 + the header length)."""
-    try:
+    with reading(file):
         fd = os.open(file, os.O_RDONLY)
         try:
             first = os.pread(fd, HEADER_LEN_BYTES, 0)
         finally:
             os.close(fd)
-    except OSError as e:
-        raise CheckpointError(f"{file}: cannot read: {e}", reason="unreadable") from e
     if len(first) < HEADER_LEN_BYTES:
         raise CheckpointError(f"{file}: shorter than the 8-byte header length", reason="corrupt")
     return HEADER_LEN_BYTES + int(struct.unpack("<Q", first)[0])
