@@ -137,8 +137,6 @@ class RefitCoordinator:
                 if steps.live_lost:
                     self.live = None
                 self._forget_overwritten(source.overwritten)
-                if verdict(e).outcome == "failed":
-                    log.exception("refit to %s failed", source.version)
                 return self._report_error(source.version, e, timer, source.detail)
             self.live = written.staged
             self.previous, self._previous_file = _detached(live, source.overwritten)
@@ -184,6 +182,8 @@ class RefitCoordinator:
     def _report_error(self, version: str, error: BaseException, timer: StageTimer,
                       detail: Mapping[str, float]) -> RefitReport:
         v = verdict(error)
+        if v.outcome == "failed":
+            log.error("refit to %s failed", version, exc_info=error)
         return self._finish(RefitReport(v.outcome, version, self.live_version, timer.finish(), v.reason, v.message,
                                         detail=detail))
 

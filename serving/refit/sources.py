@@ -1,11 +1,12 @@
 """Where a refit's weights come from, and how they reach a slot's device.
 
-A source answers four questions for the pipeline; the strategy decides when each is asked:
+What a source does for the pipeline (the strategy decides when, and for which slot):
 
 * :meth:`~WeightSource.open`: read (host path) or check (fast path) the checkpoint, off the lock;
+* :meth:`~WeightSource.check`: refuse a weight set that cannot be installed;
 * :meth:`~WeightSource.ahead`: work an in-place refit does before it holds requests;
-* :meth:`~WeightSource.write`: put the weights on a slot's device, ready for its refit;
-* :attr:`~WeightSource.overwritten`: tensors the write went into, which held other weights before.
+* :meth:`~WeightSource.write`: put the weights on a slot's device, ready for its refit, and say in
+  :attr:`~WeightSource.overwritten` which tensors it wrote over.
 
 :class:`StagedSource` installs a weight set from memory (a LoRA merge, a rollback); :class:`HostSource`
 reads a checkpoint into host tensors first; :class:`FastSource` streams it straight into the tensors
@@ -33,7 +34,7 @@ from serving.weights.loader import CheckedCheckpoint, open_checkpoint, read_chec
 
 @dataclass(frozen=True)
 class Written:
-    """Weights on a slot's device: what to refit it with, and how many tensors changed."""
+    """Weights on a slot's device: what to refit it with, and how many tensors that changes."""
 
     staged: StagedWeights
     tensors: Mapping[str, torch.Tensor]
