@@ -54,20 +54,25 @@ class CheckpointError(HotswapError):
 
 
 @contextlib.contextmanager
-def reading(source: object, *, gone: str = "deleted while reading",
-            gone_reason: str = "changed_during_read") -> Iterator[None]:
+def reading(source: object, *, gone: str = "deleted while reading", gone_reason: str = "changed_during_read",
+            action: str = "cannot read", os_name: bool = True) -> Iterator[None]:
     """Turn OS errors while reading ``source`` into :class:`CheckpointError` with the reasons the
-    watcher counts: ``gone_reason`` for a vanished file, ``unreadable`` for the rest. The message
-    names the file the OS named (a shard, say), else ``source``."""
+    watcher counts: ``gone_reason`` for a vanished file, ``unreadable`` for the rest (``action`` says
+    what failed). The message names the file the OS named (a shard, say), else ``source``; with
+    ``os_name=False`` always ``source`` (a path as the user gave it, not where its symlinks lead)."""
     try:
         yield
     except FileNotFoundError as e:
-        raise CheckpointError(f"{e.filename or source}: {gone}", reason=gone_reason) from e
+        raise CheckpointError(f"{_named(e, source, os_name)}: {gone}", reason=gone_reason) from e
     except PermissionError as e:
-        raise CheckpointError(f"{e.filename or source}: permission denied; make it readable by the server's "
-                              "user", reason="unreadable") from e
+        raise CheckpointError(f"{_named(e, source, os_name)}: permission denied; make it readable by the "
+                              "server's user", reason="unreadable") from e
     except OSError as e:
-        raise CheckpointError(f"{source}: cannot read: {e}", reason="unreadable") from e
+        raise CheckpointError(f"{source}: {action}: {e}", reason="unreadable") from e
+
+
+def _named(e: OSError, source: object, os_name: bool) -> object:
+    return (e.filename or source) if os_name else source
 
 
 class ValidationError(HotswapError):

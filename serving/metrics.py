@@ -11,14 +11,31 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-#: refit stages, in the order they run: ``drain`` waits for requests still running on the standby
-#: slot (double buffer), ``pause`` is how long new requests waited (the swap itself, or the whole
-#: in-place refit), ``total`` the whole refit
-STAGES = ("read", "validate", "drain", "transfer", "refit", "verify", "swap", "pause", "total")
+#: every stage a refit records (the ``stage`` label of ``hotswap_refit_duration_seconds``), roughly in
+#: the order they run, with what it times; the same meaning on every path (double buffer or in place,
+#: host or fast path). The README's table of stages is this table (a test compares them).
+STAGES: Mapping[str, str] = MappingProxyType({
+    "read": "finding the checkpoint and reading its headers and, on the host path, its tensors",
+    "validate": "checking names, shapes and dtypes against the engine, casting, looking for NaN/Inf",
+    "prescan": "in place, fast path: reading and checking the new checkpoint once, before requests are "
+               "held (nothing is kept)",
+    "drain": "waiting until no request runs on the slot about to be written: the standby (double "
+             "buffer), or the live slot while new requests are held (in place)",
+    "transfer": "bringing the new tensors to the engine's device (fast path: streaming the file into "
+                "the slot's tensors)",
+    "refit": "installing the transferred tensors into the slot",
+    "verify": "the canary: running the refitted slot and checking its outputs",
+    "swap": "making the slot serve: the pointer switch (double buffer), releasing the held requests "
+            "(in place)",
+    "pause": "how long new requests waited: the swap (double buffer), from holding to releasing them "
+             "(in place)",
+    "total": "the whole refit",
+})
 
 #: buckets for stage latencies, 100 us .. 2 min
 LATENCY_BUCKETS = (

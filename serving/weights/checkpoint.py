@@ -99,14 +99,10 @@ def _file_stat(path: Path) -> FileStat:
 def _resolve(path: Path, policy: CheckpointPolicy, what: str) -> Path:
     """Resolve symlinks, check existence and the policy root."""
     try:
-        resolved = path.resolve(strict=True)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{what} {path}: does not exist (or is a dangling symlink)",
-                              reason="not_found") from e
-    except PermissionError as e:
-        raise CheckpointError(f"{what} {path}: permission denied while resolving it",
-                              reason="unreadable") from e
-    except (OSError, RuntimeError) as e:  # RuntimeError: symlink loop on older Pythons
+        with reading(f"{what} {path}", gone="does not exist (or is a dangling symlink)", gone_reason="not_found",
+                     action="cannot resolve", os_name=False):
+            resolved = path.resolve(strict=True)
+    except RuntimeError as e:  # a symlink loop (pathlib raises RuntimeError for ELOOP)
         raise CheckpointError(f"{what} {path}: cannot resolve: {e}", reason="unreadable") from e
     if policy.root is not None:
         root = policy.root.resolve()
@@ -119,25 +115,16 @@ def _resolve(path: Path, policy: CheckpointPolicy, what: str) -> Path:
 
 def _check_file(path: Path, shown: str) -> FileStat:
     """A regular, non-empty, readable file; returns its fingerprint."""
-    try:
+    with reading(shown, gone="does not exist", gone_reason="not_found", action="cannot stat", os_name=False):
         st = os.stat(path)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{shown}: does not exist", reason="not_found") from e
-    except OSError as e:
-        raise CheckpointError(f"{shown}: cannot stat: {e}", reason="unreadable") from e
     if not stat.S_ISREG(st.st_mode):
         raise CheckpointError(f"{shown}: not a regular file; {ACCEPTED}", reason="unsupported")
     if st.st_size == 0:
         raise CheckpointError(f"{shown}: empty file (0 bytes): still being written, or a failed save?",
                               reason="empty")
-    try:
-        with open(path, "rb"):
-            pass
-    except PermissionError as e:
-        raise CheckpointError(f"{shown}: permission denied; make it readable by the server's user",
-                              reason="unreadable") from e
-    except OSError as e:
-        raise CheckpointError(f"{shown}: cannot open: {e}", reason="unreadable") from e
+    with reading(shown, gone="does not exist", gone_reason="not_found", action="cannot open", os_name=False), \
+            open(path, "rb"):
+        pass
     return FileStat(str(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
 
 
@@ -167,11 +154,11 @@ def _detect_sharded(given: Path, directory: Path, policy: CheckpointPolicy,
     if index_stat.size > 64 << 20:
         raise CheckpointError(f"{index}: index file is {index_stat.size} bytes; refusing to parse it",
                               reason="corrupt")
+    with reading(index, os_name=False):
+        raw = index_real.read_bytes()
     try:
-        doc = json.loads(index_real.read_bytes().decode("utf-8"))
-    except PermissionError as e:
-        raise CheckpointError(f"{index}: permission denied", reason="unreadable") from e
-    except (OSError, ValueError) as e:
+        doc = json.loads(raw.decode("utf-8"))
+    except ValueError as e:
         raise CheckpointError(f"{index}: not a valid JSON index: {e}", reason="corrupt") from e
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
@@ -219,11 +206,8 @@ def detect_checkpoint(path: Path, policy: CheckpointPolicy, *,
 
     if real.is_dir():
         name = version or real.name
-        try:
+        with reading(path, action="cannot list the directory", os_name=False):
             entries = sorted(os.listdir(real))
-        except PermissionError as e:
-            raise CheckpointError(f"{path}: permission denied listing the directory",
-                                  reason="unreadable") from e
         has_index = INDEX_NAME in entries
         has_single = SINGLE_NAME in entries
         if has_index and has_single:
@@ -266,13 +250,9 @@ def detect_checkpoint(path: Path, policy: CheckpointPolicy, *,
 
 def _verify_unchanged(c: CheckpointCandidate, baseline: tuple[FileStat, ...], when: str) -> None:
     for before in baseline:
-        try:
+        with reading(before.path, gone=f"deleted {when}; retry once the checkpoint is complete",
+                     action=f"cannot stat {when}", os_name=False):
             now = _file_stat(Path(before.path))
-        except FileNotFoundError as e:
-            raise CheckpointError(f"{before.path}: deleted {when}; retry once the checkpoint is complete",
-                                  reason="changed_during_read") from e
-        except OSError as e:
-            raise CheckpointError(f"{before.path}: cannot stat {when}: {e}", reason="unreadable") from e
         if now != before:
             raise CheckpointError(
                 f"{before.path}: changed {when} (size {before.size} -> {now.size}, mtime_ns "
@@ -283,10 +263,8 @@ def _verify_unchanged(c: CheckpointCandidate, baseline: tuple[FileStat, ...], wh
 def _baseline(c: CheckpointCandidate) -> tuple[FileStat, ...]:
     if c.stats:
         return c.stats
-    try:
+    with reading(c.path, action="cannot stat"):
         return tuple(_file_stat(f) for f in c.files)
-    except OSError as e:
-        raise CheckpointError(f"{c.path}: cannot stat: {e}", reason="unreadable") from e
 
 
 # ---------------------------------------------------------------- torch pickles
@@ -305,8 +283,11 @@ def _weights_only_detail(e: Exception) -> str:
 def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     """``torch.load`` restricted to tensors and plain containers; never runs code from the file."""
     try:
-        use_mmap = zipfile.is_zipfile(file)  # mmap needs the zip format; legacy pickles load eagerly
-        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=use_mmap)
+        with reading(file):
+            use_mmap = zipfile.is_zipfile(file)  # mmap needs the zip format; legacy pickles load eagerly
+            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=use_mmap)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
             raise CheckpointError(f"{file}: not a valid torch checkpoint: {e}", reason="corrupt") from e
@@ -314,10 +295,6 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
                               f"and plain containers ({_weights_only_detail(e)}); nothing from it was "
                               f"executed. Re-save it as a plain state dict, or better convert it to "
                               f"safetensors", reason="unsafe_pickle") from e
-    except PermissionError as e:
-        raise CheckpointError(f"{file}: permission denied", reason="unreadable") from e
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{file}: deleted while reading", reason="changed_during_read") from e
     except Exception as e:  # torch raises RuntimeError/EOFError/ValueError/... for a damaged file
         raise CheckpointError(f"{file}: cannot load as a torch checkpoint: {type(e).__name__}: {e}",
                               reason="corrupt") from e

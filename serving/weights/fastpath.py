@@ -22,7 +22,7 @@ Either way nothing but the destination tensors (and the small pool) is allocated
 (:class:`FastReader`) keeps its pool, its threads and its stream from one refit to the next.
 
 Memory, and the trade-off behind the coordinator's two strategies on a GPU
-(``serving/refit.py`` decides; this module only fills the tensors it is given):
+(``serving/refit/`` decides; this module only fills the tensors it is given):
 
 * ``double_buffer`` holds two device copies of the model: the live one and the standby one.
   A refit writes the new checkpoint into the standby slot's tensors (allocated once, then reused),
@@ -178,14 +178,12 @@ def plan_chunks(sources: Iterable[TensorSource], chunk_bytes: int) -> list[Chunk
 
 def data_start(file: str | Path) -> int:
     """Absolute offset of a safetensors file's data section (8 + the header length)."""
-    try:
+    with reading(file):
         fd = os.open(file, os.O_RDONLY)
         try:
             first = os.pread(fd, HEADER_LEN_BYTES, 0)
         finally:
             os.close(fd)
-    except OSError as e:
-        raise CheckpointError(f"{file}: cannot read: {e}", reason="unreadable") from e
     if len(first) < HEADER_LEN_BYTES:
         raise CheckpointError(f"{file}: shorter than the 8-byte header length", reason="corrupt")
     return HEADER_LEN_BYTES + int(struct.unpack("<Q", first)[0])

@@ -183,8 +183,8 @@ def test_lora_refit_touches_only_adapter_targets(engines: dict[str, Any]) -> Non
         lora[k] = base[k] + b @ a
     report = coord.install(StagedWeights("v1+lora", lora))
     assert report.ok and report.tensors_refitted == len(targets)
-    assert coord._active is not None
-    _check(engine, coord._active, spec, lora)
+    assert coord.active_slot is not None
+    _check(engine, coord.active_slot, spec, lora)
 
 
 def test_refit_while_serving_under_the_coordinator(engines: dict[str, Any]) -> None:

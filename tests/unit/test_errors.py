@@ -19,3 +19,15 @@ def test_reading_maps_os_errors_to_counted_reasons(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="x: cannot read") as e, reading("x"):
         raise IsADirectoryError(21, "Is a directory")
     assert e.value.reason == "unreadable"
+
+
+def test_reading_says_what_failed_and_can_name_the_path_as_given(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="x: cannot stat: ") as e, reading("x", action="cannot stat"):
+        raise IsADirectoryError(21, "Is a directory")
+    assert e.value.reason == "unreadable"
+    link = tmp_path / "v1.safetensors"
+    link.symlink_to(tmp_path / "nowhere.safetensors")
+    with pytest.raises(CheckpointError, match=r"checkpoint .*v1\.safetensors: does not exist") as e, \
+            reading(f"checkpoint {link}", gone="does not exist", gone_reason="not_found", os_name=False):
+        link.resolve(strict=True)
+    assert "nowhere" not in str(e.value) and e.value.reason == "not_found"

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry
 
 from serving.metrics import STAGES, prometheus_metrics
@@ -31,3 +33,14 @@ def test_prime_creates_zero_series() -> None:
     for stage in STAGES:
         assert registry.get_sample_value("hotswap_refit_duration_seconds_count", {"stage": stage}) == 0
     assert registry.get_sample_value("hotswap_refits_total", {"outcome": "failed", "reason": ""}) == 0
+
+
+def test_the_readme_quotes_the_stage_table() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text().splitlines()
+    start = readme.index("| stage | what it times |")
+    rows = []
+    for line in readme[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    assert rows == [f"| `{name}` | {doc} |" for name, doc in STAGES.items()]

@@ -136,6 +136,14 @@ def test_missing_path(tmp_path: Path) -> None:
     assert _reason(info) == "not_found"
 
 
+def test_dangling_symlink_is_named_as_published(tmp_path: Path) -> None:
+    link = tmp_path / "v1.safetensors"
+    link.symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(CheckpointError, match=r"v1\.safetensors: does not exist \(or is a dangling symlink\)") as info:
+        detect_checkpoint(link, POLICY)
+    assert _reason(info) == "not_found"
+
+
 def test_fifo_is_refused_without_opening_it(tmp_path: Path) -> None:
     fifo = tmp_path / "pipe.safetensors"
     os.mkfifo(fifo)  # opening it for reading would block: detect must not
