@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -115,6 +116,17 @@ class RefitCoordinator:
             err = Refused(RefitError("nothing to roll back to: no previous version is kept"))
             return self._report_error(self.live_version or "", err, StageTimer(), {})
         return self.install(previous)
+
+    def identify(self, version: str, content_hash: str) -> StagedWeights | None:
+        """Record the content hash of the live weights ``version``, computed after they went live (large
+        checkpoints are hashed after the swap). Returns the live weights as updated, None if ``version``
+        is not live (anymore) or already has a hash."""
+        with self._refit_lock:
+            live = self.live
+            if live is None or live.version != version or live.content_hash is not None:
+                return None
+            self.live = dataclasses.replace(live, content_hash=content_hash)
+            return self.live
 
     def _refit(self, source: WeightSource) -> RefitReport:
         """The pipeline: open the source, then under the lock: no-op check, the strategy, the report."""
