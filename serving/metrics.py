@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 STAGES: Mapping[str, str] = MappingProxyType({
     "read": "finding the checkpoint and reading its headers and, on the host path, its tensors",
     "validate": "checking names, shapes and dtypes against the engine, casting, looking for NaN/Inf",
+    "merge": "LoRA: merging the adapter into the pristine base weights (the watcher, before the refit)",
     "prescan": "in place, fast path: reading and checking the new checkpoint once, before requests are "
                "held (nothing is kept)",
     "drain": "waiting until no request runs on the slot about to be written: the standby (double "

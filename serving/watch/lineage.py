@@ -160,5 +160,5 @@ class Lineage:
 
     def _with_stages(self, report: RefitReport, stages: Mapping[str, float]) -> RefitReport:
         if report.outcome == "success":
-            self.metrics.observe_stages({k: v for k, v in stages.items() if k in ("read", "validate")})
+            self.metrics.observe_stages(stages)
         return dataclasses.replace(report, stages={**stages, **report.stages})

@@ -58,6 +58,7 @@ from pathlib import Path
 
 import torch
 
+from serving.background import lower_priority
 from serving.errors import CheckpointError, ConfigError, ValidationError, reading
 from serving.specs import WeightSpec, dtype_name
 from serving.weights.checkpoint import CheckpointCandidate, _baseline, _verify_unchanged
@@ -345,7 +346,8 @@ class FastReader:
 
     def _threads(self) -> ThreadPoolExecutor:
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.config.threads, thread_name_prefix="hotswap-read")
+            self._executor = ThreadPoolExecutor(self.config.threads, thread_name_prefix="hotswap-read",
+                                                initializer=lower_priority)
         return self._executor
 
     def _pinned(self) -> list[_Pinned]:
