@@ -122,13 +122,10 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     folder = Path(args.folder).expanduser().resolve()
     inputs = _input_specs(args)
-    params = {
-        "model_factory": args.factory, "factory_kwargs": json.dumps(_factory_kwargs(args.kwargs)),
-        "engine": args.engine, "weights_dir": str(folder), "refit_strategy": args.strategy, "dtype": args.dtype,
-        "canary": args.canary if inputs else "off", "max_file_bytes": str(args.max_file_bytes),
-        "allow_pickle": str(args.allow_pickle), "watch_mode": args.mode, "poll_interval_s": str(args.poll_interval),
-        "debounce_s": str(args.debounce), "lora_scale": str(args.lora_scale),
-    }
+    params = {"model_factory": args.factory, "factory_kwargs": json.dumps(_factory_kwargs(args.kwargs)),
+              "weights_dir": str(folder), **WATCH_DEFAULTS, **_setting_flags(args)}
+    if not inputs:
+        params["canary"] = "off"  # nothing to run a canary on
     if args.cache_dir:
         params["engine_cache_dir"] = str(Path(args.cache_dir).expanduser().resolve())
     settings = parse_settings(params, model_name=args.name, device=args.device)
@@ -182,24 +179,45 @@ def cmd_lora_random(args: argparse.Namespace) -> int:
     return 0
 
 
+#: where ``hotswap watch`` differs from a served model's defaults: start quickly, without compiling
+WATCH_DEFAULTS = {"engine": "eager", "canary": "finite"}
+#: settings with flags of their own meaning in ``hotswap watch`` (not generated)
+_OWN_FLAGS = ("model_factory", "factory_kwargs", "weights_dir", "engine_cache_dir")
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting of :data:`serving.settings.SETTINGS` that names one (type, choices, doc from the table)."""
+    from serving.settings import SETTINGS
+
+    for s in SETTINGS:
+        if s.flag is None or s.name in _OWN_FLAGS:
+            continue
+        default = WATCH_DEFAULTS.get(s.name, s.default)
+        help_text = f"{s.doc} (config.pbtxt: {s.name}; default {default or s.default_text()})".replace("%", "%%")
+        if s.kind == "bool":
+            parser.add_argument(s.flag, dest=s.name, action="store_const", const="true", help=help_text)
+        else:
+            kind = {"int": int, "float": float}.get(s.kind, str)
+            parser.add_argument(s.flag, dest=s.name, type=kind, choices=s.choices or None, help=help_text)
+
+
+def _setting_flags(args: argparse.Namespace) -> dict[str, str]:
+    """The settings given as flags, as config.pbtxt would give them."""
+    from serving.settings import SETTINGS
+
+    return {s.name: str(getattr(args, s.name)) for s in SETTINGS
+            if s.flag is not None and s.name not in _OWN_FLAGS and getattr(args, s.name, None) is not None}
+
+
 def _add_watch_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     watch = sub.add_parser("watch", help="watch a weights folder and hot-swap into an engine, outside Triton")
     watch.add_argument("--factory", required=True, help="package.module:function returning a torch.nn.Module")
     watch.add_argument("--kwargs", help="JSON object of factory keyword arguments")
     watch.add_argument("--folder", required=True, help="the weights folder to watch")
     watch.add_argument("--name", default="model", help="model name (the metrics' model label)")
-    watch.add_argument("--engine", default="eager", choices=["eager", "aoti", "tensorrt"])
     watch.add_argument("--device", default="cpu")
-    watch.add_argument("--dtype", default="float32")
     watch.add_argument("--input", action="append", help="NAME:DTYPE:D1,D2 (repeat; default: the example's inputs)")
-    watch.add_argument("--strategy", default="double_buffer", choices=["double_buffer", "in_place"])
-    watch.add_argument("--canary", default="finite", choices=["off", "finite"])
-    watch.add_argument("--mode", default="inotify", choices=["inotify", "polling"])
-    watch.add_argument("--poll-interval", type=float, default=1.0)
-    watch.add_argument("--debounce", type=float, default=0.2)
-    watch.add_argument("--lora-scale", type=float, default=1.0)
-    watch.add_argument("--max-file-bytes", type=int, default=64 << 30)
-    watch.add_argument("--allow-pickle", action="store_true", help="accept .pt/.pth/.bin (weights_only=True)")
+    _add_setting_flags(watch)
     watch.add_argument("--max-batch", type=int, default=8, help="largest batch the engine is built for")
     watch.add_argument("--cache-dir", help="stripped-engine cache (default: $HOTSWAP_CACHE_DIR, ~/.cache/hotswap)")
     watch.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free one)")

@@ -32,7 +32,7 @@ def build_spec_for(settings: ServingSettings, inputs: Sequence[TensorSpec],
     """The engine build of a served model."""
     return BuildSpec(factory=settings.model_factory, inputs=tuple(inputs), outputs=tuple(outputs),
                      max_batch=max(1, max_batch), device=settings.device, dtype=settings.dtype,
-                     factory_kwargs=settings.factory_kwargs)
+                     factory_kwargs=settings.factory_kwargs, options=settings.engine_options)
 
 
 class HotswapService:

@@ -11,38 +11,104 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
+from serving.engines import ENGINES
 from serving.errors import ConfigError
+from serving.refit.canary import CANARY_MODES
+from serving.refit.strategies import STRATEGIES
 from serving.specs import dtype_from_name
+from serving.watch.observer import WATCH_MODES
+from serving.weights.validate import CAST_MODES, UNEXPECTED_MODES
 
-#: parameter name -> one line of documentation (the README's table is generated from this)
-PARAMETERS: dict[str, str] = {
-    "model_factory": "required: `package.module:function` returning the torch.nn.Module to serve",
-    "factory_kwargs": "JSON object of keyword arguments for the factory (default `{}`)",
-    "engine": "`eager`, `aoti` or `tensorrt`; default `tensorrt` on a GPU instance, `aoti` on CPU",
-    "weights_dir": "the watched folder; default `$HOTSWAP_WEIGHTS_ROOT/<model name>`; "
-                   "must be outside the model repository",
-    "engine_cache_dir": "stripped-engine cache; default `$HOTSWAP_CACHE_DIR` or `~/.cache/hotswap/engines`",
-    "engine_cache_max_bytes": "cache size before least-recently-used entries are evicted (default 8 GiB)",
-    "refit_strategy": "`double_buffer` (default: refit a standby copy, then switch) or `in_place` "
-                      "(one copy, requests wait during the refit; for models too large for two)",
-    "dtype": "floating dtype of the engine: `float32` (default), `float16`, `bfloat16`",
-    "canary": "`off`, `finite` (outputs finite, not all zero) or `reference` (also equal to the eager "
-              "model within tolerance); default `reference` for compiled engines, `finite` for eager",
-    "canary_atol": "absolute tolerance of the reference canary (default 1e-3)",
-    "canary_rtol": "relative tolerance of the reference canary (default 1e-3)",
-    "max_file_bytes": "largest checkpoint accepted, in bytes (default 64 GiB)",
-    "allow_pickle": "`true` to accept PyTorch `.pt/.pth/.bin` files, loaded with weights_only=True "
-                    "(default `false`)",
-    "unexpected_tensors": "`error` (default) or `ignore`: tensors the model does not have",
-    "dtype_cast": "`same_kind` (default: floating tensors are cast to the engine dtype) or `strict`",
-    "watch_mode": "`inotify` (default) or `polling` (NFS and volumes without inotify)",
-    "poll_interval_s": "polling interval in seconds (default 1.0)",
-    "debounce_s": "quiet time before a changed path is considered (default 0.2)",
-    "lora_scale": "extra multiplier on LoRA adapters' alpha/r scale (default 1.0)",
-}
+
+@dataclass(frozen=True)
+class Setting:
+    """One parameter of a served model: how it is parsed, its default, its allowed values, its doc.
+
+    ``default`` is written as in ``config.pbtxt``; ``None`` means required, or computed from other
+    settings as ``default_doc`` says. ``flag`` is its ``hotswap watch`` option (None: not one).
+    """
+
+    name: str
+    kind: str  # "str" | "int" | "float" | "bool" | "choice" | "json" | "path" | "dtype"
+    doc: str
+    default: str | None = None
+    default_doc: str = ""
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    flag: str | None = None
+
+    def default_text(self) -> str:
+        if self.default_doc:
+            return self.default_doc
+        return "required" if self.default is None else f"`{self.default}`"
+
+
+def _engine_options() -> tuple[Setting, ...]:
+    """Engine-specific options, from the engines' own option tables (passed to the build as ``BuildSpec.options``)."""
+    from serving.engines.tensorrt.options import OPTIONS as TRT
+
+    return tuple(Setting(o.key, o.kind, f"TensorRT: {o.doc}", None if o.default is None else str(o.default).lower(),
+                         "" if o.default is not None else "TensorRT's own", minimum=o.minimum) for o in TRT)
+
+
+#: every parameter, in the order the README lists them (``python -m serving.settings`` renders the table)
+SETTINGS: tuple[Setting, ...] = (
+    Setting("model_factory", "str", "`package.module:function` returning the torch.nn.Module to serve "
+            "(a module next to `model.py` is importable)", flag="--factory"),
+    Setting("factory_kwargs", "json", "JSON object of keyword arguments for the factory", "{}", flag="--kwargs"),
+    Setting("engine", "choice", "the compiled engine (see Engines)", None,
+            "`tensorrt` on a GPU instance, `aoti` on CPU", choices=tuple(ENGINES), flag="--engine"),
+    Setting("weights_dir", "path", "the watched folder; must be outside the model repository (Triton's own change "
+            "detection would reload the model)", None, "`$HOTSWAP_WEIGHTS_ROOT/<model name>`", flag="--folder"),
+    Setting("engine_cache_dir", "path", "stripped-engine cache", None,
+            "`$HOTSWAP_CACHE_DIR` or `~/.cache/hotswap/engines`", flag="--cache-dir"),
+    Setting("engine_cache_max_bytes", "int", "cache size before least-recently-used entries are evicted",
+            str(8 << 30), "8 GiB", minimum=1),
+    Setting("refit_strategy", "choice", "`double_buffer`: refit a standby copy, then switch; `in_place`: one copy, "
+            "requests wait during the refit (models too large for two copies)", "double_buffer",
+            choices=STRATEGIES, flag="--strategy"),
+    Setting("dtype", "dtype", "floating dtype of the engine: `float32`, `float16`, `bfloat16`", "float32",
+            flag="--dtype"),
+    Setting("canary", "choice", "`off`, `finite` (outputs finite, not all zero) or `reference` (also equal to the "
+            "eager model within tolerance)", None, "`reference` for compiled engines, `finite` for eager",
+            choices=CANARY_MODES, flag="--canary"),
+    Setting("canary_atol", "float", "absolute tolerance of the reference canary", "1e-3", minimum=0),
+    Setting("canary_rtol", "float", "relative tolerance of the reference canary", "1e-3", minimum=0),
+    Setting("max_file_bytes", "int", "largest checkpoint accepted, in bytes", str(64 << 30), "64 GiB", minimum=1,
+            flag="--max-file-bytes"),
+    Setting("allow_pickle", "bool", "`true` to accept PyTorch `.pt/.pth/.bin` files, loaded with "
+            "`weights_only=True`", "false", flag="--allow-pickle"),
+    Setting("unexpected_tensors", "choice", "`error`, or `ignore` tensors the model does not have", "error",
+            choices=UNEXPECTED_MODES),
+    Setting("dtype_cast", "choice", "`same_kind` (floating tensors are cast to the engine dtype) or `strict` "
+            "(see casting rules)", "same_kind", choices=CAST_MODES),
+    Setting("watch_mode", "choice", "`inotify`, or `polling` for NFS and volumes without inotify", "inotify",
+            choices=WATCH_MODES, flag="--mode"),
+    Setting("poll_interval_s", "float", "polling interval in seconds", "1.0", minimum=0.01, flag="--poll-interval"),
+    Setting("debounce_s", "float", "quiet time before a file written in place (not renamed in) is considered",
+            "0.2", minimum=0, flag="--debounce"),
+    Setting("lora_scale", "float", "extra multiplier on LoRA adapters' alpha/r scale (0 ignores adapters)", "1.0",
+            minimum=0, flag="--lora-scale"),
+    *_engine_options(),
+)
+
+#: parameter name -> its setting
+BY_NAME: Mapping[str, Setting] = MappingProxyType({s.name: s for s in SETTINGS})
+#: parameter name -> one line of documentation
+PARAMETERS: Mapping[str, str] = MappingProxyType({s.name: s.doc for s in SETTINGS})
+ENGINE_OPTION_NAMES = frozenset(s.name for s in _engine_options())
+
+
+def markdown_table() -> str:
+    """The README's configuration table (a test keeps the README equal to it)."""
+    rows = ["| parameter | default | meaning |", "| --- | --- | --- |"]
+    rows += [f"| `{s.name}` | {s.default_text()} | {s.doc} |" for s in SETTINGS]
+    return "\n".join(rows)
+
 
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)")
 
@@ -72,6 +138,8 @@ class ServingSettings:
     poll_interval_s: float
     debounce_s: float
     lora_scale: float
+    #: engine-specific options that were set (name, value as written), for ``BuildSpec.options``
+    engine_options: tuple[tuple[str, str], ...] = ()
 
 
 def _expand(value: str, env: Mapping[str, str], errors: list[str], key: str) -> str:
@@ -97,21 +165,27 @@ def _bool(value: str, key: str, errors: list[str]) -> bool:
     return False
 
 
-def _num(value: str, key: str, errors: list[str], kind: type = float, minimum: float = 0.0) -> float:
+def _num(value: str, key: str, errors: list[str], kind: type = float, minimum: float | None = None) -> float:
     try:
         n = kind(value)
     except ValueError:
         errors.append(f"{key}: expected a {'whole ' if kind is int else ''}number, found {value!r}")
         return 0
-    if n < minimum:
+    if minimum is not None and n < minimum:
         errors.append(f"{key}: must be >= {minimum}, found {value!r}")
     return n  # type: ignore[no-any-return]
 
 
-def _choice(value: str, key: str, choices: tuple[str, ...], errors: list[str]) -> str:
-    if value not in choices:
-        errors.append(f"{key}: expected one of {', '.join(choices)}; found {value!r}")
-    return value
+def _value(setting: Setting, raw: str, errors: list[str]) -> object:
+    """One parameter's value by its kind (errors collected, not raised)."""
+    key = setting.name
+    if setting.kind == "bool":
+        return _bool(raw, key, errors)
+    if setting.kind in ("int", "float"):
+        return _num(raw, key, errors, int if setting.kind == "int" else float, setting.minimum)
+    if setting.kind == "choice" and raw not in setting.choices:
+        errors.append(f"{key}: expected one of {', '.join(setting.choices)}; found {raw!r}")
+    return raw
 
 
 def parse_settings(
@@ -122,15 +196,24 @@ def parse_settings(
     model_repository: Path | None = None,
     env: Mapping[str, str] | None = None,
 ) -> ServingSettings:
-    """Validate string parameters; one ConfigError names every problem."""
+    """Validate string parameters by :data:`SETTINGS`; one ConfigError names every problem."""
     import json
 
     env = dict(os.environ if env is None else env)
     errors: list[str] = []
-    unknown = sorted(set(params) - set(PARAMETERS))
+    unknown = sorted(set(params) - set(BY_NAME))
     if unknown:
-        errors.append(f"unknown parameter(s) {unknown}; known: {sorted(PARAMETERS)}")
+        errors.append(f"unknown parameter(s) {unknown}; known: {sorted(BY_NAME)}")
     p = {k: _expand(v, env, errors, k) for k, v in params.items()}
+
+    # computed defaults (documented in the table's default_doc)
+    engine = p.get("engine") or ("tensorrt" if device.startswith("cuda") else "aoti")
+    computed = {"engine": engine, "canary": p.get("canary") or ("finite" if engine == "eager" else "reference")}
+    values: dict[str, object] = {}
+    for setting in SETTINGS:
+        raw = computed.get(setting.name, p.get(setting.name, setting.default))
+        if raw is not None and setting.kind in ("bool", "int", "float", "choice"):
+            values[setting.name] = _value(setting, raw, errors)
 
     factory = p.get("model_factory", "")
     if ":" not in factory:
@@ -144,10 +227,6 @@ def parse_settings(
         kwargs = loaded
     except ValueError as e:
         errors.append(f"factory_kwargs: expected a JSON object, found {p.get('factory_kwargs')!r} ({e})")
-
-    is_gpu = device.startswith("cuda")
-    engine = _choice(p.get("engine") or ("tensorrt" if is_gpu else "aoti"), "engine",
-                     ("eager", "aoti", "tensorrt"), errors)
 
     if "weights_dir" in p:
         weights_dir = Path(p["weights_dir"]).expanduser()
@@ -177,7 +256,11 @@ def parse_settings(
     except ConfigError as e:
         errors.append(f"dtype: {e}")
 
-    settings = ServingSettings(
+    if errors:
+        raise ConfigError(f"model {model_name!r}: invalid configuration:\n"
+                          + "\n".join(f"  - {e}" for e in errors))
+    v = values
+    return ServingSettings(
         model_name=model_name,
         model_factory=factory,
         factory_kwargs=tuple(sorted(kwargs.items())),
@@ -185,26 +268,28 @@ def parse_settings(
         device=device,
         weights_dir=weights_dir,
         engine_cache_dir=Path(p.get("engine_cache_dir") or cache_default).expanduser(),
-        engine_cache_max_bytes=int(_num(p.get("engine_cache_max_bytes", str(8 << 30)),
-                                        "engine_cache_max_bytes", errors, int, 1)),
-        refit_strategy=_choice(p.get("refit_strategy", "double_buffer"), "refit_strategy",
-                               ("double_buffer", "in_place"), errors),
+        engine_cache_max_bytes=int(v["engine_cache_max_bytes"]),  # type: ignore[call-overload]
+        refit_strategy=str(v["refit_strategy"]),
         dtype=dtype,
-        canary=_choice(p.get("canary") or ("finite" if engine == "eager" else "reference"), "canary",
-                       ("off", "finite", "reference"), errors),
-        canary_atol=_num(p.get("canary_atol", "1e-3"), "canary_atol", errors),
-        canary_rtol=_num(p.get("canary_rtol", "1e-3"), "canary_rtol", errors),
-        max_file_bytes=int(_num(p.get("max_file_bytes", str(64 << 30)), "max_file_bytes", errors, int, 1)),
-        allow_pickle=_bool(p.get("allow_pickle", "false"), "allow_pickle", errors),
-        unexpected_tensors=_choice(p.get("unexpected_tensors", "error"), "unexpected_tensors",
-                                   ("error", "ignore"), errors),
-        dtype_cast=_choice(p.get("dtype_cast", "same_kind"), "dtype_cast", ("same_kind", "strict"), errors),
-        watch_mode=_choice(p.get("watch_mode", "inotify"), "watch_mode", ("inotify", "polling"), errors),
-        poll_interval_s=_num(p.get("poll_interval_s", "1.0"), "poll_interval_s", errors, float, 0.01),
-        debounce_s=_num(p.get("debounce_s", "0.2"), "debounce_s", errors),
-        lora_scale=_num(p.get("lora_scale", "1.0"), "lora_scale", errors),
+        canary=str(v["canary"]),
+        canary_atol=float(v["canary_atol"]),  # type: ignore[arg-type]
+        canary_rtol=float(v["canary_rtol"]),  # type: ignore[arg-type]
+        max_file_bytes=int(v["max_file_bytes"]),  # type: ignore[call-overload]
+        allow_pickle=bool(v["allow_pickle"]),
+        unexpected_tensors=str(v["unexpected_tensors"]),
+        dtype_cast=str(v["dtype_cast"]),
+        watch_mode=str(v["watch_mode"]),
+        poll_interval_s=float(v["poll_interval_s"]),  # type: ignore[arg-type]
+        debounce_s=float(v["debounce_s"]),  # type: ignore[arg-type]
+        lora_scale=float(v["lora_scale"]),  # type: ignore[arg-type]
+        engine_options=tuple(sorted((k, p[k]) for k in ENGINE_OPTION_NAMES if k in p)),
     )
-    if errors:
-        raise ConfigError(f"model {model_name!r}: invalid configuration:\n"
-                          + "\n".join(f"  - {e}" for e in errors))
-    return settings
+
+
+def main() -> None:
+    """``python -m serving.settings``: print the README's configuration table."""
+    print(markdown_table())
+
+
+if __name__ == "__main__":
+    main()

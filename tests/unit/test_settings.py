@@ -60,3 +60,43 @@ def test_missing_env_var_and_missing_weights_dir_are_named() -> None:
 
 def test_every_parameter_is_documented() -> None:
     assert all(PARAMETERS.values())
+
+
+def test_engine_options_are_parameters_and_reach_the_build_spec(tmp_path: Path) -> None:
+    from serving.engines.tensorrt.options import TrtBuildOptions
+    from serving.service import build_spec_for
+
+    s = parse_settings({"model_factory": FACTORY, "weights_dir": str(tmp_path), "trt_workspace_size": "1024",
+                        "trt_weights_validation": "false"}, model_name="m", env={})
+    assert dict(s.engine_options) == {"trt_workspace_size": "1024", "trt_weights_validation": "false"}
+    options = TrtBuildOptions.from_spec(build_spec_for(s, (), (), 4))
+    assert options.workspace_size == 1024 and options.weights_validation is False
+
+
+def test_choices_come_from_the_modules_that_implement_them() -> None:
+    from serving.engines import ENGINES
+    from serving.refit import CANARY_MODES, STRATEGIES
+    from serving.settings import BY_NAME
+    from serving.watch import WATCH_MODES
+
+    assert BY_NAME["engine"].choices == tuple(ENGINES)
+    assert BY_NAME["refit_strategy"].choices == STRATEGIES
+    assert BY_NAME["canary"].choices == CANARY_MODES
+    assert BY_NAME["watch_mode"].choices == WATCH_MODES
+
+
+def test_watch_flags_are_the_table_s_and_parse_like_config() -> None:
+    from serving.cli import _setting_flags, build_parser
+    from serving.settings import SETTINGS
+
+    argv = ["watch", "--factory", FACTORY, "--folder", "/w", "--strategy", "in_place", "--debounce", "0.5",
+            "--allow-pickle", "--mode", "polling"]
+    args = build_parser().parse_args(argv)
+    assert _setting_flags(args) == {"refit_strategy": "in_place", "debounce_s": "0.5", "allow_pickle": "true",
+                                    "watch_mode": "polling"}
+    help_text = build_parser()._subparsers._group_actions[0].choices["watch"].format_help()  # type: ignore[union-attr]
+    for s in SETTINGS:
+        if s.flag and s.name not in ("model_factory", "factory_kwargs", "weights_dir", "engine_cache_dir"):
+            assert s.flag in help_text, s.name
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--engine", "onnx"])
