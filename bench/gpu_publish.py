@@ -51,6 +51,7 @@ from bench.gpu_refit import (
 )
 from bench.gpu_serve_swap import ensure_pytriton_findable, make_repository, wait_ready
 from bench.triton_reload import MemorySampler, measure_reload
+from serving.publisher import staging
 from serving.triton.server import TritonProcess
 from serving.triton.swapload import run_swap_load
 
@@ -144,15 +145,16 @@ class Sources:
 
     def publish(self, folder: Path, version: str, name: str) -> float:
         """A sharded checkpoint directory renamed into ``folder``; the time of the rename."""
-        tmp = folder / f".{name}.tmp"
-        tmp.mkdir()
-        os.link(self.layers_file, tmp / "layers.safetensors")
-        os.link(self.markers[version], tmp / "marker.safetensors")
-        weight_map = {f"layers.{i}.weight": "layers.safetensors" for i in range(self.layers)}
-        weight_map["marker"] = "marker.safetensors"
-        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-        t = time.monotonic()
-        os.rename(tmp, folder / name)
+        with staging(folder, name, directory=True) as staged:
+            os.link(self.layers_file, staged.temp / "layers.safetensors")
+            os.link(self.markers[version], staged.temp / "marker.safetensors")
+            weight_map = {f"layers.{i}.weight": "layers.safetensors" for i in range(self.layers)}
+            weight_map["marker"] = "marker.safetensors"
+            (staged.temp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {}, "weight_map": weight_map}))
+            staged.seal()
+            t = time.monotonic()
+            staged.commit()
         return t
 
 

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from serving.engines import build_engine
+from serving.publisher import staging
 from serving.refit import CanaryConfig, RefitCoordinator
 from serving.specs import BuildSpec, TensorSpec, dtype_from_name, dtype_name
 from serving.weights.fastpath import FastPathConfig
@@ -116,18 +117,20 @@ class Checkpoints:
 
     def publish(self, k: int) -> tuple[Path, float]:
         """Make version ``k`` appear by a rename; returns its path and the time of the rename."""
-        final = self.root / f"v{k}-{self.count}"
+        name = f"v{k}-{self.count}"
         self.count += 1
-        tmp = self.root / f".tmp-{final.name}"
-        tmp.mkdir()
-        os.link(self.root / "layers.safetensors", tmp / "layers.safetensors")
-        marker = torch.full((self.width,), k * MARKER_STEP, dtype=self.dtype)
-        write_safetensors_stream(tmp / "marker.safetensors", [("marker", marker)])
-        weight_map = {f"layers.{i}.weight": "layers.safetensors" for i in range(self.layers)}
-        weight_map["marker"] = "marker.safetensors"
-        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-        os.rename(tmp, final)
-        return final, time.perf_counter()
+        with staging(self.root, name, directory=True) as staged:
+            os.link(self.root / "layers.safetensors", staged.temp / "layers.safetensors")
+            marker = torch.full((self.width,), k * MARKER_STEP, dtype=self.dtype)
+            write_safetensors_stream(staged.temp / "marker.safetensors", [("marker", marker)])
+            weight_map = {f"layers.{i}.weight": "layers.safetensors" for i in range(self.layers)}
+            weight_map["marker"] = "marker.safetensors"
+            (staged.temp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {}, "weight_map": weight_map}))
+            staged.seal()
+            t = time.perf_counter()
+            final = staged.commit()
+        return final, t
 
     def remove(self, path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)

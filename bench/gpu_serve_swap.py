@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from bench.gpu_refit import BigMLP, environment, write_safetensors_stream
+from serving.publisher import publish
 from serving.triton.scrape import scrape, weights_versions
 from serving.triton.server import TritonProcess
 from serving.triton.swapload import run_swap_load
@@ -113,14 +114,6 @@ def make_repository(root: Path, width: int, layers: int, strategies: list[str], 
         (root / name / "1" / "model.py").write_text(code)
         names.append(name)
     return names
-
-
-def publish(src: Path, folder: Path) -> Path:
-    dest = folder / src.name
-    tmp = folder / f".{src.name}.tmp"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
-    return dest
 
 
 def ensure_pytriton_findable() -> None:

@@ -27,6 +27,7 @@ import tritonclient.http as httpclient
 
 from serving.examples import CNN, TRANSFORMER
 from serving.factory import build_module
+from serving.publisher import publish
 from serving.triton.scrape import scrape, weights_versions
 from serving.triton.server import TritonProcess, models_in, seed_weights
 from serving.triton.swapload import run_swap_load
@@ -84,9 +85,7 @@ def main() -> int:
                 return np.asarray(local.client.infer(args.model, [inp]).as_numpy("LOGITS"))
 
             def swap_to(version: str) -> None:
-                tmp_name = folder / f".{version}.safetensors.tmp"
-                tmp_name.write_bytes((staged / f"{version}.safetensors").read_bytes())
-                os.replace(tmp_name, folder / f"{version}.safetensors")
+                publish(staged / f"{version}.safetensors", folder)
                 deadline = time.monotonic() + 60
                 while time.monotonic() < deadline:
                     live = weights_versions(scrape(server.metrics_url), args.model)
