@@ -44,6 +44,8 @@ from bench.gpu_refit import (
     GB,
     MARKER_STEP,
     BigMLP,
+    command,
+    command_args,
     environment,
     pick_dir,
     pinned_copy_seconds,
@@ -281,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout must still stop the servers
     ensure_pytriton_findable()
-    results: dict[str, Any] = {"environment": environment("cuda"), "argv": sys.argv[1:] if argv is None else argv,
+    given = sys.argv[1:] if argv is None else argv
+    results: dict[str, Any] = {"environment": environment("cuda"), "command": command("bench.gpu_publish", given),
+                               "argv": command_args(given),
                                "sizes": [], "errors": []}
     x = torch.randn(args.batch, WIDTH, generator=torch.Generator().manual_seed(7))
     for size in [float(s) for s in args.sizes.split(",") if s]:

@@ -464,6 +464,17 @@ def ballast(device: str, gb: float) -> Iterator[None]:
             torch.cuda.empty_cache()
 
 
+def command_args(argv: list[str]) -> list[str]:
+    """``argv`` with the output folder of ``bench/gpu_run.sh`` written as ``$OUT`` (no machine's path)."""
+    out = os.environ.get("OUT")
+    return [a.replace(out, "$OUT") for a in argv] if out else list(argv)
+
+
+def command(module: str, argv: list[str]) -> str:
+    """The command line that reproduces a run, as recorded in its JSON."""
+    return " ".join(["python3", "-m", module, *command_args(argv)])
+
+
 def environment(device: str) -> dict[str, Any]:
     env: dict[str, Any] = {"torch": torch.__version__, "python": sys.version.split()[0],
                            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpus": os.cpu_count()}
@@ -530,7 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     fast = FastPathConfig(threads=args.threads, buffers=args.buffers, buffer_bytes=args.buffer_mb << 20,
                           read_bytes=args.read_kb << 10)
     base = pick_dir(args.dir, max(sizes + [args.big_in_place]) * GB)
-    results: dict[str, Any] = {"environment": environment(args.device), "argv": sys.argv[1:] if argv is None else argv,
+    given = sys.argv[1:] if argv is None else argv
+    results: dict[str, Any] = {"environment": environment(args.device), "command": command("bench.gpu_refit", given),
+                               "argv": command_args(given),
                                "config": {"fast_path": fast.__dict__, "checkpoint_dir": str(base),
                                           "device": args.device}, "runs": [], "errors": []}
     work = Path(tempfile.mkdtemp(prefix="gpu-refit-", dir=base))

@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(base, ignore_errors=True)
     keys = [k for k in trials[0] if k not in ("mb", "tensors_refitted")]
     result = {
+        "command": " ".join(["python", "bench/publish.py", *(sys.argv[1:] if argv is None else argv)]),
         "benchmark": "publish: rename of a checkpoint into the weights folder -> first response with it",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "device": args.device,

@@ -104,7 +104,8 @@ def main() -> int:
             server.stop()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
-    out = {"model": args.model, "clients": args.clients, "commit": commit, "date": time.strftime("%Y-%m-%d"),
+    out = {"command": " ".join(["python", "bench/serve_swap.py", *sys.argv[1:]]),
+           "model": args.model, "clients": args.clients, "commit": commit, "date": time.strftime("%Y-%m-%d"),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
            **result.to_json()}
     print(json.dumps(out, indent=2) if args.json else out)
