@@ -155,6 +155,16 @@ def files(pattern: str, results: Path) -> list[Path]:
     return sorted(results.glob(pattern))
 
 
+def errors(paths: Iterable[Path]) -> str:
+    """The failures a run recorded (a size or configuration that did not complete), one line each."""
+    lines = []
+    for p in paths:
+        for e in load(p).get("errors") or []:
+            what = e.get("what") or (f"{e['size_gb']} GB" if "size_gb" in e else "run")
+            lines.append(f"* {link(p)}, {what}: did not complete: `{str(e.get('error', '')).splitlines()[0][:200]}`\n")
+    return "".join(lines)
+
+
 def to_measure(what: str, *commands: str) -> str:
     run = " and ".join(f"`{c}`" for c in commands)
     return (f"{what}: no results in `bench/results/` yet; {run} {'writes' if len(commands) == 1 else 'write'} "
@@ -274,7 +284,8 @@ def gpu_refit(results: Path) -> str:
                     "x limit", "swap pause", "peak memory / model", "machine", "results"], rows))
     if host:
         out += "\n" + "".join(f"* {h}\n" for h in host)
-    return out + "\n" + sources(paths)
+    failed = errors(paths)
+    return out + ("\n" + failed if failed else "") + "\n" + sources(paths)
 
 
 def gpu_publish(results: Path) -> str:
@@ -301,7 +312,7 @@ def gpu_publish(results: Path) -> str:
             "(`bench/triton_reload.py`: a new version directory and the repository load API).\n\n"
             + table(["model", "strategy", "rename → first response", "stream", "pinned limit", "errors", "torn",
                      "p99 ratio", "peak memory / model", "Triton reload", "machine", "results"], rows)
-            + "\n" + sources(paths))
+            + ("\n" + errors(paths) if errors(paths) else "") + "\n" + sources(paths))
 
 
 SECTIONS: tuple[Callable[[Path], str], ...] = (refit_cpu, publish, zero_downtime, gpu_refit, gpu_publish)
