@@ -288,6 +288,11 @@ def gpu_refit(results: Path) -> str:
     return out + ("\n" + failed if failed else "") + "\n" + sources(paths)
 
 
+def _median(v: float | Mapping[str, Any] | None) -> float | None:
+    """A figure recorded either as a number or as ``{"median": ...}``."""
+    return v.get("median") if isinstance(v, Mapping) else v
+
+
 def gpu_publish(results: Path) -> str:
     paths = files("gpu-publish-*.json", results)
     if not paths:
@@ -298,20 +303,25 @@ def gpu_publish(results: Path) -> str:
         doc = load(p)
         for size in doc["sizes"]:
             base = size.get("baseline") or {}
-            reload = (base.get("publish_to_first_response_s") or {}).get("median")
             for strategy, r in (size.get("hotswap") or {}).items():
                 if not isinstance(r, dict) or "publish_to_first_response_s" not in r:
                     continue
-                rows.append([f"{size['model_bytes'] / 1e9:.2f} GB", strategy,
-                             secs(r["publish_to_first_response_s"]["median"]), num(r.get("stream_gbps"), " GB/s"),
+                cache = ", from disk (evicted from the page cache)" if size.get("cold") else ""
+                rows.append([f"{size['model_bytes'] / 1e9:.2f} GB{cache}", strategy,
+                             secs(_median(r["publish_to_first_response_s"])), num(r.get("stream_gbps"), " GB/s"),
                              num(size.get("pinned_limit_gbps"), " GB/s"), r["errors"], r["torn"],
                              num(r.get("p99_during_over_steady"), "x"), num(r.get("peak_memory_over_model"), "x"),
-                             secs(reload), machine(doc), link(p)])
+                             secs(_median(base.get("publish_to_first_response_s"))),
+                             f"{base['errors']} / {base['torn']}" if base else "n/a",
+                             num(base.get("p99_during_over_steady"), "x"), machine(doc), link(p)])
     return ("**Publish through Triton by model size** (`bench/gpu_publish.py`): rename → first response on a "
-            "`KIND_GPU` instance under client load, beside Triton's own reload of the same versions "
-            "(`bench/triton_reload.py`: a new version directory and the repository load API).\n\n"
+            "`KIND_GPU` instance under client load (float32 MLP, eager engine), beside Triton's own reload "
+            "of the same versions (`bench/triton_reload.py`: a plain Python-backend model, a new version directory "
+            "and the repository load API); `stream` is the file → device rate of the refit, `pinned limit` the "
+            "pinned host → device copy rate of the same run.\n\n"
             + table(["model", "strategy", "rename → first response", "stream", "pinned limit", "errors", "torn",
-                     "p99 ratio", "peak memory / model", "Triton reload", "machine", "results"], rows)
+                     "p99 ratio", "peak memory / model", "Triton reload: rename → first response",
+                     "reload: errors / torn", "reload: p99 ratio", "machine", "results"], rows)
             + ("\n" + errors(paths) if errors(paths) else "") + "\n" + sources(paths))
 
 
