@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# CPU machines: this torch comes from local disk; never an unpinned torch (that pulls GBs of CUDA wheels).
+# torch is pinned; never an unpinned torch (on Linux that pulls GBs of CUDA wheels). For the CPU build,
+# let pip find a CPU wheel of this version (PIP_FIND_LINKS or PIP_EXTRA_INDEX_URL).
 TORCH_PIN ?= torch==2.13.0
 
 HOTSWAP_WEIGHTS_ROOT ?= $(CURDIR)/weights
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[triton,test]" "$(TORCH_PIN)"
 	# TensorRT stubs and Torch-TensorRT's typed Python sources for the strict check; --no-deps: both
-	# depend on TensorRT's libraries, which come only from NVIDIA's index, unreachable here
+	# depend on TensorRT's libraries, which come only from NVIDIA's own index
 	$(PY) -m pip install -q --no-deps tensorrt-stubs==10.13.0.35.1 torch-tensorrt==2.13.0
 	$(PY) tools/trt_stubs.py $(VENV)/trt-stubs
 	touch $(STAMP)

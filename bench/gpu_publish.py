@@ -44,6 +44,8 @@ from bench.gpu_refit import (
     GB,
     MARKER_STEP,
     BigMLP,
+    command,
+    command_args,
     environment,
     pick_dir,
     pinned_copy_seconds,
@@ -51,6 +53,7 @@ from bench.gpu_refit import (
 )
 from bench.gpu_serve_swap import ensure_pytriton_findable, make_repository, wait_ready
 from bench.triton_reload import MemorySampler, measure_reload
+from serving.publisher import staging
 from serving.triton.server import TritonProcess
 from serving.triton.swapload import run_swap_load
 
@@ -144,15 +147,16 @@ class Sources:
 
     def publish(self, folder: Path, version: str, name: str) -> float:
         """A sharded checkpoint directory renamed into ``folder``; the time of the rename."""
-        tmp = folder / f".{name}.tmp"
-        tmp.mkdir()
-        os.link(self.layers_file, tmp / "layers.safetensors")
-        os.link(self.markers[version], tmp / "marker.safetensors")
-        weight_map = {f"layers.{i}.weight": "layers.safetensors" for i in range(self.layers)}
-        weight_map["marker"] = "marker.safetensors"
-        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-        t = time.monotonic()
-        os.rename(tmp, folder / name)
+        with staging(folder, name, directory=True) as staged:
+            os.link(self.layers_file, staged.temp / "layers.safetensors")
+            os.link(self.markers[version], staged.temp / "marker.safetensors")
+            weight_map = {f"layers.{i}.weight": "layers.safetensors" for i in range(self.layers)}
+            weight_map["marker"] = "marker.safetensors"
+            (staged.temp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {}, "weight_map": weight_map}))
+            staged.seal()
+            t = time.monotonic()
+            staged.commit()
         return t
 
 
@@ -279,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout must still stop the servers
     ensure_pytriton_findable()
-    results: dict[str, Any] = {"environment": environment("cuda"), "argv": sys.argv[1:] if argv is None else argv,
+    given = sys.argv[1:] if argv is None else argv
+    results: dict[str, Any] = {"environment": environment("cuda"), "command": command("bench.gpu_publish", given),
+                               "argv": command_args(given),
                                "sizes": [], "errors": []}
     x = torch.randn(args.batch, WIDTH, generator=torch.Generator().manual_seed(7))
     for size in [float(s) for s in args.sizes.split(",") if s]:

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from serving.engines import build_engine
+from serving.publisher import staging
 from serving.refit import CanaryConfig, RefitCoordinator
 from serving.specs import BuildSpec, TensorSpec, dtype_from_name, dtype_name
 from serving.weights.fastpath import FastPathConfig
@@ -116,18 +117,20 @@ class Checkpoints:
 
     def publish(self, k: int) -> tuple[Path, float]:
         """Make version ``k`` appear by a rename; returns its path and the time of the rename."""
-        final = self.root / f"v{k}-{self.count}"
+        name = f"v{k}-{self.count}"
         self.count += 1
-        tmp = self.root / f".tmp-{final.name}"
-        tmp.mkdir()
-        os.link(self.root / "layers.safetensors", tmp / "layers.safetensors")
-        marker = torch.full((self.width,), k * MARKER_STEP, dtype=self.dtype)
-        write_safetensors_stream(tmp / "marker.safetensors", [("marker", marker)])
-        weight_map = {f"layers.{i}.weight": "layers.safetensors" for i in range(self.layers)}
-        weight_map["marker"] = "marker.safetensors"
-        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-        os.rename(tmp, final)
-        return final, time.perf_counter()
+        with staging(self.root, name, directory=True) as staged:
+            os.link(self.root / "layers.safetensors", staged.temp / "layers.safetensors")
+            marker = torch.full((self.width,), k * MARKER_STEP, dtype=self.dtype)
+            write_safetensors_stream(staged.temp / "marker.safetensors", [("marker", marker)])
+            weight_map = {f"layers.{i}.weight": "layers.safetensors" for i in range(self.layers)}
+            weight_map["marker"] = "marker.safetensors"
+            (staged.temp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {}, "weight_map": weight_map}))
+            staged.seal()
+            t = time.perf_counter()
+            final = staged.commit()
+        return final, t
 
     def remove(self, path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
@@ -461,6 +464,17 @@ def ballast(device: str, gb: float) -> Iterator[None]:
             torch.cuda.empty_cache()
 
 
+def command_args(argv: list[str]) -> list[str]:
+    """``argv`` with the output folder of ``bench/gpu_run.sh`` written as ``$OUT`` (no machine's path)."""
+    out = os.environ.get("OUT")
+    return [a.replace(out, "$OUT") for a in argv] if out else list(argv)
+
+
+def command(module: str, argv: list[str]) -> str:
+    """The command line that reproduces a run, as recorded in its JSON."""
+    return " ".join(["python3", "-m", module, *command_args(argv)])
+
+
 def environment(device: str) -> dict[str, Any]:
     env: dict[str, Any] = {"torch": torch.__version__, "python": sys.version.split()[0],
                            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpus": os.cpu_count()}
@@ -527,7 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     fast = FastPathConfig(threads=args.threads, buffers=args.buffers, buffer_bytes=args.buffer_mb << 20,
                           read_bytes=args.read_kb << 10)
     base = pick_dir(args.dir, max(sizes + [args.big_in_place]) * GB)
-    results: dict[str, Any] = {"environment": environment(args.device), "argv": sys.argv[1:] if argv is None else argv,
+    given = sys.argv[1:] if argv is None else argv
+    results: dict[str, Any] = {"environment": environment(args.device), "command": command("bench.gpu_refit", given),
+                               "argv": command_args(given),
                                "config": {"fast_path": fast.__dict__, "checkpoint_dir": str(base),
                                           "device": args.device}, "runs": [], "errors": []}
     work = Path(tempfile.mkdtemp(prefix="gpu-refit-", dir=base))

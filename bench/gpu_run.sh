@@ -1,64 +1,102 @@
 #!/usr/bin/env bash
-# One call on the GPU machine (see docs/gpu.md): `bench/gpu_run.sh refit` or `bench/gpu_run.sh serve`.
-# Writes everything to $OUT (JSON, logs). Each step has its own time limit so that a hang cannot eat the call.
+# The GPU benchmark suites (docs/gpu.md). On the GPU machine, from a copy of the repository with .whl/ filled by
+# bench/gpu_wheels.sh:
+#
+#     OUT=results bash bench/gpu_run.sh SUITE...      # refit | big | serve | publish | aoti | all
+#
+# Each suite fits one 10-minute call; each step has its own time limit, so a hang costs that step only. Results go
+# to $OUT (default ./gpu-out): one JSON per step, named as in bench/results/ (TAG is the GPU's model, e.g. h200),
+# the step's log, env.txt. The exit status is 1 if any step failed.
 set -u
-OUT=${OUT:-/tmp/out}
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-step() { local name=$1 limit=$2; shift 2; echo "== $name ($(date +%T))"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1;
-         echo "   rc=$? ($(date +%T))"; tail -n 12 "$OUT/$name.log"; }
+OUT=$(cd "$OUT" && pwd)
+export OUT PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export HOTSWAP_COMMIT=${HOTSWAP_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || true)}
+TAG=${TAG:-$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | awk '{print tolower($NF)}')}
+TAG=${TAG:-gpu}
+FAILED=0
+
+step() {  # step NAME SECONDS COMMAND...: run under a time limit, output to $OUT/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s, $(date +%T))"
+  timeout --kill-after=30 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "   rc=$rc ($(date +%T))"
+  [ "$rc" -eq 0 ] || FAILED=1
+  tail -n 12 "$OUT/$name.log"
+}
+
+stdout_step() {  # stdout_step NAME SECONDS COMMAND...: as step, the command's stdout (its JSON) to $OUT/NAME.json
+  local name=$1 limit=$2
+  shift 2
+  step "$name" "$limit" bash -c '"${@:2}" > "$1"' _ "$OUT/$name.json" "$@"
+}
+
+wheels() {  # Triton, its client and watchdog into the interpreter's own site-packages (the stub ignores PYTHONPATH)
+  if ! compgen -G ".whl/*.whl" > /dev/null; then
+    echo "!! no .whl/*.whl: run bash bench/gpu_wheels.sh on a machine with internet first (docs/gpu.md)"
+    FAILED=1
+    return
+  fi
+  step pip-install 120 python3 -m pip install -q --no-index --no-deps --no-compile .whl/*.whl
+}
+
+suite_refit() {  # the fast path by size, the host path beside it, a cast on the device, publish through the watcher
+  step cuda-tests 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fastpath_cuda.py
+  step "gpu-refit-$TAG" 260 python3 -m bench.gpu_refit --json "$OUT/gpu-refit-$TAG.json" --sizes 1,4,16 \
+    --dtype float16 --engines eager --baseline-gb 1
+  step "gpu-refit-cast-$TAG" 60 python3 -m bench.gpu_refit --json "$OUT/gpu-refit-cast-$TAG.json" --sizes 4 \
+    --dtype bfloat16 --checkpoint-dtype float32 --engines eager --strategies double_buffer --baseline-gb 0
+  stdout_step "publish-$TAG-cuda-double_buffer" 50 python3 bench/publish.py --json --device cuda --repeats 7
+  stdout_step "publish-$TAG-cuda-in_place" 50 python3 bench/publish.py --json --device cuda --strategy in_place \
+    --repeats 7
+}
+
+suite_big() {  # in place, a model larger than half the GPU memory it has (a ballast takes the rest)
+  step "gpu-refit-big-$TAG" 300 python3 -m bench.gpu_refit --json "$OUT/gpu-refit-big-$TAG.json" --sizes "" \
+    --engines eager --baseline-gb 0 --big-in-place "${BIG_GB:-45}"
+}
+
+suite_serve() {  # zero downtime on a real Triton with a KIND_GPU instance, both refit strategies
+  step "gpu-serve-swap-$TAG" 300 python3 -m bench.gpu_serve_swap --json "$OUT/gpu-serve-swap-$TAG.json" \
+    --swaps 20 --triton-log "$OUT/triton-serve-swap.log"
+}
+
+suite_publish() {  # publish -> first response through Triton by model size, beside Triton's own reload
+  step "gpu-publish-$TAG" 480 python3 -m bench.gpu_publish --json "$OUT/gpu-publish-$TAG.json" --sizes 1,4,16 \
+    --swaps 20 --baseline-swaps 3
+  stdout_step "publish-${TAG}host-cpu$(nproc)" 60 python3 bench/publish.py --json
+}
+
+suite_aoti() {  # the AOTInductor engine on CUDA
+  step "gpu-refit-aoti-$TAG" 150 python3 -X faulthandler -m bench.gpu_refit --json "$OUT/gpu-refit-aoti-$TAG.json" \
+    --sizes 0.5 --dtype float16 --engines aoti --strategies double_buffer --baseline-gb 0 --repeats 2
+}
+
+suites=("$@")
+[ ${#suites[@]} -gt 0 ] || suites=(refit)
+for s in "${suites[@]}"; do
+  case $s in
+    refit | big | serve | publish | aoti) ;;
+    all) ;;
+    *) echo "unknown suite '$s': refit, big, serve, publish, aoti or all" >&2; exit 2 ;;
+  esac
+done
 { nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv
-  nproc; free -g; df -h /dev/shm /tmp; python3 -c 'import torch; print(torch.__version__, torch.version.cuda)'; } \
-  > "$OUT/env.txt" 2>&1
-case "${1:-refit}" in
-  refit)
-    step pytest 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fastpath_cuda.py
-    step refit_fp16 260 python3 -m bench.gpu_refit --json "$OUT/refit_fp16.json" --sizes 1,4,16 --dtype float16 \
-      --engines eager --baseline-gb 1
-    step refit_aoti 150 python3 -m bench.gpu_refit --json "$OUT/refit_aoti.json" --sizes 4 --dtype float16 \
-      --engines aoti --baseline-gb 0
-    step refit_bf16_cast 60 python3 -m bench.gpu_refit --json "$OUT/refit_bf16_cast.json" --sizes 4 --dtype bfloat16 \
-      --checkpoint-dtype float32 --engines eager --strategies double_buffer --baseline-gb 0
-    ;;
-  serve)
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > "$OUT/pip.log" 2>&1
-    export PYTHONPATH=$PYTHONPATH:/tmp/site
-    step serve_swap 300 python3 -m bench.gpu_serve_swap --json "$OUT/serve_swap.json" --swaps 20 \
-      --triton-log "$OUT/triton.log"
-    step refit_big 230 python3 -m bench.gpu_refit --json "$OUT/refit_big.json" --sizes "" --engines eager \
-      --baseline-gb 0 --big-in-place "${BIG_GB:-45}"
-    ;;
-  serve2)
-    python3 -m pip install -q --no-index --no-deps --no-compile .whl/*.whl > "$OUT/pip.log" 2>&1  # the stub sees
-    # only the interpreter's own site-packages (not PYTHONPATH), so the wheels go there
-    step serve_swap 200 python3 -m bench.gpu_serve_swap --json "$OUT/serve_swap.json" --swaps 20 \
-      --triton-log "$OUT/triton.log"
-    step refit_defaults 100 python3 -m bench.gpu_refit --json "$OUT/refit_defaults.json" --sizes 4,16 \
-      --engines eager --strategies double_buffer,in_place --baseline-gb 0
-    ;;
-  serve3)
-    python3 -m pip install -q --no-index --no-deps --no-compile .whl/*.whl > "$OUT/pip.log" 2>&1
-    step serve_swap_sync 200 python3 -m bench.gpu_serve_swap --json "$OUT/serve_swap_sync.json" --swaps 20 \
-      --sync-outputs --triton-log "$OUT/triton.log"
-    ;;
-  serve4)
-    python3 -m pip install -q --no-index --no-deps --no-compile .whl/*.whl > "$OUT/pip.log" 2>&1
-    step serve_swap_cpu_out 150 python3 -m bench.gpu_serve_swap --json "$OUT/serve_swap_cpu_out.json" --swaps 20 \
-      --strategies double_buffer --cpu-outputs --triton-log "$OUT/triton.log"
-    ;;
-  final)
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > "$OUT/pip.log" 2>&1
-    export PYTHONPATH=$PYTHONPATH:/tmp/site
-    step serve_swap 240 python3 -m bench.gpu_serve_swap --json "$OUT/serve_swap.json" --swaps 20 \
-      --triton-log "$OUT/triton.log"
-    step sweep_b8_32 45 python3 -m bench.gpu_refit --json "$OUT/sweep_b8_32.json" --sizes 4 --engines eager \
-      --strategies double_buffer --baseline-gb 0 --buffers 8 --buffer-mb 32 --probe-register
-    step sweep_t8 45 python3 -m bench.gpu_refit --json "$OUT/sweep_t8.json" --sizes 4 --engines eager \
-      --strategies double_buffer --baseline-gb 0 --threads 8
-    step sweep_r16m 45 python3 -m bench.gpu_refit --json "$OUT/sweep_r16m.json" --sizes 4 --engines eager \
-      --strategies double_buffer --baseline-gb 0 --read-kb 16384 --buffers 6
-    step aoti_small 100 python3 -X faulthandler -m bench.gpu_refit --json "$OUT/aoti_small.json" --sizes 0.5 \
-      --width 4096 --engines aoti --strategies double_buffer --baseline-gb 0 --repeats 2
-    ;;
-esac
-echo "== done $(date +%T)"
+  nproc; free -g; df -h /dev/shm "${TMPDIR:-/tmp}"
+  python3 -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda)'
+  echo "commit ${HOTSWAP_COMMIT:-unknown}, tag $TAG"; } > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+wheels
+for s in "${suites[@]}"; do
+  if [ "$s" = all ]; then
+    for t in refit big serve publish aoti; do "suite_$t"; done
+  else
+    "suite_$s"
+  fi
+done
+echo "== done $(date +%T); results in $OUT"
+exit "$FAILED"

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.gpu_refit import BigMLP, environment, write_safetensors_stream
+from bench.gpu_refit import BigMLP, command, command_args, environment, write_safetensors_stream
+from serving.publisher import publish
 from serving.triton.scrape import scrape, weights_versions
 from serving.triton.server import TritonProcess
 from serving.triton.swapload import run_swap_load
@@ -113,14 +114,6 @@ def make_repository(root: Path, width: int, layers: int, strategies: list[str], 
         (root / name / "1" / "model.py").write_text(code)
         names.append(name)
     return names
-
-
-def publish(src: Path, folder: Path) -> Path:
-    dest = folder / src.name
-    tmp = folder / f".{src.name}.tmp"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
-    return dest
 
 
 def ensure_pytriton_findable() -> None:
@@ -234,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if args.kind == "KIND_GPU" else "cpu"
     strategies = [s for s in args.strategies.split(",") if s]
     work = Path(tempfile.mkdtemp(prefix="gpu-serve-swap-"))
-    results: dict[str, Any] = {"environment": environment(device), "argv": sys.argv[1:] if argv is None else argv,
+    given = sys.argv[1:] if argv is None else argv
+    results: dict[str, Any] = {"environment": environment(device), "command": command("bench.gpu_serve_swap", given),
+                               "argv": command_args(given),
                                "model": {"factory": "bench.gpu_refit:big_mlp", "width": args.width,
                                          "layers": args.layers, "dtype": "float32", "engine": "eager",
                                          "instance": args.kind,

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from serving.engines import build_engine  # noqa: E402
 from serving.examples import TRANSFORMER  # noqa: E402
 from serving.factory import build_module  # noqa: E402
+from serving.publisher import staging  # noqa: E402
 from serving.refit import CanaryConfig, RefitCoordinator  # noqa: E402
 from serving.specs import BuildSpec, TensorSpec  # noqa: E402
 from serving.watch import WatchRecord, WeightsWatcher  # noqa: E402
@@ -89,14 +90,13 @@ def trial(watcher: WeightsWatcher, client: Client, module: torch.nn.Module, fold
     state = random_state_dict(module, seed)
     ref = reference(module, state, x)
     name = f"v{seed:03d}.safetensors"
-    tmp = folder / f".{name}.tmp"
-    save_file(state, str(tmp))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    nbytes = tmp.stat().st_size
-    del state
-    t0 = time.monotonic()
-    os.rename(tmp, folder / name)
+    with staging(folder, name) as staged:
+        save_file(state, str(staged.temp))
+        staged.seal()
+        nbytes = staged.temp.stat().st_size
+        del state
+        t0 = time.monotonic()
+        staged.commit()
     deadline = t0 + timeout
     record: WatchRecord | None = None
     first: float | None = None
@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(base, ignore_errors=True)
     keys = [k for k in trials[0] if k not in ("mb", "tensors_refitted")]
     result = {
+        "command": " ".join(["python", "bench/publish.py", *(sys.argv[1:] if argv is None else argv)]),
         "benchmark": "publish: rename of a checkpoint into the weights folder -> first response with it",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "device": args.device,

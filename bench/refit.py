@@ -133,6 +133,7 @@ def main() -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
         result: dict[str, object] = {
+            "command": " ".join(["python", "bench/refit.py", *sys.argv[1:]]),
             "machine": {"python": platform.python_version(), "torch": torch.__version__,
                         "cpus": torch.get_num_threads(), "platform": platform.platform()},
             "refit": [bench_refit(e, args.mb, args.repeats, Path(tmp)) for e in args.engines.split(",")],

@@ -27,6 +27,7 @@ import tritonclient.http as httpclient
 
 from serving.examples import CNN, TRANSFORMER
 from serving.factory import build_module
+from serving.publisher import publish
 from serving.triton.scrape import scrape, weights_versions
 from serving.triton.server import TritonProcess, models_in, seed_weights
 from serving.triton.swapload import run_swap_load
@@ -84,9 +85,7 @@ def main() -> int:
                 return np.asarray(local.client.infer(args.model, [inp]).as_numpy("LOGITS"))
 
             def swap_to(version: str) -> None:
-                tmp_name = folder / f".{version}.safetensors.tmp"
-                tmp_name.write_bytes((staged / f"{version}.safetensors").read_bytes())
-                os.replace(tmp_name, folder / f"{version}.safetensors")
+                publish(staged / f"{version}.safetensors", folder)
                 deadline = time.monotonic() + 60
                 while time.monotonic() < deadline:
                     live = weights_versions(scrape(server.metrics_url), args.model)
@@ -105,7 +104,8 @@ def main() -> int:
             server.stop()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
-    out = {"model": args.model, "clients": args.clients, "commit": commit, "date": time.strftime("%Y-%m-%d"),
+    out = {"command": " ".join(["python", "bench/serve_swap.py", *sys.argv[1:]]),
+           "model": args.model, "clients": args.clients, "commit": commit, "date": time.strftime("%Y-%m-%d"),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
            **result.to_json()}
     print(json.dumps(out, indent=2) if args.json else out)

@@ -239,6 +239,26 @@ def _add_watch_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     rnd.set_defaults(handler=cmd_lora_random)
 
 
+def _add_publish_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``hotswap publish SRC --to FOLDER [--version V]`` (serving.publisher.publish)."""
+
+    def cmd_publish(args: argparse.Namespace) -> int:
+        from serving.publisher import publish
+
+        dest = publish(args.src, args.to, version=args.version, manifest=not args.no_manifest)
+        print(f"published {args.src} as {dest}")
+        return 0
+
+    pub = sub.add_parser("publish", help="publish a checkpoint file or directory into a weights folder (copy under a "
+                                         "hidden name, MANIFEST.json for directories, fsync, rename)")
+    pub.add_argument("src", help="a checkpoint file, a sharded or save_pretrained directory, or a PEFT adapter")
+    pub.add_argument("--to", required=True, help="the weights folder the server watches")
+    pub.add_argument("--version", help="the version name (default: the source's name); the name of an older "
+                                       "version publishes it again (a rollback)")
+    pub.add_argument("--no-manifest", action="store_true", help="copy a directory without writing MANIFEST.json")
+    pub.set_defaults(handler=cmd_publish)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hotswap", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -265,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=cmd_serve)
 
     _add_watch_commands(sub)
+    _add_publish_command(sub)
     return parser
 
 

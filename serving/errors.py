@@ -75,6 +75,13 @@ def _named(e: OSError, source: object, os_name: bool) -> object:
     return (e.filename or source) if os_name else source
 
 
+class PublishError(HotswapError):
+    """A version cannot be published into a weights folder (bad source, bad name, copy failed);
+    nothing visible was left in the folder."""
+
+    reason = "publish"
+
+
 class ValidationError(HotswapError):
     """A checkpoint does not fit the engine. Carries every problem found, not only the first."""
 

@@ -4,8 +4,10 @@ What a name in the folder is (:func:`classify_name`), which version a file or di
 (:func:`version_of`), what a ``MANIFEST.json`` says and whether a directory matches it
 (:func:`parse_manifest`, :func:`manifest_problems`), when an entry is complete enough to be read
 (:func:`completeness`), which of several entries wins (:func:`publish_key`, :func:`select_versions`)
-and which ones were already refused (:class:`RejectedLedger`). ``docs/publish.md`` states the same
-rules for users; :mod:`serving.watch` applies them to a real folder.
+and which ones were already refused (:class:`RejectedLedger`); on the writer's side, the name a
+published version gets (:func:`entry_name`) and the manifest it carries (:func:`render_manifest`).
+``docs/publish.md`` states the same rules for users; :mod:`serving.watch` applies them to a real
+folder and :mod:`serving.publisher` writes into one.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
-from serving.errors import CheckpointError
+from serving.errors import CheckpointError, PublishError
 
 #: a directory holding this file is a multi-file version verified by sha256
 MANIFEST_NAME = "MANIFEST.json"
@@ -64,6 +66,34 @@ def version_of(name: str, *, is_dir: bool, manifest_version: str | None = None) 
         return name
     stem, dot, _ = name.rpartition(".")
     return stem if dot and stem else name
+
+
+def entry_name(version: str | None, source_name: str, *, is_dir: bool) -> str:
+    """The name a published version gets in the folder: ``version`` (default: the source's version
+    by :func:`version_of`), plus the source's suffix for a file (``v3`` from ``model.safetensors``
+    is ``v3.safetensors``; a ``version`` already ending in it is kept as is).
+
+    Raises :class:`PublishError` if the source is a file with no checkpoint suffix, or the name
+    would be one the watcher ignores (hidden, temporary) or is not a single path component.
+    """
+    suffix = ""
+    if not is_dir:
+        low = source_name.lower()
+        suffix = next((source_name[-len(s):] for s in CHECKPOINT_SUFFIXES if low.endswith(s)), "")
+        if not suffix:
+            raise PublishError(f"{source_name}: not a checkpoint file (expected one of {', '.join(CHECKPOINT_SUFFIXES)}"
+                               f", a checkpoint directory or a PEFT adapter directory)")
+    base = version if version is not None else version_of(source_name, is_dir=is_dir)
+    name = base if is_dir or base.lower().endswith(suffix.lower()) else base + suffix
+    problem = None
+    if not base or base in (".", "..") or any(c in base for c in "/\\\0"):
+        problem = "must be one non-empty name, without '/'"
+    elif is_temp_name(name):
+        problem = (f"{name!r} is a hidden or temporary name, which the watcher ignores (a leading '.', or one of "
+                   f"{', '.join(TEMP_SUFFIXES)} at the end)")
+    if problem:
+        raise PublishError(f"version {base!r}: {problem}; pick another version name")
+    return name
 
 
 def publish_key(mtime_ns: int, name: str) -> tuple[int, str]:
@@ -179,6 +209,15 @@ def parse_manifest(raw: bytes, source: str) -> Manifest:
     if problems:
         raise _bad_manifest(source, "; ".join(problems))
     return Manifest(tuple(sorted(entries, key=lambda e: e.path)), version)
+
+
+def render_manifest(files: Iterable[ManifestEntry], version: str | None = None) -> bytes:
+    """The ``MANIFEST.json`` for ``files`` (the list form, sizes included) that :func:`parse_manifest`
+    reads back as the same :class:`Manifest`."""
+    doc: dict[str, object] = {} if version is None else {"version": version}
+    doc["files"] = [{"path": f.path, "sha256": f.sha256, **({} if f.size is None else {"size": f.size})}
+                    for f in sorted(files, key=lambda f: f.path)]
+    return (json.dumps(doc, indent=1) + "\n").encode()
 
 
 @dataclass(frozen=True)

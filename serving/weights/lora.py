@@ -25,8 +25,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -517,19 +515,12 @@ def save_adapter(directory: Path, config: Mapping[str, object], tensors: Mapping
     """Write a PEFT adapter directory atomically: into a hidden temp dir beside it, then rename."""
     from safetensors.torch import save_file
 
+    from serving.publisher import staging
+
     directory = Path(directory)
     if directory.exists():
         raise FileExistsError(f"{directory} exists; publish adapters under a new name")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-    try:
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True))
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS[0]))
-        for f in (tmp / ADAPTER_CONFIG, tmp / ADAPTER_WEIGHTS[0]):
-            os.chmod(f, 0o644)
-        os.chmod(tmp, 0o755)  # mkdtemp made it private
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staging(directory.parent, directory.name, directory=True) as staged:
+        (staged.temp / ADAPTER_CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(staged.temp / ADAPTER_WEIGHTS[0]))
     return directory

@@ -1,4 +1,4 @@
-"""Write checkpoints the way the publish protocol recommends: a hidden temp name, then a rename."""
+"""Write a checkpoint file the way the publish protocol recommends (see :mod:`serving.publisher`)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import torch
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], out: Path,
                       metadata: Mapping[str, str] | None = None) -> Path:
-    """Save ``tensors`` to ``out`` atomically (readers never see a half-written file)."""
+    """Save ``tensors`` to ``out`` atomically (readers never see a half-written file): written under a
+    hidden temporary name beside it, flushed, then renamed."""
     from safetensors.torch import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {}))
-    tmp.replace(out)
+    from serving.publisher import staging
+
+    with staging(out.parent, out.name) as staged:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(staged.temp), metadata=dict(metadata or {}))
     return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ import torch
 
 from serving.examples import CNN, TRANSFORMER
 from serving.factory import build_module
+from serving.publisher import publish
 from serving.triton.scrape import scrape, weights_versions
 from serving.triton.server import TritonProcess, seed_weights
 from serving.weights.random_state import random_state_dict
@@ -93,12 +93,8 @@ class TritonFixture:
         return self.weights_root / model
 
     def publish(self, model: str, src: Path, name: str | None = None) -> Path:
-        """Publish by the recommended protocol: copy to a hidden temp name, then rename into the folder."""
-        dest = self.weights_dir(model) / (name or src.name)
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-        return dest
+        """Publish ``src`` into the model's weights folder with :func:`serving.publisher.publish`."""
+        return publish(src, self.weights_dir(model), version=name)
 
     def versions(self, model: str) -> dict[str, str]:
         """instance -> live weights version, from Triton's /metrics."""
