@@ -341,8 +341,23 @@ def measured(results: Path = RESULTS) -> str:
     return "\n".join(section(results) for section in SECTIONS)
 
 
+def settings() -> str:
+    """The configuration table: serving.settings.SETTINGS."""
+    from serving.settings import markdown_table
+
+    return markdown_table()
+
+
+def stages() -> str:
+    """The refit stages table: serving.metrics.STAGES."""
+    from serving.metrics import STAGES
+
+    return "\n".join(["| stage | what it times |", "| --- | --- |",
+                      *(f"| `{name}` | {doc} |" for name, doc in STAGES.items())])
+
+
 #: block name -> generator; other generators of README blocks register here
-GENERATORS: dict[str, Callable[[], str]] = {"measured": measured}
+GENERATORS: dict[str, Callable[[], str]] = {"measured": measured, "settings": settings, "stages": stages}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,7 +60,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("model_factory", "str", "`package.module:function` returning the torch.nn.Module to serve "
             "(a module next to `model.py` is importable)", flag="--factory"),
     Setting("factory_kwargs", "json", "JSON object of keyword arguments for the factory", "{}", flag="--kwargs"),
-    Setting("engine", "choice", "the compiled engine (see Engines)", None,
+    Setting("engine", "choice", "the engine the model runs on: `eager`, `aoti` or `tensorrt` (see How it works)", None,
             "`tensorrt` on a GPU instance, `aoti` on CPU", choices=tuple(ENGINES), flag="--engine"),
     Setting("weights_dir", "path", "the watched folder; must be outside the model repository (Triton's own change "
             "detection would reload the model)", None, "`$HOTSWAP_WEIGHTS_ROOT/<model name>`", flag="--folder"),
