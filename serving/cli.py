@@ -145,7 +145,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
-    print(f"watching {folder} ({args.mode}); publish by writing NAME.tmp then renaming it; Ctrl-C stops",
+    print(f"watching {folder} ({settings.watch_mode}); publish with `hotswap publish SRC --to {folder}` (or write "
+          "NAME.tmp, then rename it); Ctrl-C stops",
           flush=True)
     try:
         stop.wait(args.exit_after)
