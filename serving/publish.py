@@ -96,9 +96,9 @@ def entry_name(version: str | None, source_name: str, *, is_dir: bool) -> str:
     return name
 
 
-def publish_key(mtime_ns: int, name: str) -> tuple[int, str]:
-    """Sort key of "publish time": the entry's mtime, ties broken by name (later name = newer)."""
-    return (mtime_ns, name)
+def publish_key(published_ns: int, name: str) -> tuple[int, str]:
+    """Sort key of "publish time": when the entry arrived, ties broken by name (later name = newer)."""
+    return (published_ns, name)
 
 
 # ---------------------------------------------------------------- content identity

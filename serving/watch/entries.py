@@ -58,7 +58,9 @@ class Entry:
     kind: str  # "checkpoint" | "adapter"
     is_dir: bool
     fp: Fingerprint
-    mtime_ns: int
+    #: when the entry arrived in the folder: its inode change time (a rename, a copy tool setting times,
+    #: `touch`), which copy tools cannot carry over from the source, unlike mtime
+    arrived_ns: int
     version: str
     manifest: Manifest | None = None
     #: refused without reading (symlink outside the folder, too many files, not a regular file, ...)
@@ -83,8 +85,13 @@ def age_s(fp: Fingerprint) -> float:
 
 
 def publish_time_ns(entry: Entry) -> int:
-    """When the entry was published, for ordering versions (see docs/publish.md)."""
-    return entry.mtime_ns
+    """When the entry was published, for ordering versions (docs/publish.md): when it arrived in the folder.
+
+    Not its mtime: ``cp -a``, ``rsync -a``, ``tar -x`` and object-store sync keep the source's mtime, so a
+    version copied in today could look older than the live one. The inode change time is set by the
+    arrival itself (create, rename, or the tool setting the times) and survives a restart.
+    """
+    return entry.arrived_ns
 
 
 def _root(policy: CheckpointPolicy) -> Path | None:
@@ -104,11 +111,11 @@ def inspect_entry(folder: Path, name: str, policy: CheckpointPolicy, max_files: 
         try:
             target = path.resolve(strict=True)
         except (OSError, RuntimeError) as e:
-            return Entry(name, path, "checkpoint", False, fp, lst.st_mtime_ns, version_of(name, is_dir=False),
+            return Entry(name, path, "checkpoint", False, fp, lst.st_ctime_ns, version_of(name, is_dir=False),
                          soft=("not_found", f"{path}: dangling or looping symlink ({e})"))
         root = _root(policy)
         if root is not None and not target.is_relative_to(root):
-            return Entry(name, path, "checkpoint", False, fp, lst.st_mtime_ns, version_of(name, is_dir=False),
+            return Entry(name, path, "checkpoint", False, fp, lst.st_ctime_ns, version_of(name, is_dir=False),
                          problem=("outside_root", f"{path} -> {target}: the symlink points outside the weights "
                                   f"folder {root}; copy or move the checkpoint into the folder instead"))
     try:
@@ -117,7 +124,7 @@ def inspect_entry(folder: Path, name: str, policy: CheckpointPolicy, max_files: 
         return "gone"
     except OSError as e:
         fp = Fingerprint((row("", lst),))
-        return Entry(name, path, "checkpoint", False, fp, lst.st_mtime_ns, version_of(name, is_dir=False),
+        return Entry(name, path, "checkpoint", False, fp, lst.st_ctime_ns, version_of(name, is_dir=False),
                      problem=("unreadable", f"{path}: cannot stat: {e}"))
     is_dir = stat.S_ISDIR(st.st_mode)
     has_adapter = is_dir and os.path.lexists(path / ADAPTER_CONFIG)
@@ -131,7 +138,7 @@ def inspect_entry(folder: Path, name: str, policy: CheckpointPolicy, max_files: 
         if not stat.S_ISREG(st.st_mode):
             problem = ("unsupported", f"{path}: not a regular file (a fifo, socket or device?); "
                                       f"publish checkpoints as regular files")
-        return _finish(name, path, kind, False, Fingerprint((row("", st),)), st.st_mtime_ns, None, problem, policy)
+        return _finish(name, path, kind, False, Fingerprint((row("", st),)), st.st_ctime_ns, None, problem, policy)
     rows, problem = walk(path, _root(policy), max_files)
     manifest: Manifest | None = None
     soft: Problem | None = None
@@ -145,18 +152,18 @@ def inspect_entry(folder: Path, name: str, policy: CheckpointPolicy, max_files: 
                 problem = (e.reason, str(e))
             else:
                 soft = (e.reason, str(e))
-    entry = _finish(name, path, kind, True, Fingerprint(tuple(rows)), st.st_mtime_ns, manifest, problem, policy)
+    entry = _finish(name, path, kind, True, Fingerprint(tuple(rows)), st.st_ctime_ns, manifest, problem, policy)
     entry.soft = soft
     return entry
 
 
-def _finish(name: str, path: Path, kind: str, is_dir: bool, fp: Fingerprint, mtime_ns: int,
+def _finish(name: str, path: Path, kind: str, is_dir: bool, fp: Fingerprint, arrived_ns: int,
             manifest: Manifest | None, problem: Problem | None, policy: CheckpointPolicy) -> Entry:
     if problem is None and fp.total_size > policy.max_bytes:
         problem = ("too_large", f"{path}: {fp.total_size} bytes, over the cap of {policy.max_bytes} "
                                 f"(max_file_bytes); raise the cap if this is expected")
     version = version_of(name, is_dir=is_dir, manifest_version=manifest.version if manifest else None)
-    return Entry(name, path, kind, is_dir, fp, mtime_ns, version, manifest, problem)
+    return Entry(name, path, kind, is_dir, fp, arrived_ns, version, manifest, problem)
 
 
 def read_small(path: Path, policy: CheckpointPolicy) -> bytes:

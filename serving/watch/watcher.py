@@ -197,7 +197,7 @@ class WeightsWatcher:
 
     def install_initial(self) -> RefitReport | None:
         """Install what the folder holds now: the newest valid base checkpoint by publish time (the
-        entry's mtime, ties by name), skipping rejected ones, then the newest valid LoRA adapter
+        time it arrived in the folder, ties by name), skipping rejected ones, then the newest valid LoRA adapter
         published after that base, merged into it. ``None`` when nothing valid is there.
 
         Entries that still look like a copy in progress are left to the worker (:meth:`start`).
@@ -455,7 +455,7 @@ class WeightsWatcher:
             older = [e for e in entries if self._lineage.older_than_live(e)]
             if older:
                 self.metrics.count_refit("skipped", "older_than_live", len(older))
-                log.info("weights folder: not installing %s: published (mtime) before the live %s; to publish an "
+                log.info("weights folder: not installing %s: it arrived before the live %s; to publish an "
                          "older version again, copy it in anew or touch it", ", ".join(e.name for e in older),
                          self.coordinator.live_version)
                 entries = [e for e in entries if e not in older]

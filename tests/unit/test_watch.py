@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -44,16 +46,16 @@ def assert_serves(rig: Rig, seed: int) -> None:
 # ---------------------------------------------------------------- startup
 
 
-def test_install_initial_picks_newest_valid_by_mtime_skipping_rejected(folder: Path, rigs: list[Rig]) -> None:
+def test_install_initial_picks_the_newest_arrival_skipping_rejected(folder: Path, rigs: list[Rig]) -> None:
     rig = make(rigs, folder)
     hour = 3600 * 10**9
     now = time.time_ns()
+    # an old mtime does not make a version old: what counts is when it arrived (cp -a, rsync -a keep mtimes)
+    write_atomic(folder / "z-old.safetensors", state(9), mtime_ns=now + hour)
     write_atomic(folder / "v1.safetensors", state(1), mtime_ns=now - 4 * hour)
-    write_atomic(folder / "v2.safetensors", state(2), mtime_ns=now - 3 * hour)
+    write_atomic(folder / "v2.safetensors", state(2), mtime_ns=now - 5 * hour)
     bad = write_atomic(folder / "v3.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage",
                        mtime_ns=now - 2 * hour)
-    # a later name but an older publish time
-    write_atomic(folder / "z-old.safetensors", state(9), mtime_ns=now - 5 * hour)
     (folder / "README.md").write_text("not a checkpoint: ignored, not rejected")
     report = rig.watcher.install_initial()
     assert report is not None and report.outcome == "success" and report.version == "v2"
@@ -141,15 +143,53 @@ def test_same_content_is_noop_and_republishing_an_earlier_version_installs_it(fo
     assert rig.coord.live is not None and rig.coord.live.content_hash == content_hash_file(v1)
 
 
-def test_an_entry_published_before_the_live_one_is_not_installed_until_touched(folder: Path, rigs: list[Rig]) -> None:
+def test_moving_in_an_archived_file_publishes_it_whatever_its_mtime(folder: Path, rigs: list[Rig],
+                                                                      tmp_path: Path) -> None:
     rig = make(rigs, folder)
     rig.publish("v2.safetensors", 2)
     rig.watcher.install_initial()
     rig.start()
-    old = write_atomic(folder / "v1.safetensors", state(1), mtime_ns=rig.clock.last - 10**9)  # `mv` of an old file
-    wait_for(lambda: refits(rig.registry, "skipped", "older_than_live") == 1, "skipped as older")
-    assert rig.coord.live_version == "v2"
-    os.utime(old)  # publishing it again = a new publish time (restart would pick it too)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    old = write_atomic(archive / "v1.safetensors", state(1), mtime_ns=rig.clock.last - 10**12)
+    os.rename(old, folder / "v1.safetensors")  # `mv` of an archived file: arrives now, a rollback
+    rig.wait_live("v1")
+    assert_serves(rig, 1)
+    assert refits(rig.registry, "skipped", "older_than_live") == 0
+
+
+COPY_TOOLS = {
+    "cp -a": lambda src, dst: subprocess.run(["cp", "-a", str(src), str(dst)], check=True),
+    "rsync -a": lambda src, dst: subprocess.run(["rsync", "-a", str(src), str(dst)], check=True),
+    "tar -x": lambda src, dst: subprocess.run(f"tar -C {shlex.quote(str(src.parent))} -cf - {shlex.quote(src.name)}"
+                                              f" | tar -C {shlex.quote(str(dst.parent))} -xf -", shell=True,
+                                              check=True),
+    "shutil.copy2": lambda src, dst: shutil.copy2(src, dst),
+    "shutil.copytree": lambda src, dst: shutil.copytree(src, dst),
+}
+
+
+@pytest.mark.parametrize("tool", sorted(COPY_TOOLS))
+def test_copy_tools_that_keep_mtimes_publish_and_an_old_version_copied_in_is_a_rollback(
+        tool: str, folder: Path, rigs: list[Rig], tmp_path: Path) -> None:
+    """Tools that keep the source's (old) modification time still publish: publish time is arrival."""
+    rig = make(rigs, folder, settle_s=0.3)
+    rig.publish("v2.safetensors", 2)
+    rig.watcher.install_initial()
+    rig.start()
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    long_ago = rig.clock.last - 30 * 24 * 3600 * 10**9
+    if tool == "shutil.copytree":  # a save_pretrained-style directory
+        src = archive / "v1"
+        src.mkdir()
+        write_atomic(src / "model.safetensors", state(1), mtime_ns=long_ago)
+        (src / "config.json").write_text("{}")
+        os.utime(src, ns=(long_ago, long_ago))
+    else:
+        src = write_atomic(archive / "v1.safetensors", state(1), mtime_ns=long_ago)
+    COPY_TOOLS[tool](src, folder / src.name)
+    assert (folder / src.name).stat().st_mtime_ns // 10**9 == long_ago // 10**9  # the tool kept the old mtime
     rig.wait_live("v1")
     assert_serves(rig, 1)
 
