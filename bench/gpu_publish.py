@@ -51,7 +51,7 @@ from bench.gpu_refit import (
     pinned_copy_seconds,
     write_safetensors_stream,
 )
-from bench.gpu_serve_swap import ensure_pytriton_findable, make_repository, wait_ready
+from bench.gpu_serve_swap import ensure_pytriton_findable, make_repository
 from bench.triton_reload import MemorySampler, measure_reload
 from serving.publisher import staging
 from serving.triton.server import TritonProcess
@@ -194,7 +194,7 @@ def run_hotswap(work: Path, src: Sources, x: torch.Tensor, expected: dict[str, n
     try:
         t0 = time.monotonic()
         server.start()
-        wait_ready(server, names, args.ready_timeout)
+        server.wait_ready(names, args.ready_timeout)
         results["server_ready_s"] = time.monotonic() - t0
         for name, strategy in zip(names, strategies, strict=True):
             results[strategy] = run_strategy(server, name, weights_root / name, src, x, expected, args, counter)

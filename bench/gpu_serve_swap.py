@@ -132,22 +132,6 @@ def ensure_pytriton_findable() -> None:
         sys.modules["pytriton"] = stub
 
 
-def wait_ready(server: TritonProcess, models: list[str], timeout: float) -> None:
-    """Like ``server.wait_ready``, but fails at once when a model could not be loaded."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.proc is not None and server.proc.poll() is not None:
-            raise RuntimeError(f"tritonserver exited with {server.proc.returncode}:\n{server.log_tail()}")
-        if all(server.model_ready(m) for m in models):
-            return
-        failed = [f"{m.get('name')}: {m.get('reason')}" for m in server.repository_index()
-                  if m.get("name") in models and m.get("state") == "UNAVAILABLE"]
-        if failed:
-            raise RuntimeError(f"model(s) failed to load: {failed}\n{server.log_tail()}")
-        time.sleep(0.5)
-    raise TimeoutError(f"{models} not ready after {timeout}s\n{server.log_tail()}")
-
-
 def first_diff(srv: TritonProcess, name: str, x: torch.Tensor, ref: np.ndarray) -> float | None:
     """Largest deviation of one served answer from the expected one (diagnoses a systematic mismatch)."""
     import tritonclient.grpc as grpcclient
@@ -260,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         server = TritonProcess(repo, work_dir=work / "triton", env=env)
         t0 = time.perf_counter()
         server.start()
-        wait_ready(server, names, args.ready_timeout)
+        server.wait_ready(names, args.ready_timeout)
         results["server_ready_s"] = time.perf_counter() - t0
         assert server is not None
         srv = server

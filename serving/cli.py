@@ -8,9 +8,13 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from serving.errors import HotswapError
 from serving.specs import TensorSpec, dtype_from_name
+
+if TYPE_CHECKING:
+    from serving.triton.server import TritonProcess
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -40,11 +44,16 @@ def cmd_weights_random(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run a real Triton (from the nvidia-pytriton wheel) on 127.0.0.1 serving a model repository."""
+    """Run a real Triton (from the nvidia-pytriton wheel) on 127.0.0.1 serving a model repository.
+
+    Exits promptly with Triton's reason when a model fails to load; SIGTERM and SIGINT stop Triton and
+    every Python stub of it.
+    """
     import os
     import signal
+    import threading
 
-    from serving.triton.server import TritonProcess, models_in, seed_weights
+    from serving.triton.server import ModelLoadError, TritonProcess, models_in, seed_weights
 
     repo = Path(args.model_repository).resolve()
     env = dict(os.environ)
@@ -56,35 +65,57 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = TritonProcess(repo, work_dir=Path(args.work_dir).resolve(), env=env,
                            http_port=ports.get("http_port", 8000), grpc_port=ports.get("grpc_port", 8001),
                            metrics_port=ports.get("metrics_port", 8002))
-    server.start(foreground=True)
-    models = [m.name for m in models_in(repo)]
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.wait_ready(models, timeout=args.ready_timeout)
-    except (TimeoutError, RuntimeError) as e:
-        print(f"hotswap: {e}", file=sys.stderr)
+        server.start(foreground=True)
+        models = [m.name for m in models_in(repo)]
+        failures: list[Exception] = []
+
+        def wait_ready() -> None:  # on a thread: the main thread keeps taking signals
+            try:
+                server.wait_ready(models, timeout=args.ready_timeout)
+            except (TimeoutError, RuntimeError) as e:
+                failures.append(e)
+
+        waiter = threading.Thread(target=wait_ready, name="hotswap-serve-ready", daemon=True)
+        waiter.start()
+        while waiter.is_alive() and not stop.is_set():
+            waiter.join(0.2)
+        if stop.is_set() and waiter.is_alive():
+            return 130
+        for error in failures:
+            what = "a model failed to load" if isinstance(error, ModelLoadError) else "Triton is not serving"
+            print(f"hotswap serve: {what}: {error}", file=sys.stderr, flush=True)
+            return 1
+        print(_banner(server, seeded, env), flush=True)
+        assert server.proc is not None
+        while not stop.is_set() and server.proc.poll() is None:
+            stop.wait(0.5)
+        return server.proc.returncode if server.proc.poll() is not None else 0
+    finally:
         server.stop()
-        return 1
-    lines = ["", f"Triton is serving {', '.join(models)} on 127.0.0.1 "
-             f"(HTTP {server.http_port}, gRPC {server.grpc_port}, metrics {server.metrics_port}).",
-             f"Engine cache: {env['HOTSWAP_CACHE_DIR']}", "Drop new weights (atomically: write NAME.tmp, then rename):"]
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _banner(s: TritonProcess, seeded: list[tuple[str, Path, bool]], env: dict[str, str]) -> str:
+    """What is served and how to use it, built from the repository actually served."""
+    lines = ["", f"Triton is serving {', '.join(m for m, _, _ in seeded)} on 127.0.0.1 "
+             f"(HTTP {s.http_port}, gRPC {s.grpc_port}, metrics {s.metrics_port}).",
+             f"Engine cache: {env['HOTSWAP_CACHE_DIR']}", "Weights folders (publish with `hotswap publish`):"]
     for model, folder, was_seeded in seeded:
-        lines.append(f"  {model}: {folder}" + ("   (seeded with initial.safetensors)" if was_seeded else ""))
-    first = seeded[0][0] if seeded else "MODEL"
-    lines += [
-        "Try:",
-        f"  hotswap weights random --factory serving.examples.transformer:tiny_transformer --seed 7 "
-        f"-o {env['HOTSWAP_WEIGHTS_ROOT']}/tiny_transformer/v7.safetensors",
-        f"  curl -s -X POST {server.http_url}/v2/models/{first}/infer -d @examples/{first}_request.json",
-        f"  curl -s {server.metrics_url} | grep hotswap_",
-        "Ctrl-C stops the server.", "",
-    ]
-    print("\n".join(lines), flush=True)
-    assert server.proc is not None
-    try:
-        return server.proc.wait()
-    except KeyboardInterrupt:
-        server.proc.send_signal(signal.SIGTERM)
-        return server.proc.wait(60)
+        lines.append(f"  {model}: {folder}" + ("   (seeded with a random initial.safetensors)" if was_seeded else ""))
+    model, folder, _ = seeded[0] if seeded else ("MODEL", Path("FOLDER"), False)
+    lines += ["Try:", f"  hotswap publish CHECKPOINT --to {folder}"]
+    request = Path("examples") / f"{model}_request.json"
+    if request.is_file():
+        lines.append(f"  curl -s -X POST {s.http_url}/v2/models/{model}/infer -d @{request}")
+    else:
+        lines.append(f"  curl -s {s.http_url}/v2/models/{model}   # inputs and outputs")
+    lines += [f"  curl -s {s.metrics_url} | grep hotswap_", f"  hotswap status --metrics-url {s.metrics_url}",
+              "Ctrl-C stops the server.", ""]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- hotswap watch / hotswap lora

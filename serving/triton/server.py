@@ -6,6 +6,7 @@ to 127.0.0.1 only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -139,6 +140,14 @@ def seed_weights(repository: Path, env: Mapping[str, str]) -> list[tuple[str, Pa
     return out
 
 
+class ModelLoadError(RuntimeError):
+    """Triton failed to load one or more models; ``failed`` holds ``"name: reason"`` per model."""
+
+    def __init__(self, failed: Sequence[str]) -> None:
+        super().__init__("model(s) failed to load:\n" + "\n".join(f"  {f}" for f in failed))
+        self.failed = list(failed)
+
+
 class TritonProcess:
     """A tritonserver child process on loopback ports."""
 
@@ -156,6 +165,10 @@ class TritonProcess:
         self.model_control_mode = model_control_mode
         self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.work_dir / "tmp"
 
     @property
     def http_url(self) -> str:
@@ -187,6 +200,9 @@ class TritonProcess:
         # the stub imports packages from the first python on PATH: make that this interpreter's venv
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # the stubs' temporary files (e.g. AOTInductor's extracted packages) go where stop() removes them
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        env["TMPDIR"] = str(self.tmp_dir)
         # without a UTF-8 locale the stub's embedded Python decodes text (compiler output) as ASCII
         env.setdefault("PYTHONUTF8", "1")
         if "UTF-8" not in env.get("LC_ALL", env.get("LANG", "")).upper().replace("UTF8", "UTF-8"):
@@ -198,8 +214,9 @@ class TritonProcess:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         cmd = self.command(install)
         env = self.process_env(install)
+        # a session of its own either way: signals reach it only through stop(), which ends the whole group
         if foreground:
-            self.proc = subprocess.Popen(cmd, env=env)
+            self.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
             return
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -227,14 +244,24 @@ class TritonProcess:
         except (urllib.error.URLError, OSError, ValueError):
             return []
 
+    def failed_models(self, models: Sequence[str]) -> list[str]:
+        """``"name: Triton's reason"`` for each of ``models`` that Triton failed to load."""
+        return [f"{m.get('name')}: {m.get('reason') or 'failed to load'}" for m in self.repository_index()
+                if m.get("name") in models and m.get("state") == "UNAVAILABLE"]
+
     def wait_ready(self, models: Sequence[str], timeout: float = 300.0) -> None:
-        """Wait until the server is live and every model is ready; raise with the log tail if not."""
+        """Wait until the server is live and every model is ready; raise at once, with Triton's reason,
+        when the server exits or a model fails to load, and with the log tail after ``timeout``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"tritonserver exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if self._get("/v2/health/live")[0] == 200 and all(self.model_ready(m) for m in models):
-                return
+            if self._get("/v2/health/live")[0] == 200:
+                if all(self.model_ready(m) for m in models):
+                    return
+                failed = self.failed_models(models)
+                if failed:
+                    raise ModelLoadError(failed)
             time.sleep(0.5)
         raise TimeoutError(f"tritonserver not ready with {list(models)} after {timeout}s; index: "
                            f"{self.repository_index()}\n{self.log_tail()}")
@@ -246,13 +273,20 @@ class TritonProcess:
             return ""
 
     def stop(self, timeout: float = 60.0) -> int | None:
-        """SIGTERM, wait (Triton unloads models, each finalize stops its threads), SIGKILL if it hangs."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
+        """SIGTERM, wait (Triton unloads models, each finalize stops its threads), SIGKILL if it hangs; then
+        make sure no process of its group (the Python stubs) is left, and remove its temporary files."""
         try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            raise
+            if self.proc is None or self.proc.poll() is not None:
+                return None if self.proc is None else self.proc.returncode
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                raise
+        finally:
+            if self.proc is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)  # stubs that outlived their server
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
