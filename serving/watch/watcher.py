@@ -490,7 +490,7 @@ class WeightsWatcher:
             if entry.content_hash is None and entry.kind == "checkpoint" and \
                     entry.fp.total_size > self.prehash_max_bytes:
                 quick = quick_identity(entry)
-            if quick is None or quick in self._quick_ids:  # small, or content seen before: a no-op or rollback?
+            if quick is None or self._reusable(entry, quick):
                 entry.content_hash = content_hash(entry, self._hash_pool)
         except FileNotFoundError:
             self._gone(entry.name)
@@ -527,6 +527,20 @@ class WeightsWatcher:
             return "stop", report
         self._ledger.record(Rejection(str(entry.path), entry.fp, entry.content_hash, report.reason, report.message))
         return "rejected", report
+
+    def _reusable(self, entry: Entry, quick: str) -> bool:
+        """Whether hashing first can save the read: the quick identity is that of weights the coordinator can
+        switch to without reading (live: a no-op; previous: a pointer switch; the base under an adapter) or of
+        content refused before at this path."""
+        known = self._quick_ids.get(quick)
+        if known is None:
+            return False
+        coord = self.coordinator
+        reusable = {w.content_hash for w in (coord.live, coord.previous, self._lineage.base) if w is not None}
+        refused = self._ledger.get(str(entry.path))
+        if refused is not None:
+            reusable.add(refused.content_hash)
+        return known in reusable
 
     def _unchanged(self, entry: Entry) -> bool:
         """Still what was inspected; if not, it is being written: drop it and look again later."""

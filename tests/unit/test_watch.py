@@ -522,3 +522,11 @@ def test_a_large_new_checkpoint_is_read_once_before_it_goes_live_and_hashed_afte
     rig.idle()
     assert rig.watcher.history[-1].report.tensors_refitted == 0  # the standby still held v1: a pointer switch
     assert_serves(rig, 1)
+    rig.publish("v3.safetensors", 3)
+    rig.wait_live("v3")
+    shutil.copyfile(v2, folder / ".again.tmp")  # seen before, but neither live nor previous: nothing to reuse
+    os.rename(folder / ".again.tmp", folder / "v2-again.safetensors")
+    rig.wait_live("v2-again")
+    rig.idle()
+    assert rig.watcher.history[-1].identity_s > 0  # streamed first, hashed after
+    assert_serves(rig, 2)
