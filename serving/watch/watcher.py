@@ -82,8 +82,8 @@ class WatchRecord:
     finished: float
     hash_s: float
     report: RefitReport
-    #: the content hash computed after the weights went live (large checkpoints seen for the first time)
-    identity_s: float = 0.0
+    #: the content hash is computed after the weights went live, off the worker (large, new content)
+    hashed_after: bool = False
 
     def summary(self) -> str:
         """One line for the log: the outcome, the time from the first event, and where it went (ms)."""
@@ -93,11 +93,11 @@ class WatchRecord:
             parts.append(f"settle {1e3 * max(0.0, self.started - self.first_event):.0f}")
         parts.append(f"hash {1e3 * self.hash_s:.0f}")
         parts += [f"{k} {1e3 * v:.0f}" for k, v in r.stages.items() if k != "total"]
-        if self.identity_s:
-            parts.append(f"identity after live {1e3 * self.identity_s:.0f}")
+        if self.hashed_after:
+            parts.append("hashed after going live")
         since = self.first_event if self.first_event is not None else self.started
         return (f"refit {self.version} -> {r.outcome}{f' ({r.reason})' if r.reason else ''} in "
-                f"{1e3 * (self.finished - self.identity_s - since):.0f} ms from the first event "
+                f"{1e3 * (self.finished - since):.0f} ms from the first event "
                 f"({', '.join(parts)})")
 
 
@@ -144,6 +144,8 @@ class WeightsWatcher:
         self._events = Debouncer(self._folder_str, self.debounce_s)
         self._pending = self._events.pending  # name -> Pending, shared with the debouncer
         self._pool: ThreadPoolExecutor | None = None
+        self._after: ThreadPoolExecutor | None = None  # content hashes of weights already live
+        self._identifying = 0
         self._seen: dict[str, Fingerprint] = {}
         self._ignored_logged: set[str] = set()
         self._ledger = RejectedLedger()
@@ -270,6 +272,9 @@ class WeightsWatcher:
                 log.warning("weights watcher: worker still busy after %.1fs (a refit in progress?)", timeout)
         if observer is not None:
             observer.join(max(0.0, deadline - time.monotonic()))
+        if self._after is not None and (worker is None or not worker.is_alive()):
+            self._after.shutdown(wait=True, cancel_futures=True)
+            self._after = None
         if self._pool is not None and (worker is None or not worker.is_alive()):
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -279,7 +284,7 @@ class WeightsWatcher:
         """True once nothing is queued, nothing is pending and the worker is not handling anything."""
         deadline = time.monotonic() + timeout
         while True:
-            if self._queue.unfinished_tasks == 0 and not self._pending and not self._busy:
+            if self._queue.unfinished_tasks == 0 and not self._pending and not self._busy and not self._identifying:
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -511,13 +516,13 @@ class WeightsWatcher:
             report = self._lineage.apply_adapter(entry)
         else:
             report = self._lineage.install_checkpoint(entry)
-        identity_s = self._identify_after(entry, report) if entry.content_hash is None else 0.0
-        if quick is not None and entry.content_hash is not None:
-            self._quick_ids[quick] = entry.content_hash
-            while len(self._quick_ids) > 64:
-                self._quick_ids.popitem(last=False)
+        hashed_after = entry.content_hash is None
+        if hashed_after and report.outcome == "success":
+            self._identify_later(entry, quick)
+        elif hashed_after:  # refused: hashed now, so the ledger knows this content
+            self._identify(entry, report, quick)
         record = WatchRecord(str(entry.path), entry.kind, entry.version, entry.first_event, started,
-                             time.monotonic(), hash_s, report, identity_s)
+                             time.monotonic(), hash_s, report, hashed_after)
         self.history.append(record)
         log.info("%s", record.summary())
         if report.outcome in ("success", "noop"):
@@ -552,22 +557,52 @@ class WeightsWatcher:
         self._pending.setdefault(entry.name, Pending(now, now))
         return False
 
-    def _identify_after(self, entry: Entry, report: RefitReport) -> float:
-        """Hash a large checkpoint after it went live (or was refused): the identity later publishes are
-        compared with (no-op, rollback, refused before). Unknown when the entry changed meanwhile."""
+    def _identify_later(self, entry: Entry, quick: str | None) -> None:
+        """Hash weights that went live without a hash on a thread of their own: the worker goes on with the
+        next publish meanwhile."""
+        if self._after is None:
+            self._after = ThreadPoolExecutor(1, thread_name_prefix=f"hotswap-identity-{self.folder.name}",
+                                             initializer=lower_priority)
+        self._identifying += 1
+
+        def run() -> None:
+            try:
+                self._identify(entry, None, quick)
+            except Exception:
+                log.exception("weights watcher: hashing %s after it went live failed", entry.path)
+                self.metrics.watcher_error()
+            finally:
+                with self._lock:  # the worker counts up under it too
+                    self._identifying -= 1
+
+        self._after.submit(run)
+
+    def _identify(self, entry: Entry, report: RefitReport | None, quick: str | None) -> None:
+        """The content hash of an entry read without one: the identity later publishes are compared with
+        (no-op, rollback, refused before). Stays unknown when the entry changed meanwhile."""
         t0 = time.perf_counter()
         try:
             h = content_hash(entry, self._hash_pool)
         except OSError as e:
             log.info("weights folder: %s could not be hashed after it was read (%s); its identity stays unknown",
                      entry.path, e)
-            return time.perf_counter() - t0
-        again = inspect_entry(self.folder, entry.name, self.policy, self.max_files)
-        if isinstance(again, Entry) and again.fp == entry.fp:
+            return
+        with self._lock:
+            again = inspect_entry(self.folder, entry.name, self.policy, self.max_files)
+            if not isinstance(again, Entry) or again.fp != entry.fp:
+                return
             entry.content_hash = h
-            if report.outcome == "success":
+            if quick is not None:
+                self._remember(quick, h)
+            if report is None:
                 self._lineage.identify(entry.version, h)
-        return time.perf_counter() - t0
+                log.info("weights folder: %s hashed after it went live (%.0f ms)", entry.version,
+                         1e3 * (time.perf_counter() - t0))
+
+    def _remember(self, quick: str, content: str) -> None:
+        self._quick_ids[quick] = content
+        while len(self._quick_ids) > 64:
+            self._quick_ids.popitem(last=False)
 
     def _reject_entry(self, entry: Entry, reason: str, message: str) -> RefitReport:
         """Refuse an entry without handing it to the coordinator: count, log once, record."""

@@ -512,7 +512,7 @@ def test_a_large_new_checkpoint_is_read_once_before_it_goes_live_and_hashed_afte
     rig.wait_live("v2")
     rig.idle()
     record = rig.watcher.history[-1]
-    assert record.version == "v2" and record.identity_s > 0  # hashed after it went live, not before
+    assert record.version == "v2" and record.hashed_after  # hashed after it went live, not before
     assert rig.coord.live is not None and rig.coord.live.content_hash == content_hash_file(v2)
     rig.publish("v2-copy.safetensors", 2)  # seen before: hashed first, nothing to do
     wait_for(lambda: refits(rig.registry, "noop") == 1, "a no-op")
@@ -528,5 +528,5 @@ def test_a_large_new_checkpoint_is_read_once_before_it_goes_live_and_hashed_afte
     os.rename(folder / ".again.tmp", folder / "v2-again.safetensors")
     rig.wait_live("v2-again")
     rig.idle()
-    assert rig.watcher.history[-1].identity_s > 0  # streamed first, hashed after
+    assert rig.watcher.history[-1].hashed_after  # streamed first, hashed after
     assert_serves(rig, 2)
