@@ -72,7 +72,7 @@ def parse_summaries(log_text: str) -> dict[str, dict[str, float]]:
         stages = {"total": float(m.group("total"))}
         for part in m.group("stages").split(", "):
             name, _, value = part.rpartition(" ")
-            if name:
+            if name and value.replace(".", "", 1).isdigit():  # "hashed after going live" is a note, not a stage
                 stages[name] = float(value)
         out[m.group("version")] = stages
     return out
