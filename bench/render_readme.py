@@ -293,6 +293,13 @@ def _median(v: float | Mapping[str, Any] | None) -> float | None:
     return v.get("median") if isinstance(v, Mapping) else v
 
 
+def breakdown(stages_ms: dict[str, float]) -> str:
+    """The stages that took a millisecond or more, in pipeline order ("other": event delivery, the answer)."""
+    order = ("settle", "hash", "read", "validate", "merge", "prescan", "drain", "transfer", "refit", "verify",
+             "swap", "other")
+    return ", ".join(f"{k} {stages_ms[k]:.0f}" for k in order if stages_ms.get(k) is not None and stages_ms[k] >= 1)
+
+
 def gpu_publish(results: Path) -> str:
     paths = files("gpu-publish-*.json", results)
     if not paths:
@@ -309,7 +316,8 @@ def gpu_publish(results: Path) -> str:
                 cache = ", from disk (evicted from the page cache)" if size.get("cold") else ""
                 rows.append([f"{size['model_bytes'] / 1e9:.2f} GB{cache}", strategy,
                              secs(_median(r["publish_to_first_response_s"])), num(r.get("stream_gbps"), " GB/s"),
-                             num(size.get("pinned_limit_gbps"), " GB/s"), r["errors"], r["torn"],
+                             num(size.get("pinned_limit_gbps"), " GB/s"), breakdown(r.get("stages_ms_median") or {}),
+                             r["errors"], r["torn"],
                              num(r.get("p99_during_over_steady"), "x"), num(r.get("peak_memory_over_model"), "x"),
                              secs(_median(base.get("publish_to_first_response_s"))),
                              f"{base['errors']} / {base['torn']}" if base else "n/a",
@@ -319,7 +327,8 @@ def gpu_publish(results: Path) -> str:
             "of the same versions (`bench/triton_reload.py`: a plain Python-backend model, a new version directory "
             "and the repository load API); `stream` is the file → device rate of the refit, `pinned limit` the "
             "pinned host → device copy rate of the same run.\n\n"
-            + table(["model", "strategy", "rename → first response", "stream", "pinned limit", "errors", "torn",
+            + table(["model", "strategy", "rename → first response", "stream", "pinned limit",
+                     "where the time goes (median ms)", "errors", "torn",
                      "p99 ratio", "peak memory / model", "Triton reload: rename → first response",
                      "reload: errors / torn", "reload: p99 ratio", "machine", "results"], rows)
             + ("\n" + errors(paths) if errors(paths) else "") + "\n" + sources(paths))
