@@ -101,6 +101,12 @@ class HotswapService:
             raise NotReadyError(f"model {self.settings.model_name!r} is not started")
         return self.coordinator.infer(inputs)
 
+    def infer_versioned(self, inputs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], str]:
+        """The outputs and the version of the weights that computed them."""
+        if self.coordinator is None:
+            raise NotReadyError(f"model {self.settings.model_name!r} is not started")
+        return self.coordinator.infer_versioned(inputs)
+
     def close(self, timeout: float = 10.0) -> None:
         """Stop the watcher and its worker (bounded by ``timeout``), then drop the engine."""
         if self.watcher is not None:

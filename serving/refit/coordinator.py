@@ -88,6 +88,12 @@ class RefitCoordinator:
         with self._slots.acquire() as lease:
             return lease.slot.run(inputs)
 
+    def infer_versioned(self, inputs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], str]:
+        """Like :meth:`infer`, and the version of the weights that computed the outputs: read from the same
+        lease as the slot, so the two cannot disagree (base version, ``+adapter`` with a LoRA merged)."""
+        with self._slots.acquire() as lease:
+            return lease.slot.run(inputs), lease.version or ""
+
     # ------------------------------------------------------------------ refits
     def refit_from_path(self, path: Path, *, version: str | None = None,
                         content_hash: str | None = None) -> RefitReport:

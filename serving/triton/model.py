@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from serving.errors import HotswapError
@@ -19,7 +20,7 @@ from serving.service import HotswapService
 from serving.settings import parse_settings
 from serving.triton.batching import split_batches
 from serving.triton.metrics import TritonMetricsBackend
-from serving.triton.model_config import ModelIO, parse_model_io
+from serving.triton.model_config import VERSION_OUTPUT, ModelIO, parse_model_io
 
 log = logging.getLogger("hotswap.triton")
 
@@ -45,6 +46,16 @@ def use_utf8_text_io() -> None:
         except locale.Error:
             continue
     log.warning("no UTF-8 locale available; compiling engines may fail on non-ASCII text")
+
+
+def response_parameters_supported(pb: Any) -> bool:
+    """Whether this Python backend's InferenceResponse takes ``parameters=`` (it came after Triton 2.51,
+    whose stub raises TypeError)."""
+    try:
+        pb.InferenceResponse(output_tensors=[], parameters={"hotswap_weights_version": ""})
+    except TypeError:
+        return False
+    return True
 
 
 class TritonPythonModel:
@@ -76,6 +87,11 @@ class TritonPythonModel:
             # Raising here keeps the model unavailable; Triton shows this message as the reason.
             raise pb.TritonModelException(f"hotswap: {e}") from e
         self._device = torch.device(device)
+        self._parameters = response_parameters_supported(pb)
+        log.info("model %s: weights version on every response as %s", model_name,
+                 " and ".join(filter(None, [f"output {VERSION_OUTPUT}" if self.io.version_output else "",
+                                            "response parameter hotswap_weights_version" if self._parameters
+                                            else ""])) or "nothing (declare the output to get it)")
 
     def _input(self, request: Any, name: str) -> torch.Tensor:
         t = _pb().get_input_tensor_by_name(request, name)
@@ -111,13 +127,17 @@ class TritonPythonModel:
             idx = [good[g] for g in group]
             try:
                 batch = [torch.cat([inputs[i][k] for i in idx]) for k in range(len(self.io.inputs))]  # type: ignore[index]
-                outputs = self.service.infer(batch)
+                outputs, version = self.service.infer_versioned(batch)
                 offset = 0
                 for i in idx:
                     n = inputs[i][0].shape[0]  # type: ignore[index]
                     tensors = [self._output(spec.name, out[offset:offset + n])
                                for spec, out in zip(self.io.outputs, outputs, strict=True)]
-                    responses[i] = pb.InferenceResponse(output_tensors=tensors)
+                    if self.io.version_output:
+                        tensors.append(pb.Tensor(VERSION_OUTPUT, np.array([[version.encode()]] * n, dtype=np.object_)))
+                    responses[i] = (pb.InferenceResponse(output_tensors=tensors,
+                                                         parameters={"hotswap_weights_version": version})
+                                    if self._parameters else pb.InferenceResponse(output_tensors=tensors))
                     offset += n
                 if self._device.type == "cuda":  # Triton reads the outputs on its own stream
                     torch.cuda.current_stream(self._device).synchronize()

@@ -19,14 +19,23 @@ TRITON_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+#: the optional output naming the weights version that computed each response (BYTES, one string per row)
+VERSION_OUTPUT = "HOTSWAP_WEIGHTS_VERSION"
+
+
 @dataclass(frozen=True)
 class ModelIO:
-    """Inputs, outputs (without the batch dimension) and the batch range of a Triton model."""
+    """Inputs, outputs (without the batch dimension) and the batch range of a Triton model.
+
+    ``outputs`` are the engine's; ``version_output`` says whether the config also declares
+    :data:`VERSION_OUTPUT` (filled by the backend, not the engine).
+    """
 
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     max_batch: int
     parameters: Mapping[str, str]
+    version_output: bool = False
 
 
 def _specs(entries: list[dict[str, Any]], what: str, errors: list[str]) -> tuple[TensorSpec, ...]:
@@ -52,7 +61,13 @@ def parse_model_io(config: Mapping[str, Any]) -> ModelIO:
     if max_batch < 1:
         errors.append("max_batch_size must be >= 1: the engine is built for a dynamic batch [1, max_batch_size]")
     inputs = _specs(list(config.get("input", [])), "input", errors)
-    outputs = _specs(list(config.get("output", [])), "output", errors)
+    declared = list(config.get("output", []))
+    version = [e for e in declared if e.get("name") == VERSION_OUTPUT]
+    for e in version:
+        if e.get("data_type") != "TYPE_STRING" or [int(d) for d in e.get("dims", [])] != [1]:
+            errors.append(f"output {VERSION_OUTPUT!r}: declare it as data_type: TYPE_STRING, dims: [ 1 ] "
+                          f"(found {e.get('data_type')!r}, dims {e.get('dims')})")
+    outputs = _specs([e for e in declared if e.get("name") != VERSION_OUTPUT], "output", errors)
     if not inputs:
         errors.append("the config declares no input")
     if not outputs:
@@ -60,4 +75,4 @@ def parse_model_io(config: Mapping[str, Any]) -> ModelIO:
     params = {k: str(v.get("string_value", "")) for k, v in dict(config.get("parameters", {})).items()}
     if errors:
         raise ConfigError(f"model {name!r}: config.pbtxt:\n" + "\n".join(f"  - {e}" for e in errors))
-    return ModelIO(inputs, outputs, max_batch, params)
+    return ModelIO(inputs, outputs, max_batch, params, version_output=bool(version))

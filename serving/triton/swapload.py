@@ -48,7 +48,7 @@ def classify(out: np.ndarray, expected: Mapping[str, np.ndarray], atol: float) -
 
 
 def run_swap_load(
-    infer: Callable[[], np.ndarray],
+    infer: Callable[[], np.ndarray | tuple[np.ndarray, str]],
     expected: Mapping[str, np.ndarray],
     swap_to: Callable[[str], None],
     order: list[str],
@@ -61,6 +61,9 @@ def run_swap_load(
     max_requests: int = 200_000,
 ) -> SwapLoadResult:
     """Clients call ``infer`` in a loop; ``swap_to(version)`` publishes and returns once it is live.
+
+    ``infer`` may return ``(output, version)``: the version the server says computed the output
+    (``HOTSWAP_WEIGHTS_VERSION``); a response whose version is not the one its output matches is torn.
 
     Latencies of requests that started inside a swap window (from publish to live plus
     ``settle_s``) count as "during swaps", the rest as steady. Loops are bounded.
@@ -76,19 +79,20 @@ def run_swap_load(
         while not stop.is_set():
             t0 = time.monotonic()
             try:
-                out = infer()
+                got = infer()
             except Exception as e:  # counted, never fatal to the test run
                 with lock:
                     errors.append(f"{type(e).__name__}: {e}")
                 continue
             dt = time.monotonic() - t0
+            out, said = got if isinstance(got, tuple) else (got, None)
             match = classify(out, expected, atol)
             with lock:
                 records.append((t0, dt))
-                if len(match) == 1:
+                if len(match) == 1 and said in (None, match[0]):
                     seen[match[0]] = seen.get(match[0], 0) + 1
                 else:
-                    torn.append(f"matched {match}")
+                    torn.append(f"matched {match}, response says {said!r}")
                 if len(records) >= max_requests:
                     stop.set()
 

@@ -48,8 +48,9 @@ INPUTS = {
 WIRE = {"tiny_transformer": ("TOKENS", "INT64"), "tiny_cnn": ("IMAGE", "FP32")}
 
 
-def infer(url: str, model: str, x: torch.Tensor, *, protocol: str = "http") -> np.ndarray:
-    """One request through tritonclient's HTTP (or, with ``protocol="grpc"``, gRPC) client."""
+def infer_versioned(url: str, model: str, x: torch.Tensor, *, protocol: str = "http") -> tuple[np.ndarray, list[str]]:
+    """One request through tritonclient's HTTP (or gRPC) client: the logits, and the weights version each row
+    names (the ``HOTSWAP_WEIGHTS_VERSION`` output)."""
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 
@@ -59,9 +60,16 @@ def infer(url: str, model: str, x: torch.Tensor, *, protocol: str = "http") -> n
     try:
         inp = api.InferInput(name, list(x.shape), dtype)
         inp.set_data_from_numpy(x.numpy())
-        return np.asarray(client.infer(model, [inp]).as_numpy("LOGITS"))
+        result = client.infer(model, [inp])
+        versions = [v.decode() for v in np.asarray(result.as_numpy("HOTSWAP_WEIGHTS_VERSION")).reshape(-1)]
+        return np.asarray(result.as_numpy("LOGITS")), versions
     finally:
         client.close()
+
+
+def infer(url: str, model: str, x: torch.Tensor, *, protocol: str = "http") -> np.ndarray:
+    """One request through tritonclient's HTTP (or, with ``protocol="grpc"``, gRPC) client."""
+    return infer_versioned(url, model, x, protocol=protocol)[0]
 
 
 @dataclass

@@ -10,7 +10,7 @@ import pytest
 
 from serving.triton.scrape import scrape, select, total
 
-from .conftest import INPUTS, TritonFixture, infer, random_checkpoint, reference_output
+from .conftest import INPUTS, TritonFixture, infer, infer_versioned, random_checkpoint, reference_output
 
 pytestmark = pytest.mark.integration
 
@@ -51,6 +51,10 @@ def test_dropped_checkpoint_changes_outputs_on_every_instance(
     print(f"{model}: v21 live on every instance {time.monotonic() - t0:.2f}s after the rename")
     for _ in range(4):  # requests land on either instance
         assert_serves(triton_server, model, seed=21)
+    x = INPUTS[model]
+    for protocol, url in (("http", triton_server.http_url), ("grpc", triton_server.grpc_url)):
+        _, versions = infer_versioned(url, model, x, protocol=protocol)
+        assert versions == ["v21"] * x.shape[0], (protocol, versions)  # every row names the weights that computed it
 
 
 def test_bad_file_changes_nothing_and_shows_in_metrics(triton_server: TritonFixture, tmp_path: Path) -> None:

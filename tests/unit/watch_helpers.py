@@ -88,6 +88,9 @@ def write_atomic(path: Path, data: bytes | Mapping[str, torch.Tensor], *, mtime_
     if mtime_ns is not None:
         os.utime(tmp, ns=(mtime_ns, mtime_ns))
     os.rename(tmp, path)
+    # publish time is arrival (ctime), stamped with the kernel's coarse clock (a few ms) unless fine-grained
+    # times were asked for: let it tick, so entries written one after the other arrive in that order
+    time.sleep(0.01)
     return path
 
 
