@@ -241,6 +241,23 @@ def _setting_flags(args: argparse.Namespace) -> dict[str, str]:
             if s.flag is not None and s.name not in _OWN_FLAGS and getattr(args, s.name, None) is not None}
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Models x instances: live version, last successful refit, rejections, watcher errors (from /metrics)."""
+    import time
+    import urllib.error
+
+    from serving.triton.scrape import scrape
+    from serving.triton.status import render, status_rows
+
+    try:
+        samples = scrape(args.metrics_url)
+    except (OSError, urllib.error.URLError) as e:
+        print(f"hotswap status: cannot read {args.metrics_url}: {e}", file=sys.stderr)
+        return 1
+    print(render(status_rows(samples), time.time()))
+    return 0
+
+
 def _add_watch_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     watch = sub.add_parser("watch", help="watch a weights folder and hot-swap into an engine, outside Triton")
     watch.add_argument("--factory", required=True, help="package.module:function returning a torch.nn.Module")
@@ -315,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--work-dir", default=".run", help="backend directory and logs")
     serve.add_argument("--ready-timeout", type=float, default=600.0)
     serve.set_defaults(handler=cmd_serve)
+
+    status = sub.add_parser("status", help="what each model instance serves, from Triton's metrics endpoint")
+    status.add_argument("--metrics-url", default="http://127.0.0.1:8002/metrics")
+    status.set_defaults(handler=cmd_status)
 
     _add_watch_commands(sub)
     _add_publish_command(sub)

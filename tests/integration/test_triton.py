@@ -92,3 +92,21 @@ def test_metrics_parse_beside_tritons_own(triton_server: TritonFixture) -> None:
         assert {"model", "instance", "version"} <= set(s.labels)
     cache = select(samples, "hotswap_engine_cache_events_total", {"model": "tiny_transformer"})
     assert {s.labels["event"] for s in cache} & {"hit", "miss"}
+
+
+def test_status_command_and_the_version_output_against_the_real_server(triton_server: TritonFixture) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "serving.cli", "status", "--metrics-url", triton_server.metrics_url],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("MODEL") and len(lines) == 1 + 3, out.stdout  # tiny_transformer x1, tiny_cnn x2
+    for model in ("tiny_transformer", "tiny_cnn"):
+        for instance, version in triton_server.versions(model).items():
+            assert any(line.split()[:3] == [model, instance, version] for line in lines[1:]), out.stdout
+    # Triton 2.51's Python backend takes no response parameters: the version travels as an output
+    log = triton_server.server.log_tail(1_000_000)
+    assert "weights version on every response as output HOTSWAP_WEIGHTS_VERSION" in log
+    assert "response parameter hotswap_weights_version" not in log  # InferenceResponse(parameters=) -> TypeError
