@@ -36,14 +36,15 @@ from bench.gpu_refit import BigMLP, command, command_args, environment, write_sa
 from serving.publisher import publish
 from serving.triton.scrape import scrape, weights_versions
 from serving.triton.server import TritonProcess
-from serving.triton.swapload import run_swap_load
+from serving.triton.swapload import response_version, run_swap_load
 
 CONFIG = """name: "{name}"
 backend: "python"
 max_batch_size: 8
 dynamic_batching {{ max_queue_delay_microseconds: 500 }}
 input [ {{ name: "X", data_type: TYPE_FP32, dims: [ {width} ] }} ]
-output [ {{ name: "Y", data_type: TYPE_FP32, dims: [ {width} ] }} ]
+output [ {{ name: "Y", data_type: TYPE_FP32, dims: [ {width} ] }},
+         {{ name: "HOTSWAP_WEIGHTS_VERSION", data_type: TYPE_STRING, dims: [ 1 ] }} ]
 instance_group [ {{ count: 1, kind: {kind}{gpus} }} ]
 parameters {{ key: "model_factory", value: {{ string_value: "bench.gpu_refit:big_mlp" }} }}
 parameters {{ key: "factory_kwargs", value: {{ string_value: "{kwargs}" }} }}
@@ -158,13 +159,14 @@ def run_strategy(srv: TritonProcess, name: str, x: torch.Tensor, files: dict[str
     clients: list[Any] = []
     swap_s: list[float] = []
 
-    def infer() -> np.ndarray:
+    def infer() -> tuple[np.ndarray, str]:
         if not hasattr(local, "client"):
             local.client = grpcclient.InferenceServerClient(srv.grpc_url)
             clients.append(local.client)
         inp = grpcclient.InferInput("X", list(x.shape), "FP32")
         inp.set_data_from_numpy(x.numpy())
-        return np.asarray(local.client.infer(name, [inp], client_timeout=60).as_numpy("Y"))
+        result = local.client.infer(name, [inp], client_timeout=60)
+        return np.asarray(result.as_numpy("Y")), response_version(result)
 
     def swap_to(version: str) -> None:
         t = time.monotonic()

@@ -30,7 +30,7 @@ from serving.factory import build_module
 from serving.publisher import publish
 from serving.triton.scrape import scrape, weights_versions
 from serving.triton.server import TritonProcess, models_in, seed_weights
-from serving.triton.swapload import run_swap_load
+from serving.triton.swapload import response_version, run_swap_load
 from serving.weights.random_state import random_state_dict
 from serving.weights.writer import write_safetensors
 
@@ -75,14 +75,16 @@ def main() -> int:
             local = threading.local()
             clients: list[httpclient.InferenceServerClient] = []
 
-            def infer() -> np.ndarray:
+            def infer() -> tuple[np.ndarray, str]:
                 if not hasattr(local, "client"):
                     local.client = httpclient.InferenceServerClient(server.http_url, connection_timeout=30,
                                                                     network_timeout=30)
                     clients.append(local.client)
                 inp = httpclient.InferInput(input_name, list(x.shape), datatype)
                 inp.set_data_from_numpy(x.numpy())
-                return np.asarray(local.client.infer(args.model, [inp]).as_numpy("LOGITS"))
+                result = local.client.infer(args.model, [inp])
+                # the weights version the response names must be the one its output matches
+                return np.asarray(result.as_numpy("LOGITS")), response_version(result)
 
             def swap_to(version: str) -> None:
                 publish(staged / f"{version}.safetensors", folder)

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +41,13 @@ def _pct(values: list[float], q: float) -> float:
     if len(values) == 1:
         return values[0]
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def response_version(result: Any) -> str:
+    """The weights version a tritonclient (HTTP or gRPC) result names: its ``HOTSWAP_WEIGHTS_VERSION`` output,
+    one per row; a response whose rows disagree gives all of them, which matches no version."""
+    versions = {v.decode() for v in np.asarray(result.as_numpy("HOTSWAP_WEIGHTS_VERSION")).reshape(-1)}
+    return versions.pop() if len(versions) == 1 else repr(sorted(versions))
 
 
 def classify(out: np.ndarray, expected: Mapping[str, np.ndarray], atol: float) -> list[str]:

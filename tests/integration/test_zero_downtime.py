@@ -29,7 +29,7 @@ from serving.factory import build_module
 from serving.publisher import publish, publish_tensors
 from serving.triton.scrape import scrape, weights_versions
 from serving.triton.server import TritonProcess
-from serving.triton.swapload import classify, run_swap_load
+from serving.triton.swapload import classify, response_version, run_swap_load
 from serving.weights.random_state import random_state_dict
 
 from .conftest import REPOSITORY
@@ -138,8 +138,7 @@ def test_swaps_under_load_without_errors_or_torn_reads(
         inp = local.api.InferInput("TOKENS", list(X.shape), "INT64")
         inp.set_data_from_numpy(X.numpy())
         result = local.client.infer(model, [inp])
-        versions = {v.decode() for v in np.asarray(result.as_numpy("HOTSWAP_WEIGHTS_VERSION")).reshape(-1)}
-        return np.asarray(result.as_numpy("LOGITS")), versions.pop() if len(versions) == 1 else repr(versions)
+        return np.asarray(result.as_numpy("LOGITS")), response_version(result)
 
     def swap_to(version: str) -> None:
         """Publish (a hard link: instant) and return as soon as the metrics say it is live, so the next refit
