@@ -345,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import os
+
+    from serving.factory import add_search_paths
+
+    add_search_paths(os.getcwd())  # --factory mymodule:fn works from the folder the user is in
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler: Handler = args.handler

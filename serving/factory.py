@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from serving.errors import ConfigError
+
+
+def model_code_dirs(model_dir: Path) -> list[Path]:
+    """Where a Triton model's own code lives: its folder (beside config.pbtxt) and each version folder
+    holding a model.py (Triton's Python backend puts that one on sys.path)."""
+    return [model_dir, *sorted(p.parent for p in model_dir.glob("*/model.py"))]
+
+
+def add_search_paths(*dirs: str | Path) -> None:
+    """Make modules in ``dirs`` importable as factories (first on sys.path, once each)."""
+    for d in reversed(dirs):
+        text = str(Path(d).resolve())
+        if Path(text).is_dir() and text not in sys.path:
+            sys.path.insert(0, text)
 
 
 def resolve_factory(path: str) -> Callable[..., torch.nn.Module]:
@@ -22,7 +38,9 @@ def resolve_factory(path: str) -> Callable[..., torch.nn.Module]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ConfigError(f"model factory {path!r}: cannot import {module_name!r}: {e}") from e
+        raise ConfigError(f"model factory {path!r}: cannot import {module_name!r}: {e}; put the module next to "
+                          "the model's model.py (or in its model folder), or install it in the server's Python "
+                          "environment") from e
     fn = module
     for part in attr.split("."):
         try:

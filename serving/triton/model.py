@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from serving.errors import HotswapError
+from serving.factory import add_search_paths
 from serving.metrics import HotswapMetrics
 from serving.service import HotswapService
 from serving.settings import parse_settings
@@ -74,6 +75,7 @@ class TritonPythonModel:
         gpu = args.get("model_instance_kind", "CPU") == "GPU"
         device = f"cuda:{args.get('model_instance_device_id', '0')}" if gpu else "cpu"
         repository = Path(args["model_repository"]).parent  # args give the model's own directory
+        add_search_paths(args["model_repository"])  # factories in the model folder (the version folder is there)
         settings = parse_settings(self.io.parameters, model_name=model_name, device=device,
                                   model_repository=repository)
         self._backend = TritonMetricsBackend(pb, {"model": model_name,

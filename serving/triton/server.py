@@ -119,7 +119,7 @@ def seed_weights(repository: Path, env: Mapping[str, str]) -> list[tuple[str, Pa
 
     Returns (model, folder, seeded) per model. Never touches a folder that already has files.
     """
-    from serving.factory import build_module
+    from serving.factory import add_search_paths, build_module, model_code_dirs
     from serving.settings import parse_settings
     from serving.weights.random_state import random_state_dict
     from serving.weights.writer import write_safetensors
@@ -133,6 +133,7 @@ def seed_weights(repository: Path, env: Mapping[str, str]) -> list[tuple[str, Pa
         folder.mkdir(parents=True, exist_ok=True)
         seeded = not any(p for p in folder.iterdir() if not p.name.startswith("."))
         if seeded:
+            add_search_paths(*model_code_dirs(model_dir))  # as Triton imports it: the model's own code first
             module = build_module(settings.model_factory, dict(settings.factory_kwargs))
             write_safetensors(random_state_dict(module, seed=0), folder / "initial.safetensors",
                               {"seed": "0", "factory": settings.model_factory})
