@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.gpu_serve_swap import expected_output, state_for
 from serving.triton.server import TritonProcess
 from serving.triton.swapload import run_swap_load
 
@@ -106,21 +107,6 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
         return responses
 '''
-
-
-def state_for(seed: int, width: int, layers: int) -> dict[str, torch.Tensor]:
-    """Version ``seed``'s weights (the same recipe as ``bench.gpu_serve_swap``)."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {f"layers.{i}.weight": torch.randn(width, width, generator=g) / width ** 0.5 for i in range(layers)}
-    sd["marker"] = torch.randn(width, generator=g)
-    return sd
-
-
-def expected_output(sd: dict[str, torch.Tensor], x: torch.Tensor, device: str) -> np.ndarray:
-    h = x.to(device)
-    for i in range(len(sd) - 1):
-        h = torch.tanh(h @ sd[f"layers.{i}.weight"].to(device).T)
-    return (h + sd["marker"].to(device)).cpu().numpy()
 
 
 class MemorySampler:
