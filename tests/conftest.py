@@ -8,6 +8,13 @@ from collections.abc import Iterator
 
 import pytest
 
+try:  # libraries the tests use (transformers, peft, torch_tensorrt) show tqdm progress bars, whose monitor thread
+    import tqdm  # outlives any test; it is not a thread of ours, so it is not started at all
+
+    tqdm.tqdm.monitor_interval = 0
+except ImportError:
+    pass
+
 
 def _live_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.is_alive()}
