@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -41,11 +41,22 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class WeightSpec:
-    """One refittable tensor of an engine, as the checkpoint must provide it."""
+    """One refittable tensor of an engine, as the checkpoint must provide it.
+
+    ``aliases`` are the other state-dict names of the same tensor (tied parameters, e.g. GPT-2's
+    ``lm_head.weight`` and ``transformer.wte.weight``): a checkpoint may provide the tensor under any
+    one of ``names``; the engine refits it once.
+    """
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The name and its aliases, the name first."""
+        return (self.name, *self.aliases)
 
     @property
     def nbytes(self) -> int:
@@ -55,13 +66,49 @@ class WeightSpec:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
     def to_json(self) -> dict[str, object]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": dtype_name(self.dtype)}
+        d: dict[str, object] = {"name": self.name, "shape": list(self.shape), "dtype": dtype_name(self.dtype)}
+        if self.aliases:
+            d["aliases"] = list(self.aliases)
+        return d
 
     @classmethod
     def from_json(cls, d: Mapping[str, object]) -> WeightSpec:
         shape = d["shape"]
-        assert isinstance(shape, list)
-        return cls(str(d["name"]), tuple(int(x) for x in shape), dtype_from_name(str(d["dtype"])))
+        aliases = d.get("aliases", [])
+        assert isinstance(shape, list) and isinstance(aliases, list)
+        return cls(str(d["name"]), tuple(int(x) for x in shape), dtype_from_name(str(d["dtype"])),
+                   tuple(str(a) for a in aliases))
+
+
+def tie_groups(state: Mapping[str, torch.Tensor]) -> list[tuple[str, ...]]:
+    """Names of ``state`` that are one tensor (tied parameters), in state order; single names too.
+
+    Pass ``module.state_dict(keep_vars=True)``: tied parameters are then the same object (which holds
+    on the meta device too, where there is no storage to compare); tensors sharing the same storage,
+    offset, shape and strides are also one group.
+    """
+    groups: dict[object, list[str]] = {}
+    for name, t in state.items():
+        ptr = 0 if t.is_meta else t.untyped_storage().data_ptr()
+        key: object = ("id", id(t)) if ptr == 0 else (  # no storage to compare (meta, empty): identity
+            "storage", t.device, ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        groups.setdefault(key, []).append(name)
+    return [tuple(g) for g in groups.values()]
+
+
+def specs_with_ties(state: Mapping[str, torch.Tensor], names: Collection[str] | None = None) -> dict[str, WeightSpec]:
+    """One :class:`WeightSpec` per tensor of ``state`` (``module.state_dict(keep_vars=True)``): tied names
+    become one spec, under the first of them in ``names`` (default: the first in state order), the
+    others its aliases. With ``names``, groups with no name in it are left out."""
+    specs: dict[str, WeightSpec] = {}
+    for group in tie_groups(state):
+        chosen = [n for n in group if names is None or n in names]
+        if not chosen:
+            continue
+        t = state[chosen[0]]
+        specs[chosen[0]] = WeightSpec(chosen[0], tuple(t.shape), t.dtype,
+                                      tuple(n for n in group if n != chosen[0]))
+    return specs
 
 
 @dataclass(frozen=True)

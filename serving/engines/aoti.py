@@ -55,7 +55,7 @@ from serving.errors import (
     ValidationError,
 )
 from serving.metrics import HotswapMetrics
-from serving.specs import BuildSpec, WeightSpec, dtype_name
+from serving.specs import BuildSpec, WeightSpec, dtype_name, specs_with_ties
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +136,10 @@ def split_state(
 ) -> tuple[dict[str, WeightSpec], frozenset[str], list[str]]:
     """Weight specs (state-dict tensors the graph reads), ignored names, and problems.
 
-    A tensor the graph reads that is not in the state dict (a non-persistent buffer, a tensor
-    created in ``forward``) cannot come from a checkpoint, and a stripped engine does not hold it.
+    Tied names (one tensor under several names: export reads it under one of them) are one spec,
+    under the name the graph reads, the others its aliases. A tensor the graph reads that is not in
+    the state dict (a non-persistent buffer, a tensor created in ``forward``) cannot come from a
+    checkpoint, and a stripped engine does not hold it.
     """
     problems = [
         f"the graph reads tensor {name!r}, which is not in the state dict (a non-persistent buffer "
@@ -145,15 +147,14 @@ def split_state(
         "with register_buffer(..., persistent=True) or compute it from inputs and parameters"
         for name in sorted(used - set(state))
     ]
-    specs: dict[str, WeightSpec] = {}
-    for name, t in state.items():
-        if name not in used:
-            continue
+    specs = specs_with_ties(state, used)
+    for name in specs:
+        t = state[name]
         if not t.is_contiguous():
             problems.append(f"state-dict tensor {name!r} is not contiguous (strides {t.stride()}); "
                             "refit installs contiguous tensors: make it contiguous in the module")
-        specs[name] = WeightSpec(name, tuple(t.shape), t.dtype)
-    ignored = frozenset(set(state) - set(specs))
+    tied = {n for spec in specs.values() for n in spec.names}
+    ignored = frozenset(set(state) - tied)
     return specs, ignored, problems
 
 
@@ -233,8 +234,9 @@ def cached_spec_problems(
     state: Mapping[str, torch.Tensor], specs: Mapping[str, WeightSpec], ignored: frozenset[str]
 ) -> list[str]:
     """A cache hit's weight list against the module's state dict (names, shapes, dtypes)."""
+    known = {n for spec in specs.values() for n in spec.names}
     problems = [f"module tensor {n!r} is not in the cached weight list"
-                for n in state if n not in specs and n not in ignored]
+                for n in state if n not in known and n not in ignored]
     problems += [f"cached weight {n!r} is not in the module's state dict" for n in specs if n not in state]
     for n, s in specs.items():
         t = state.get(n)
@@ -325,9 +327,8 @@ class AOTIEngine(Engine):
         self.package_path = package_path
         self._weight_specs = MappingProxyType(dict(weight_specs))
         #: state-dict entries the compiled graph never reads (e.g. BatchNorm ``num_batches_tracked``
-        #: in eval mode, or the other name of a tied parameter, which export reads under one name
-        #: only): not weights of the engine, so a checkpoint may carry them and the validator
-        #: accepts and ignores them
+        #: in eval mode): not weights of the engine, so a checkpoint may carry them and the validator
+        #: accepts and ignores them (the other names of a tied parameter are its spec's aliases)
         self.ignored_names: frozenset[str] = ignored_names
         self._spare_runner = runner  # loaded for the build checks; the first slot takes it
         self._lock = threading.Lock()

@@ -10,7 +10,7 @@ from serving.engines.base import BuildInfo, Engine, WeightSlot
 from serving.engines.export import make_module
 from serving.errors import NotReadyError, RefitError
 from serving.metrics import HotswapMetrics
-from serving.specs import BuildSpec, WeightSpec
+from serving.specs import BuildSpec, WeightSpec, specs_with_ties
 
 
 def _to_list(out: object) -> list[torch.Tensor]:
@@ -24,17 +24,20 @@ def _to_list(out: object) -> list[torch.Tensor]:
 
 
 def module_weight_specs(module: torch.nn.Module) -> dict[str, WeightSpec]:
-    """Every state-dict tensor of ``module`` as a :class:`WeightSpec`."""
-    return {k: WeightSpec(k, tuple(v.shape), v.dtype) for k, v in module.state_dict().items()}
+    """Every state-dict tensor of ``module`` as a :class:`WeightSpec`; tied parameters are one spec, their
+    other names its aliases."""
+    return specs_with_ties(module.state_dict(keep_vars=True))
 
 
 class EagerSlot(WeightSlot):
     """A module of its own; refit assigns our tensors as its parameters (no copy)."""
 
-    def __init__(self, module: torch.nn.Module, device: torch.device, names: frozenset[str]) -> None:
+    def __init__(self, module: torch.nn.Module, device: torch.device, specs: Mapping[str, WeightSpec]) -> None:
         self.module = module
         self.device = device
-        self.names = names
+        self.names = frozenset(specs)
+        #: spec name -> its tied aliases: a refit assigns the one tensor to every name of the group
+        self.aliases = {n: s.aliases for n, s in specs.items() if s.aliases}
         self.loaded = False
 
     def transfer(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -48,13 +51,17 @@ class EagerSlot(WeightSlot):
         if not self.loaded and set(weights) != self.names:
             missing = sorted(self.names - set(weights))
             raise RefitError(f"first refit of an eager slot must set every weight; missing {missing[:10]}")
-        result = self.module.load_state_dict(dict(weights), strict=False, assign=True)
+        state = dict(weights)
+        for name, aliases in self.aliases.items():
+            if name in state:
+                state.update(dict.fromkeys(aliases, state[name]))
+        result = self.module.load_state_dict(state, strict=False, assign=True)
         if result.unexpected_keys:
             raise RefitError(f"eager refit: unknown tensors {result.unexpected_keys[:10]}")
         self.loaded = True
 
     def buffers(self) -> Mapping[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.module.state_dict().items()}
+        return {k: v.detach() for k, v in self.module.state_dict().items() if k in self.names}
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if not self.loaded:
@@ -90,4 +97,4 @@ class EagerEngine(Engine):
         return self._specs
 
     def new_slot(self) -> EagerSlot:
-        return EagerSlot(make_module(self.spec, self.device), self.device, frozenset(self._specs))
+        return EagerSlot(make_module(self.spec, self.device), self.device, self._specs)

@@ -28,7 +28,7 @@ from serving.weights.checkpoint import (
 )
 from serving.weights.fastpath import FastReader, ReadStats, allocate, read_checkpoint_into
 from serving.weights.safetensors_header import TensorMeta
-from serving.weights.validate import ValidationPolicy, check_metadata, conform
+from serving.weights.validate import ValidationPolicy, check_metadata, conform, provided_names, tie_problems
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class CheckedCheckpoint:
     """A checkpoint whose headers fit the engine; no tensor data read yet."""
 
     candidate: CheckpointCandidate
+    #: where each needed weight lives, keyed by the engine's (spec) name
     metas: Mapping[str, TensorMeta]
     specs: Mapping[str, WeightSpec]
     #: the engine's weights, in spec order (all of them are in the checkpoint)
@@ -102,10 +103,18 @@ def open_checkpoint(path: Path, specs: Mapping[str, WeightSpec], *, policy: Chec
     problems = check_metadata(specs, metas, validation, str(path), ignored=ignored)
     if problems:
         raise ValidationError(str(path), problems)
+    provided = provided_names(specs, metas)
+    duplicated = [n for names in provided.values() if len(names) > 1 for n in names]
+    if duplicated:  # a tie saved under several names: they must hold the same values
+        problems = tie_problems(specs, read_tensors(candidate, duplicated, policy))
+        if problems:
+            raise ValidationError(str(path), problems)
     t2 = time.perf_counter()
+    taken = {names[0] for names in provided.values()}
     return CheckedCheckpoint(
-        candidate=candidate, metas=metas, specs=specs, needed=tuple(n for n in specs if n in metas),
-        ignored=tuple(n for n in metas if n not in specs), open_s=t1 - t0, check_s=t2 - t1,
+        candidate=candidate, metas={n: metas[names[0]] for n, names in provided.items()}, specs=specs,
+        needed=tuple(provided), ignored=tuple(n for n in metas if n not in taken), open_s=t1 - t0,
+        check_s=t2 - t1,
     )
 
 
@@ -122,7 +131,7 @@ def read_checked(checked: CheckedCheckpoint, *, policy: CheckpointPolicy = _DEFA
     source = str(checked.source)
     if device is None and out is None and reader is None:
         t0 = time.perf_counter()
-        raw = read_tensors(checked.candidate, list(checked.needed), policy)
+        raw = _read_needed(checked, policy)
         t1 = time.perf_counter()
         tensors = conform(specs, raw, validation, source)
         t2 = time.perf_counter()
@@ -133,7 +142,7 @@ def read_checked(checked: CheckedCheckpoint, *, policy: CheckpointPolicy = _DEFA
         dest = allocate(specs, device if device is not None else "cpu", checked.needed)
     if checked.candidate.format not in ("safetensors", "sharded"):  # a torch pickle: no offsets to stream
         t0 = time.perf_counter()
-        raw = read_tensors(checked.candidate, list(checked.needed), policy)
+        raw = _read_needed(checked, policy)
         t1 = time.perf_counter()
         conformed = conform(specs, raw, validation, source)
         with torch.no_grad():
@@ -155,6 +164,13 @@ def read_checked(checked: CheckedCheckpoint, *, policy: CheckpointPolicy = _DEFA
             active.close()
     return _loaded(checked, {n: dest[n] for n in checked.needed}, read_s=t1 - t0 - stats.finish_s,
                    validate_s=stats.finish_s, stats=stats)
+
+
+def _read_needed(checked: CheckedCheckpoint, policy: CheckpointPolicy) -> dict[str, torch.Tensor]:
+    """The needed tensors, keyed by the engine's names (a tied weight read under the name it was saved as)."""
+    stored = {n: checked.metas[n].name for n in checked.needed}
+    raw = read_tensors(checked.candidate, list(stored.values()), policy)
+    return {n: raw[s] for n, s in stored.items()}
 
 
 def _loaded(checked: CheckedCheckpoint, tensors: Mapping[str, torch.Tensor], *, read_s: float,

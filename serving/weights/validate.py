@@ -20,6 +20,12 @@ default) or dropped (``"ignore"``, listed in :attr:`~serving.weights.loader.Load
 Names passed as ``ignored`` (tensors the engine deliberately does not use, e.g. BatchNorm's
 ``num_batches_tracked``) are always accepted and dropped. A tensor the engine needs that the
 checkpoint lacks is always an error in :func:`check_metadata`.
+
+Tied names (``WeightSpec.aliases``: one tensor under several state-dict names, e.g. GPT-2's
+``lm_head.weight`` and ``transformer.wte.weight``): a checkpoint that provides any one name of the
+group is complete; one that provides several must give them the same shape, dtype and values
+(:func:`tie_problems`), else it is rejected with a message naming the tie. Tensors are returned
+under the spec's name.
 """
 
 from __future__ import annotations
@@ -103,10 +109,49 @@ def _missing_hint(name: str, extra: Collection[str]) -> str:
     return ""
 
 
+def engine_names(specs: Mapping[str, WeightSpec]) -> dict[str, str]:
+    """Every name the engine accepts (spec names and their tied aliases) -> the spec's name."""
+    return {n: spec.name for spec in specs.values() for n in spec.names}
+
+
 def unexpected_names(specs: Mapping[str, WeightSpec], found: Collection[str],
                      ignored: Collection[str] = ()) -> list[str]:
     """Names in the checkpoint that the engine does not have and that are not declared ``ignored``."""
-    return [n for n in found if n not in specs and n not in ignored]
+    known = engine_names(specs)
+    return [n for n in found if n not in known and n not in ignored]
+
+
+def provided_names(specs: Mapping[str, WeightSpec], found: Collection[str]) -> dict[str, tuple[str, ...]]:
+    """Spec name -> the names of its tie group that ``found`` holds (the spec's own name first);
+    specs the checkpoint does not provide are left out."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name, spec in specs.items():
+        present = tuple(n for n in spec.names if n in found)
+        if present:
+            out[name] = present
+    return out
+
+
+def _tie_text(names: Collection[str]) -> str:
+    return " and ".join(repr(n) for n in names)
+
+
+def tie_problems(specs: Mapping[str, WeightSpec], tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Tie groups that ``tensors`` provides under several names with different values."""
+    problems: list[str] = []
+    for name, present in provided_names(specs, tensors).items():
+        first = tensors[present[0]]
+        for other in present[1:]:
+            t = tensors[other]
+            if t.shape != first.shape or t.dtype != first.dtype:
+                continue  # check_metadata reports it
+            if not torch.equal(t, first):
+                diff = float((t.double() - first.double()).abs().max()) if t.is_floating_point() else float("nan")
+                problems.append(
+                    f"tensors {_tie_text(present)} are one tied parameter of the engine ({name!r}), but the "
+                    f"checkpoint holds different values for {present[0]!r} and {other!r} (largest difference "
+                    f"{diff:.6g}); save the model with its weights tied, or keep only one of the names")
+    return problems
 
 
 def check_metadata(specs: Mapping[str, WeightSpec], found: Mapping[str, TensorMeta], policy: ValidationPolicy,
@@ -119,17 +164,24 @@ def check_metadata(specs: Mapping[str, WeightSpec], found: Mapping[str, TensorMe
     del source  # messages name tensors; ValidationError names the source
     problems: list[str] = []
     extra = unexpected_names(specs, found, ignored)
+    provided = provided_names(specs, found)
     for name, spec in specs.items():
-        meta = found.get(name)
-        if meta is None:
-            problems.append(f"tensor {name!r}: missing from the checkpoint (expected shape {spec.shape}, "
+        present = provided.get(name, ())
+        if not present:
+            tied = f" or its tied name(s) {_tie_text(spec.aliases)}" if spec.aliases else ""
+            problems.append(f"tensor {name!r}{tied}: missing from the checkpoint (expected shape {spec.shape}, "
                             f"{dtype_name(spec.dtype)}){_missing_hint(name, extra)}")
             continue
-        if meta.shape != spec.shape:
-            problems.append(_shape_problem(name, spec.shape, meta.shape))
-        dtype_problem = _dtype_problem(name, spec.dtype, meta.dtype, policy.cast)
-        if dtype_problem is not None:
-            problems.append(dtype_problem)
+        for n in present:
+            meta = found[n]
+            if meta.shape != spec.shape:
+                problems.append(_shape_problem(n, spec.shape, meta.shape))
+            dtype_problem = _dtype_problem(n, spec.dtype, meta.dtype, policy.cast)
+            if dtype_problem is not None:
+                problems.append(dtype_problem)
+        if len(present) > 1 and len({(found[n].shape, found[n].dtype) for n in present}) > 1:
+            problems.append(f"tensors {_tie_text(present)} are one tied parameter of the engine ({name!r}), "
+                            "but the checkpoint stores them with different shapes or dtypes; keep only one")
     if policy.unexpected == "error":
         problems += [f"tensor {n!r}: in the checkpoint but not in the engine (unexpected); remove it, "
                      f"or set ValidationPolicy(unexpected='ignore')" for n in extra]
@@ -178,14 +230,18 @@ def conform(specs: Mapping[str, WeightSpec], tensors: Mapping[str, torch.Tensor]
     """Check shapes, cast to the specs' dtypes and check finiteness; returns a new dict.
 
     ``tensors`` may be a subset of ``specs`` (a partial refit): completeness is
-    :func:`check_metadata`'s job. Names not in ``specs`` are dropped (an error under
-    ``unexpected="error"`` unless listed in ``ignored``). A tensor that needs no cast is returned as
-    is, not copied. Raises :class:`ValidationError` with every problem found.
+    :func:`check_metadata`'s job. A tensor under a tied alias is returned under its spec's name (a tie
+    given several names must hold equal values, :func:`tie_problems`). Names not in ``specs`` are
+    dropped (an error under ``unexpected="error"`` unless listed in ``ignored``). A tensor that needs
+    no cast is returned as is, not copied. Raises :class:`ValidationError` with every problem found.
     """
-    problems: list[str] = []
+    problems: list[str] = tie_problems(specs, tensors)
     out: dict[str, torch.Tensor] = {}
+    known = engine_names(specs)
     for name, t in tensors.items():
-        spec = specs.get(name)
+        spec = specs.get(known.get(name, name))
+        if spec is not None and spec.name in out:
+            continue  # a tied alias of a tensor already taken (tie_problems compared them)
         if spec is None:
             if policy.unexpected == "error" and name not in ignored:
                 problems.append(f"tensor {name!r}: not in the engine (unexpected); remove it, or set "
@@ -203,7 +259,7 @@ def conform(specs: Mapping[str, WeightSpec], tensors: Mapping[str, torch.Tensor]
         if policy.check_finite and cast.is_floating_point() and not _all_finite(cast):
             problems.append(_finite_problem(name, t, cast))
             continue
-        out[name] = cast
+        out[spec.name] = cast
     if problems:
         raise ValidationError(source, problems)
     return out

@@ -28,7 +28,7 @@ from serving.engines.tensorrt.options import TrtBuildOptions
 from serving.engines.tensorrt.runtime import engine_weight_names
 from serving.errors import EngineBuildError, HotswapError
 from serving.metrics import HotswapMetrics
-from serving.specs import BuildSpec, WeightSpec
+from serving.specs import BuildSpec, WeightSpec, specs_with_ties
 
 
 @dataclass(frozen=True)
@@ -124,8 +124,12 @@ def derive_and_verify(spec: BuildSpec, device: torch.device, options: TrtBuildOp
     if problems:
         raise EngineBuildError(f"cannot map every refittable weight of the {spec.factory} engine to the "
                                "checkpoint:\n" + "\n".join(f"  - {p}" for p in problems))
-    weight_map = tm.WeightMap(derivation.records, {k: specs[k] for k in sorted(used)},
-                              tuple(sorted(set(specs) - used)), tuple(sorted(derivation.literals)))
+    # a tied parameter (one tensor, several state-dict names) is read under one name: its spec carries the
+    # others as aliases, so a checkpoint may provide any of them
+    sources = specs_with_ties(module.state_dict(), used)
+    tied = {n for s in sources.values() for n in s.names}
+    weight_map = tm.WeightMap(derivation.records, {k: sources[k] for k in sorted(sources)},
+                              tuple(sorted(set(specs) - tied)), tuple(sorted(derivation.literals)))
     return weight_map, dict(derivation.literals)
 
 

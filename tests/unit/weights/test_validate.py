@@ -230,3 +230,52 @@ def test_finite_check_is_exact_when_the_sum_overflows() -> None:
     assert not _all_finite(big)
     mixed = torch.tensor([float("inf"), float("-inf"), 1.0])
     assert not _all_finite(mixed)
+
+
+# ---------------------------------------------------------------- tied parameters (one tensor, several names)
+
+TIED = {"emb.weight": WeightSpec("emb.weight", (5, 4), F32, ("head.weight",)), "b": WeightSpec("b", (5,), F32)}
+
+
+@pytest.mark.parametrize("name", ["emb.weight", "head.weight"])
+def test_any_one_name_of_a_tie_completes_the_checkpoint(name: str) -> None:
+    metas = _metas((name, (5, 4), F32), ("b", (5,), F32))
+    assert check_metadata(TIED, metas, SAME_KIND, "ckpt") == []
+    out = conform(TIED, {name: torch.ones(5, 4), "b": torch.zeros(5)}, SAME_KIND, "ckpt")
+    assert set(out) == {"emb.weight", "b"}
+
+
+def test_a_tie_missing_under_every_name_names_the_tie() -> None:
+    (problem,) = check_metadata(TIED, _metas(("b", (5,), F32)), SAME_KIND, "ckpt")
+    assert "'emb.weight' or its tied name(s) 'head.weight': missing" in problem
+
+
+def test_a_tie_saved_twice_must_hold_equal_values() -> None:
+    metas = _metas(("emb.weight", (5, 4), F32), ("head.weight", (5, 4), F32), ("b", (5,), F32))
+    assert check_metadata(TIED, metas, SAME_KIND, "ckpt") == []
+    w = torch.randn(5, 4)
+    same = conform(TIED, {"emb.weight": w, "head.weight": w.clone(), "b": torch.zeros(5)}, SAME_KIND, "ckpt")
+    assert set(same) == {"emb.weight", "b"}
+    with pytest.raises(ValidationError) as e:
+        conform(TIED, {"emb.weight": w, "head.weight": w + 1, "b": torch.zeros(5)}, SAME_KIND, "ckpt")
+    assert "'emb.weight' and 'head.weight' are one tied parameter" in str(e.value)
+    assert "largest difference 1" in str(e.value)
+    shapes = _metas(("emb.weight", (5, 4), F32), ("head.weight", (5, 4), F16), ("b", (5,), F32))
+    assert any("different shapes or dtypes" in p for p in check_metadata(TIED, shapes, STRICT, "ckpt"))
+
+
+def test_tie_groups_follow_storage_and_identity() -> None:
+    from serving.specs import specs_with_ties, tie_groups
+
+    emb = torch.nn.Embedding(5, 4)
+    head = torch.nn.Linear(4, 5, bias=False)
+    head.weight = emb.weight
+    net = torch.nn.ModuleDict({"emb": emb, "head": head})
+    assert tie_groups(net.state_dict()) == [("emb.weight", "head.weight")]
+    with torch.device("meta"):
+        meta = torch.nn.ModuleDict({"emb": torch.nn.Embedding(5, 4), "head": torch.nn.Linear(4, 5, bias=False)})
+    meta["head"].weight = meta["emb"].weight
+    assert tie_groups(meta.state_dict(keep_vars=True)) == [("emb.weight", "head.weight")]
+    specs = specs_with_ties(net.state_dict(), {"head.weight"})
+    assert specs == {"head.weight": WeightSpec("head.weight", (5, 4), F32, ("emb.weight",))}
+    assert WeightSpec.from_json(specs["head.weight"].to_json()) == specs["head.weight"]

@@ -1,0 +1,147 @@
+"""Real models written by others (transformers BERT, GPT-2, ResNet), saved with ``save_pretrained`` and
+served from those files: outputs equal the library's own ``from_pretrained`` model on the same files.
+
+Tiny configs (module-scoped fixtures); the AOTInductor compiles are marked slow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from serving.engines import Engine, build_engine
+from serving.errors import ValidationError
+from serving.specs import BuildSpec, TensorSpec
+from serving.weights import load_weights
+
+transformers = pytest.importorskip("transformers")  # the test extra has it; a bare install runs the rest
+
+ATOL = 1e-4
+SEQ = 8
+
+
+@dataclass(frozen=True)
+class Model:
+    """A library model: the factory that builds it, its config sizes, inputs, and its class."""
+
+    key: str
+    factory: str
+    config: dict[str, Any]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    cls: Callable[..., Any]
+    example: Callable[[int], torch.Tensor]
+
+    def spec(self, max_batch: int = 4) -> BuildSpec:
+        return BuildSpec(factory=self.factory, inputs=self.inputs, outputs=self.outputs, max_batch=max_batch,
+                         factory_kwargs=tuple(sorted(self.config.items())))
+
+    def save(self, folder: Path, seed: int) -> Path:
+        """``save_pretrained`` of a freshly initialized model (weights differ by seed): what a user publishes."""
+        torch.manual_seed(seed)
+        module = self.cls(self.cls.config_class(**self.config)).eval()
+        with torch.no_grad():  # move every float tensor off its init (LayerNorm ones, zero biases): a swap shows
+            for t in module.state_dict().values():
+                if t.is_floating_point():
+                    t.add_(torch.randn_like(t) * 0.02)
+        module.save_pretrained(str(folder))
+        return folder
+
+    def reference(self, folder: Path, x: torch.Tensor) -> torch.Tensor:
+        """The library's own model loaded from the same files."""
+        module = self.cls.from_pretrained(str(folder)).eval()
+        with torch.inference_mode():
+            return module(x).logits
+
+
+def _ids(vocab: int) -> Callable[[int], torch.Tensor]:
+    return lambda seed: torch.randint(0, vocab, (3, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def _images(seed: int) -> torch.Tensor:
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+_TEXT = dict(vocab_size=64, max_position_embeddings=16)
+MODELS = {
+    "bert": Model(
+        "bert", "serving.examples.hf:bert_classifier",
+        dict(_TEXT, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_labels=3),
+        (TensorSpec("INPUT_IDS", torch.int64, (SEQ,)),), (TensorSpec("LOGITS", torch.float32, (3,)),),
+        transformers.BertForSequenceClassification, _ids(64)),
+    "gpt2": Model(
+        "gpt2", "serving.examples.hf:gpt2_lm",
+        dict(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0),
+        (TensorSpec("INPUT_IDS", torch.int64, (SEQ,)),), (TensorSpec("LOGITS", torch.float32, (SEQ, 64)),),
+        transformers.GPT2LMHeadModel, _ids(64)),
+    "resnet": Model(
+        "resnet", "serving.examples.hf:resnet_classifier",
+        dict(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=4),
+        (TensorSpec("IMAGE", torch.float32, (3, 32, 32)),), (TensorSpec("LOGITS", torch.float32, (4,)),),
+        transformers.ResNetForImageClassification, _images),
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """Two ``save_pretrained`` versions of each model (different weights)."""
+    root = tmp_path_factory.mktemp("pretrained")
+    return {k: (m.save(root / f"{k}-a", 1), m.save(root / f"{k}-b", 2)) for k, m in MODELS.items()}
+
+
+def _serve_from(engine: Engine, folder: Path) -> Any:
+    slot = engine.new_slot()
+    loaded = load_weights(folder, engine.weight_specs(), ignored=getattr(engine, "ignored_names", frozenset()))
+    slot.refit(slot.transfer(loaded.tensors))
+    return slot
+
+
+def _check_engine(kind: str, model: Model, saved: tuple[Path, Path]) -> None:
+    engine = build_engine(kind, model.spec())
+    try:
+        x = model.example(0)
+        for folder in saved:
+            (out,) = _serve_from(engine, folder).run([x])
+            torch.testing.assert_close(out, model.reference(folder, x), atol=ATOL, rtol=0)
+        assert not torch.allclose(model.reference(saved[0], x), model.reference(saved[1], x), atol=ATOL)
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("key", sorted(MODELS))
+def test_eager_serves_save_pretrained_output_like_from_pretrained(key: str, saved: dict[str, tuple[Path, Path]]) -> None:
+    _check_engine("eager", MODELS[key], saved[key])
+
+
+def test_gpt2_tie_is_one_weight_given_under_either_name(saved: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
+    model = MODELS["gpt2"]
+    engine = build_engine("eager", model.spec())
+    spec = engine.weight_specs()["transformer.wte.weight"]
+    assert spec.aliases == ("lm_head.weight",) and "lm_head.weight" not in engine.weight_specs()
+    folder = saved["gpt2"][1]
+    tensors = load_file(str(folder / "model.safetensors"))
+    assert "lm_head.weight" in tensors or "transformer.wte.weight" in tensors
+    x = model.example(0)
+    expected = model.reference(folder, x)
+    # the other name only (a tool that keeps the head, not the embedding)
+    wte = tensors.pop("transformer.wte.weight", None)
+    head = tensors.pop("lm_head.weight", None)
+    (weight,) = [t for t in (wte, head) if t is not None]
+    save_file({**tensors, "lm_head.weight": weight}, str(tmp_path / "head.safetensors"))
+    (out,) = _serve_from(engine, tmp_path / "head.safetensors").run([x])
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
+    # both names, same values (a plain torch state_dict): accepted; different values: rejected naming the tie
+    save_file({**tensors, "lm_head.weight": weight, "transformer.wte.weight": weight.clone()},
+              str(tmp_path / "both.safetensors"))
+    (out,) = _serve_from(engine, tmp_path / "both.safetensors").run([x])
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
+    save_file({**tensors, "lm_head.weight": weight, "transformer.wte.weight": weight + 1},
+              str(tmp_path / "differ.safetensors"))
+    with pytest.raises(ValidationError, match="'transformer.wte.weight' and 'lm_head.weight' are one tied"):
+        _serve_from(engine, tmp_path / "differ.safetensors")
