@@ -70,7 +70,8 @@ class HotswapService:
             reference_factory=reference, metrics=self.metrics,
             checkpoint_policy=CheckpointPolicy(allow_pickle=s.allow_pickle, max_bytes=s.max_file_bytes,
                                                root=s.weights_dir),
-            validation_policy=ValidationPolicy(unexpected=s.unexpected_tensors, cast=s.dtype_cast),
+            validation_policy=ValidationPolicy(unexpected=s.unexpected_tensors, cast=s.dtype_cast,
+                                               strip_prefix=s.strip_prefix),
         )
         s.weights_dir.mkdir(parents=True, exist_ok=True)
         self.watcher = WeightsWatcher(

@@ -84,6 +84,9 @@ SETTINGS: tuple[Setting, ...] = (
             "`weights_only=True`", "false", flag="--allow-pickle"),
     Setting("unexpected_tensors", "choice", "`error`, or `ignore` tensors the model does not have", "error",
             choices=UNEXPECTED_MODES),
+    Setting("strip_prefix", "str", "prefixes removed from every checkpoint tensor name, comma-separated, for "
+            "checkpoints saved from a wrapper: `module.` (DistributedDataParallel), `model.` (Lightning), "
+            "`_orig_mod.` (torch.compile)", "", "none", flag="--strip-prefix"),
     Setting("dtype_cast", "choice", "`same_kind` (floating tensors are cast to the engine dtype) or `strict` "
             "(see casting rules)", "same_kind", choices=CAST_MODES),
     Setting("watch_mode", "choice", "`inotify`, or `polling` for NFS and volumes without inotify", "inotify",
@@ -134,6 +137,8 @@ class ServingSettings:
     allow_pickle: bool
     unexpected_tensors: str
     dtype_cast: str
+    #: prefixes removed from checkpoint names (``ValidationPolicy.strip_prefix``)
+    strip_prefix: tuple[str, ...]
     watch_mode: str
     poll_interval_s: float
     debounce_s: float
@@ -278,6 +283,7 @@ def parse_settings(
         allow_pickle=bool(v["allow_pickle"]),
         unexpected_tensors=str(v["unexpected_tensors"]),
         dtype_cast=str(v["dtype_cast"]),
+        strip_prefix=tuple(x.strip() for x in p.get("strip_prefix", "").split(",") if x.strip()),
         watch_mode=str(v["watch_mode"]),
         poll_interval_s=float(v["poll_interval_s"]),  # type: ignore[arg-type]
         debounce_s=float(v["debounce_s"]),  # type: ignore[arg-type]

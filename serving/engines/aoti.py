@@ -73,6 +73,8 @@ OPTIONAL_INDUCTOR_CONFIGS: dict[str, object] = {
 }
 #: the payload file of a cache entry
 PACKAGE_FILE = "model.pt2"
+#: the tensors the engine keeps (non-persistent buffers, traced constants: no weights), when there are any
+KEPT_FILE = "kept.safetensors"
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -137,16 +139,10 @@ def split_state(
     """Weight specs (state-dict tensors the graph reads), ignored names, and problems.
 
     Tied names (one tensor under several names: export reads it under one of them) are one spec,
-    under the name the graph reads, the others its aliases. A tensor the graph reads that is not in
-    the state dict (a non-persistent buffer, a tensor created in ``forward``) cannot come from a
-    checkpoint, and a stripped engine does not hold it.
+    under the name the graph reads, the others its aliases. Tensors the graph reads that are not in
+    the state dict are :func:`kept_tensors`, not weights.
     """
-    problems = [
-        f"the graph reads tensor {name!r}, which is not in the state dict (a non-persistent buffer "
-        "or a tensor constant); a weight-stripped engine cannot get it from a checkpoint: register it "
-        "with register_buffer(..., persistent=True) or compute it from inputs and parameters"
-        for name in sorted(used - set(state))
-    ]
+    problems: list[str] = []
     specs = specs_with_ties(state, used)
     for name in specs:
         t = state[name]
@@ -158,9 +154,52 @@ def split_state(
     return specs, ignored, problems
 
 
-def constant_problems(constant_fqns: Iterable[str], weight_names: Iterable[str]) -> list[str]:
-    """The compiled model's constants must be exactly the state-dict tensors the graph reads."""
-    fqns, names = set(constant_fqns), set(weight_names)
+def kept_tensors(
+    ep: torch.export.ExportedProgram, state: Mapping[str, torch.Tensor], used: set[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """Tensors the graph reads that no checkpoint provides, which the engine keeps: (values, why, problems).
+
+    A non-persistent buffer (``register_buffer(..., persistent=False)``, e.g. BERT's ``position_ids``) and a
+    tensor constant created while tracing (``lifted_tensor_0``) are not in the state dict, so no checkpoint
+    carries them: their values come from the model's code and are part of the engine (and of its cache key).
+    """
+    buffers = set(ep.graph_signature.inputs_to_buffers.values())
+    values: dict[str, torch.Tensor] = {}
+    why: dict[str, str] = {}
+    problems: list[str] = []
+    for name in sorted(used - set(state)):
+        t = ep.constants.get(name)
+        if not isinstance(t, torch.Tensor):
+            problems.append(f"the graph reads tensor {name!r}, which is neither in the state dict nor a constant "
+                            "of the exported program: the engine cannot hold it")
+            continue
+        values[name] = t.detach().clone(memory_format=torch.contiguous_format)
+        why[name] = ("non-persistent buffer (not in the state dict)" if name in buffers
+                     else "tensor constant created while tracing")
+    return values, why, problems
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """A hash of names, dtypes, shapes and values (for the cache key of the tensors an engine keeps)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{dtype_name(t.dtype)}|{list(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def nonpersistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's buffers that its state dict leaves out."""
+    state = module.state_dict(keep_vars=True)
+    return {n: b for n, b in module.named_buffers() if n not in state}
+
+
+def constant_problems(constant_fqns: Iterable[str], weight_names: Iterable[str],
+                      kept: Iterable[str] = ()) -> list[str]:
+    """The compiled model's constants must be exactly the state-dict tensors the graph reads, plus the
+    tensors the engine keeps (:func:`kept_tensors`)."""
+    fqns, names = set(constant_fqns) - set(kept), set(weight_names)
     problems = [
         f"state-dict tensor {n!r} is read by the graph but is not a constant of the compiled model: "
         "it was baked into the code and a refit could never change it (Inductor inlines 0-d tensors and "
@@ -259,6 +298,26 @@ def _weights_from_meta(meta: Mapping[str, object]) -> tuple[dict[str, WeightSpec
     return specs, frozenset(str(n) for n in ignored)
 
 
+def _kept_from_meta(meta: Mapping[str, object]) -> dict[str, str]:
+    kept = meta.get("kept", {})
+    if not isinstance(kept, dict):
+        raise ValueError("meta.json: 'kept' must be an object")
+    return {str(k): str(v) for k, v in kept.items()}
+
+
+def _read_kept(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {n: t.to(device) for n, t in load_file(str(path)).items()}
+
+
+def _kept_detail(detail: str, why: Mapping[str, str]) -> str:
+    if not why:
+        return detail
+    kept = ", ".join(f"{n!r} ({w})" for n, w in why.items())
+    return f"{detail}; kept in the engine, not refitted: {kept}" if detail else f"kept in the engine: {kept}"
+
+
 # --------------------------------------------------------------------------- engine
 
 
@@ -321,6 +380,8 @@ class AOTIEngine(Engine):
         weight_specs: Mapping[str, WeightSpec],
         ignored_names: frozenset[str],
         runner: Any = None,
+        kept: Mapping[str, torch.Tensor] | None = None,
+        kept_why: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(device, build_info)
         self.spec = spec
@@ -330,6 +391,12 @@ class AOTIEngine(Engine):
         #: in eval mode): not weights of the engine, so a checkpoint may carry them and the validator
         #: accepts and ignores them (the other names of a tied parameter are its spec's aliases)
         self.ignored_names: frozenset[str] = ignored_names
+        #: tensors the graph reads that no checkpoint provides (non-persistent buffers, traced constants):
+        #: part of the engine, installed into every slot with its weights, never refitted; a checkpoint that
+        #: carries one must hold the same value (:func:`~serving.weights.loader.open_checkpoint`'s ``fixed``)
+        self.kept_tensors: Mapping[str, torch.Tensor] = MappingProxyType(dict(kept or {}))
+        #: why each was kept (the build log says it too)
+        self.kept_why: Mapping[str, str] = MappingProxyType(dict(kept_why or {}))
         self._spare_runner = runner  # loaded for the build checks; the first slot takes it
         self._lock = threading.Lock()
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(workdir), True)
@@ -348,13 +415,18 @@ class AOTIEngine(Engine):
         t0 = time.perf_counter()
         device = _device_of(spec)
         module = make_module(spec, device, meta=cache is not None)
+        if any(b.is_meta for b in nonpersistent_buffers(module).values()):
+            module = make_module(spec, device)  # their values are part of the engine (and of the key)
         graph = graph_fingerprint(module, spec.factory, spec.kwargs())
+        extra: dict[str, object] = {"host_cpu": host_cpu_fields(), "example_batch": EXAMPLE_BATCH}
+        nonpersistent = nonpersistent_buffers(module)
+        if nonpersistent:
+            extra["nonpersistent_sha256"] = tensors_sha256(nonpersistent)
         # the key names every setting asked for; which optional ones a torch applies follows from its
         # version, itself in the key (asking torch._inductor would import torch._dynamo: ~2 s per hit)
         key_flags = {**INDUCTOR_CONFIGS, **OPTIONAL_INDUCTOR_CONFIGS}
         fields = cache_key_fields(
-            engine=cls.kind, graph=graph, spec=spec, build_flags=key_flags, device=device,
-            extra={"host_cpu": host_cpu_fields(), "example_batch": EXAMPLE_BATCH},
+            engine=cls.kind, graph=graph, spec=spec, build_flags=key_flags, device=device, extra=extra,
         )
         key = cache_key(fields)
         workdir = Path(tempfile.mkdtemp(prefix="hotswap-aoti-"))
@@ -384,6 +456,8 @@ class AOTIEngine(Engine):
         def copy_out(entry: CacheEntry) -> Mapping[str, object]:
             # our own copy: slots load it later, after the entry may have been evicted
             shutil.copyfile(entry.files[PACKAGE_FILE], package)
+            if entry.meta.get("kept"):
+                shutil.copyfile(entry.files[KEPT_FILE], workdir / KEPT_FILE)
             return entry.meta
 
         try:
@@ -399,10 +473,14 @@ class AOTIEngine(Engine):
         try:
             if not problems:
                 specs, ignored = _weights_from_meta(meta)
-                problems = cached_spec_problems(module.state_dict(), specs, ignored)
+                why = _kept_from_meta(meta)
+                kept = _read_kept(workdir / KEPT_FILE, device) if why else {}
+                problems = cached_spec_problems(module.state_dict(), specs, ignored - set(why))
+                if set(kept) != set(why):
+                    problems.append(f"kept tensors {sorted(why)} listed, {sorted(kept)} stored")
             if not problems:
                 runner = _load_runner(package, device)
-                problems = constant_problems(runner.get_constant_fqns(), specs)
+                problems = constant_problems(runner.get_constant_fqns(), specs, kept)
         except (EngineBuildError, KeyError, ValueError, TypeError) as e:
             problems = [str(e)]
         if problems:
@@ -416,9 +494,9 @@ class AOTIEngine(Engine):
         built = meta.get("build_seconds")
         if isinstance(built, (int, float)):
             detail += f"; the cold build took {built:.1f}s, {max(0.0, built - elapsed):.1f}s saved"
-        info = BuildInfo("hit", elapsed, key, detail)
+        info = BuildInfo("hit", elapsed, key, _kept_detail(detail, why))
         return cls(spec=spec, device=device, build_info=info, package_path=package, workdir=workdir,
-                   weight_specs=specs, ignored_names=ignored, runner=runner)
+                   weight_specs=specs, ignored_names=ignored, runner=runner, kept=kept, kept_why=why)
 
     @classmethod
     def _compile(
@@ -432,9 +510,21 @@ class AOTIEngine(Engine):
             ep = export(module, spec, device)
 
         used, _ = graph_tensor_usage(ep)
-        specs, ignored, problems = split_state(module.state_dict(), used)
+        state = module.state_dict()
+        specs, ignored, problems = split_state(state, used)
+        kept, why, kept_issues = kept_tensors(ep, state, used)
+        problems += kept_issues
         if problems:
             raise EngineBuildError(f"AOTI engine for {spec.factory}: " + "; ".join(problems))
+        ignored = ignored | frozenset(kept)
+        for name, reason in why.items():
+            log.info("AOTI engine for %s: keeping %r in the engine (%s; no checkpoint provides it; its value "
+                     "is part of the cache key)", spec.factory, name, reason)
+        kept = {n: t.to(device) for n, t in kept.items()}
+        if kept:
+            from safetensors.torch import save_file
+
+            save_file({n: t.to("cpu") for n, t in kept.items()}, str(workdir / KEPT_FILE))
 
         package = workdir / PACKAGE_FILE
         t_compile = time.perf_counter()
@@ -448,7 +538,7 @@ class AOTIEngine(Engine):
 
         problems = package_problems(package)
         runner = _load_runner(package, device)
-        problems += constant_problems(runner.get_constant_fqns(), specs)
+        problems += constant_problems(runner.get_constant_fqns(), specs, kept)
         if problems:
             raise EngineBuildError(
                 f"AOTI engine for {spec.factory}: {len(problems)} problem(s), refusing an engine with "
@@ -456,19 +546,20 @@ class AOTIEngine(Engine):
             )
 
         outcome = "bypass"
-        detail = "; ".join(x for x in (detail, f"compiled in {compile_s:.1f}s") if x)
+        detail = _kept_detail("; ".join(x for x in (detail, f"compiled in {compile_s:.1f}s") if x), why)
         if cache is not None:
             outcome = "miss"
             meta = {"fields": dict(fields), "factory": spec.factory, **_weights_meta(specs, ignored),
-                    "build_seconds": round(time.perf_counter() - t0, 3)}
+                    "kept": dict(why), "build_seconds": round(time.perf_counter() - t0, 3)}
+            files = {PACKAGE_FILE: package, **({KEPT_FILE: workdir / KEPT_FILE} if kept else {})}
             try:
-                cache.store(key, {PACKAGE_FILE: package}, meta)
+                cache.store(key, files, meta)
             except CacheError as e:  # the engine is fine; only the next build will be slower
                 log.warning("AOTI engine: could not store in the cache: %s", e)
                 detail += f"; not stored: {e}"
         info = BuildInfo(outcome, time.perf_counter() - t0, key, detail)
         return cls(spec=spec, device=device, build_info=info, package_path=package, workdir=workdir,
-                   weight_specs=specs, ignored_names=ignored, runner=runner)
+                   weight_specs=specs, ignored_names=ignored, runner=runner, kept=kept, kept_why=why)
 
     # -- Engine ------------------------------------------------------------------
 
@@ -585,7 +676,8 @@ class AOTISlot(WeightSlot):
                         continue  # written in place by the loader
                     dest.copy_(t)
             if not self._registered:
-                self._runner.load_constants(dict(buffers), check_full_update=True, user_managed=True)
+                self._runner.load_constants({**engine.kept_tensors, **buffers}, check_full_update=True,
+                                            user_managed=True)
                 self._registered = True
         except Exception as e:
             self._ready = False  # part of the update may be in: not a consistent weight set

@@ -28,7 +28,14 @@ from serving.weights.checkpoint import (
 )
 from serving.weights.fastpath import FastReader, ReadStats, allocate, read_checkpoint_into
 from serving.weights.safetensors_header import TensorMeta
-from serving.weights.validate import ValidationPolicy, check_metadata, conform, provided_names, tie_problems
+from serving.weights.validate import (
+    ValidationPolicy,
+    check_metadata,
+    conform,
+    provided_names,
+    strip_names,
+    tie_problems,
+)
 
 
 @dataclass(frozen=True)
@@ -92,13 +99,21 @@ Destination = Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tenso
 
 def open_checkpoint(path: Path, specs: Mapping[str, WeightSpec], *, policy: CheckpointPolicy = _DEFAULT_POLICY,
                     validation: ValidationPolicy = _DEFAULT_VALIDATION, version: str | None = None,
-                    ignored: Collection[str] = ()) -> CheckedCheckpoint:
+                    ignored: Collection[str] = (),
+                    fixed: Mapping[str, torch.Tensor] | None = None) -> CheckedCheckpoint:
     """Detect, describe (headers only) and check. Raises :class:`ValidationError` with every metadata
-    problem, :class:`CheckpointError` for unreadable or hostile files; reads no tensor data."""
+    problem, :class:`CheckpointError` for unreadable or hostile files; reads no tensor data, except the
+    names of a tie saved more than once and the ``fixed`` tensors the checkpoint carries (tensors an engine
+    keeps and cannot refit, e.g. non-persistent buffers): those must hold the engine's values."""
     path = Path(path)
     t0 = time.perf_counter()
     candidate = detect_checkpoint(path, policy, version=version)
     metas = describe_checkpoint(candidate, policy)
+    if validation.strip_prefix:  # match by the stripped names; the metas keep the names to read by
+        renamed, clashes = strip_names(metas, validation.strip_prefix)
+        if clashes:
+            raise ValidationError(str(path), clashes)
+        metas = {short: metas[name] for short, name in renamed.items()}
     t1 = time.perf_counter()
     problems = check_metadata(specs, metas, validation, str(path), ignored=ignored)
     if problems:
@@ -106,7 +121,13 @@ def open_checkpoint(path: Path, specs: Mapping[str, WeightSpec], *, policy: Chec
     provided = provided_names(specs, metas)
     duplicated = [n for names in provided.values() if len(names) > 1 for n in names]
     if duplicated:  # a tie saved under several names: they must hold the same values
-        problems = tie_problems(specs, read_tensors(candidate, duplicated, policy))
+        problems = tie_problems(specs, _read_named(candidate, metas, duplicated, policy))
+        if problems:
+            raise ValidationError(str(path), problems)
+    carried = [n for n in (fixed or {}) if n in metas]
+    if carried:
+        assert fixed is not None
+        problems = fixed_problems(fixed, _read_named(candidate, metas, carried, policy))
         if problems:
             raise ValidationError(str(path), problems)
     t2 = time.perf_counter()
@@ -166,11 +187,32 @@ def read_checked(checked: CheckedCheckpoint, *, policy: CheckpointPolicy = _DEFA
                    validate_s=stats.finish_s, stats=stats)
 
 
-def _read_needed(checked: CheckedCheckpoint, policy: CheckpointPolicy) -> dict[str, torch.Tensor]:
-    """The needed tensors, keyed by the engine's names (a tied weight read under the name it was saved as)."""
-    stored = {n: checked.metas[n].name for n in checked.needed}
-    raw = read_tensors(checked.candidate, list(stored.values()), policy)
+def fixed_problems(fixed: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> list[str]:
+    """Checkpoint tensors that an engine keeps (and cannot refit) whose values differ from the engine's."""
+    problems = []
+    for name, t in found.items():
+        want = fixed[name]
+        if t.shape != want.shape or t.dtype != want.dtype or not torch.equal(t, want.to(t.device)):
+            problems.append(
+                f"tensor {name!r}: the engine keeps this tensor from the model's code (a non-persistent buffer or "
+                f"a traced constant: {want.dtype} {list(want.shape)}) and cannot refit it, but the checkpoint holds "
+                f"a different value ({t.dtype} {list(t.shape)}); remove it from the checkpoint, or make it a "
+                "persistent buffer of the model so that it is a weight")
+    return problems
+
+
+def _read_named(candidate: CheckpointCandidate, metas: Mapping[str, TensorMeta], names: Collection[str],
+                policy: CheckpointPolicy) -> dict[str, torch.Tensor]:
+    """Tensors keyed by ``names``, read under the names they were saved as (``metas[n].name``: a tied weight
+    saved under another name, a name with a stripped prefix)."""
+    stored = {n: metas[n].name for n in names}
+    raw = read_tensors(candidate, list(stored.values()), policy)
     return {n: raw[s] for n, s in stored.items()}
+
+
+def _read_needed(checked: CheckedCheckpoint, policy: CheckpointPolicy) -> dict[str, torch.Tensor]:
+    """The needed tensors, keyed by the engine's names."""
+    return _read_named(checked.candidate, checked.metas, checked.needed, policy)
 
 
 def _loaded(checked: CheckedCheckpoint, tensors: Mapping[str, torch.Tensor], *, read_s: float,
@@ -191,7 +233,8 @@ def _loaded(checked: CheckedCheckpoint, tensors: Mapping[str, torch.Tensor], *, 
 def load_weights(path: Path, specs: Mapping[str, WeightSpec], *, policy: CheckpointPolicy = _DEFAULT_POLICY,
                  validation: ValidationPolicy = _DEFAULT_VALIDATION, version: str | None = None,
                  ignored: Collection[str] = (), device: torch.device | str | None = None,
-                 out: Destination | None = None, reader: FastReader | None = None) -> LoadedWeights:
+                 out: Destination | None = None, reader: FastReader | None = None,
+                 fixed: Mapping[str, torch.Tensor] | None = None) -> LoadedWeights:
     """Detect, describe (headers only), check, read only the needed tensors, conform.
 
     Metadata problems (missing/unexpected names, shapes, dtypes) raise :class:`ValidationError`
@@ -199,5 +242,5 @@ def load_weights(path: Path, specs: Mapping[str, WeightSpec], *, policy: Checkpo
     With ``device``/``out``/``reader`` the data takes the fast path (see :func:`read_checked`).
     """
     checked = open_checkpoint(path, specs, policy=policy, validation=validation, version=version,
-                              ignored=ignored)
+                              ignored=ignored, fixed=fixed)
     return read_checked(checked, policy=policy, validation=validation, device=device, out=out, reader=reader)

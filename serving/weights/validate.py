@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
@@ -40,6 +41,12 @@ from serving.specs import WeightSpec, dtype_name
 from serving.weights.safetensors_header import TensorMeta
 
 UNEXPECTED_MODES = ("error", "ignore")
+#: prefixes that common wrappers add to every state-dict name, and the wrapper (for the rejection's hint)
+WRAPPER_PREFIXES: Mapping[str, str] = MappingProxyType({
+    "module.": "DistributedDataParallel or DataParallel",
+    "model.": "a Lightning module",
+    "_orig_mod.": "torch.compile",
+})
 CAST_MODES = ("strict", "same_kind")
 
 #: floating-point dtypes that ``cast="same_kind"`` converts between
@@ -56,8 +63,13 @@ class ValidationPolicy:
     unexpected: str = "error"
     cast: str = "same_kind"
     check_finite: bool = True
+    #: prefixes removed from checkpoint names before matching (``module.`` of DDP...), see :func:`strip_names`
+    strip_prefix: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        bad = [p for p in self.strip_prefix if not p]
+        if bad:
+            raise ConfigError("ValidationPolicy.strip_prefix: an empty prefix")
         if self.unexpected not in UNEXPECTED_MODES:
             raise ConfigError(f"ValidationPolicy.unexpected={self.unexpected!r}; "
                               f"expected one of {UNEXPECTED_MODES}")
@@ -107,6 +119,41 @@ def _missing_hint(name: str, extra: Collection[str]) -> str:
             prefix = name[: -len(other)]
             return f"; the checkpoint has {other!r}: add the prefix {prefix!r}"
     return ""
+
+
+def strip_names(names: Collection[str], prefixes: Collection[str]) -> tuple[dict[str, str], list[str]]:
+    """Checkpoint names with ``prefixes`` removed (each leading one, repeatedly: ``module._orig_mod.x`` -> ``x``):
+    (stripped name -> name in the checkpoint, problems for two names that strip to the same one)."""
+    out: dict[str, str] = {}
+    problems: list[str] = []
+    for name in names:
+        short = name
+        while prefixes:
+            p = next((p for p in prefixes if short.startswith(p) and len(short) > len(p)), None)
+            if p is None:
+                break
+            short = short[len(p):]
+        if short in out:
+            problems.append(f"tensors {out[short]!r} and {name!r} are both {short!r} once the prefix is stripped "
+                            "(strip_prefix); keep only one")
+        out[short] = name
+    return out, problems
+
+
+def wrapper_hint(specs: Mapping[str, WeightSpec], found: Mapping[str, TensorMeta]) -> str | None:
+    """The ``strip_prefix`` to suggest when every checkpoint name is an engine name (of the right shape) behind
+    one wrapper's prefix."""
+    known = engine_names(specs)
+    if not found or any(n in known for n in found):
+        return None
+    for prefix, wrapper in WRAPPER_PREFIXES.items():
+        stripped, clashes = strip_names(found, (prefix,))
+        provided = provided_names(specs, stripped)
+        if not clashes and all(n.startswith(prefix) for n in found) and provided.keys() == specs.keys() and \
+                all(found[stripped[m]].shape == specs[n].shape for n, names in provided.items() for m in names):
+            return (f"every tensor name starts with {prefix!r} (saved from {wrapper}?): set the parameter "
+                    f"strip_prefix to {prefix!r}")
+    return None
 
 
 def engine_names(specs: Mapping[str, WeightSpec]) -> dict[str, str]:
@@ -185,7 +232,8 @@ def check_metadata(specs: Mapping[str, WeightSpec], found: Mapping[str, TensorMe
     if policy.unexpected == "error":
         problems += [f"tensor {n!r}: in the checkpoint but not in the engine (unexpected); remove it, "
                      f"or set ValidationPolicy(unexpected='ignore')" for n in extra]
-    return problems
+    hint = wrapper_hint(specs, found) if problems else None
+    return [hint, *problems] if hint else problems
 
 
 def _all_finite(t: torch.Tensor) -> bool:

@@ -6,21 +6,27 @@ Tiny configs (module-scoped fixtures); the AOTInductor compiles are marked slow.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import transformers
+from prometheus_client import CollectorRegistry
 from safetensors.torch import load_file, save_file
+from watch_helpers import DEBOUNCE, wait_for
 
 from serving.engines import Engine, build_engine
 from serving.errors import ValidationError
+from serving.metrics import prometheus_metrics
+from serving.publisher import publish
+from serving.refit import RefitCoordinator
 from serving.specs import BuildSpec, TensorSpec
+from serving.watch import WeightsWatcher
 from serving.weights import load_weights
-
-transformers = pytest.importorskip("transformers")  # the test extra has it; a bare install runs the rest
 
 ATOL = 1e-4
 SEQ = 8
@@ -60,6 +66,9 @@ class Model:
             return module(x).logits
 
 
+Saved = dict[str, tuple[Path, Path]]
+
+
 def _ids(vocab: int) -> Callable[[int], torch.Tensor]:
     return lambda seed: torch.randint(0, vocab, (3, SEQ), generator=torch.Generator().manual_seed(seed))
 
@@ -88,8 +97,19 @@ MODELS = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_tqdm_monitor() -> Iterator[None]:
+    """save_pretrained/from_pretrained start tqdm's monitor thread, which outlives a test (the leak check objects)."""
+    import tqdm
+
+    before = tqdm.tqdm.monitor_interval
+    tqdm.tqdm.monitor_interval = 0
+    yield
+    tqdm.tqdm.monitor_interval = before
+
+
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Saved:
     """Two ``save_pretrained`` versions of each model (different weights)."""
     root = tmp_path_factory.mktemp("pretrained")
     return {k: (m.save(root / f"{k}-a", 1), m.save(root / f"{k}-b", 2)) for k, m in MODELS.items()}
@@ -97,7 +117,8 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pat
 
 def _serve_from(engine: Engine, folder: Path) -> Any:
     slot = engine.new_slot()
-    loaded = load_weights(folder, engine.weight_specs(), ignored=getattr(engine, "ignored_names", frozenset()))
+    loaded = load_weights(folder, engine.weight_specs(), ignored=getattr(engine, "ignored_names", frozenset()),
+                          fixed=getattr(engine, "kept_tensors", None))
     slot.refit(slot.transfer(loaded.tensors))
     return slot
 
@@ -115,11 +136,60 @@ def _check_engine(kind: str, model: Model, saved: tuple[Path, Path]) -> None:
 
 
 @pytest.mark.parametrize("key", sorted(MODELS))
-def test_eager_serves_save_pretrained_output_like_from_pretrained(key: str, saved: dict[str, tuple[Path, Path]]) -> None:
+def test_eager_serves_save_pretrained_output_like_from_pretrained(key: str, saved: Saved) -> None:
     _check_engine("eager", MODELS[key], saved[key])
 
 
-def test_gpt2_tie_is_one_weight_given_under_either_name(saved: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def aoti_engines() -> Iterator[dict[str, Engine]]:
+    """One compiled AOTInductor engine per model (no cache), built on first use."""
+    built: dict[str, Engine] = {}
+    yield built
+    for e in built.values():
+        e.close()
+
+
+def _aoti(key: str, engines: dict[str, Engine]) -> Engine:
+    if key not in engines:
+        engines[key] = build_engine("aoti", MODELS[key].spec())
+    return engines[key]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", sorted(MODELS))
+def test_aoti_serves_save_pretrained_output_like_from_pretrained(key: str, saved: Saved,
+                                                                 aoti_engines: dict[str, Engine]) -> None:
+    model, engine = MODELS[key], _aoti(key, aoti_engines)
+    x = model.example(0)
+    for folder in saved[key]:
+        (out,) = _serve_from(engine, folder).run([x])
+        torch.testing.assert_close(out, model.reference(folder, x), atol=ATOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_aoti_keeps_bert_non_persistent_buffers_and_checks_a_checkpoint_that_carries_them(
+        saved: Saved, aoti_engines: dict[str, Engine], tmp_path: Path) -> None:
+    engine = _aoti("bert", aoti_engines)
+    kept = {"bert.embeddings.position_ids", "bert.embeddings.token_type_ids"}
+    assert set(engine.kept_tensors) == kept
+    assert not kept & set(engine.weight_specs())
+    assert "kept in the engine" in engine.build_info.detail and "non-persistent buffer" in engine.build_info.detail
+    folder = saved["bert"][0]
+    tensors = load_file(str(folder / "model.safetensors"))
+    x = MODELS["bert"].example(0)
+    # an older transformers saved position_ids: the same values are accepted
+    positions = torch.arange(16).unsqueeze(0)
+    save_file({**tensors, "bert.embeddings.position_ids": positions}, str(tmp_path / "old.safetensors"))
+    (out,) = _serve_from(engine, tmp_path / "old.safetensors").run([x])
+    torch.testing.assert_close(out, MODELS["bert"].reference(folder, x), atol=ATOL, rtol=0)
+    # other values cannot be refitted: a clear rejection, naming the tensor
+    save_file({**tensors, "bert.embeddings.position_ids": positions.flip(1).contiguous()},
+              str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValidationError, match="'bert.embeddings.position_ids': the engine keeps this tensor"):
+        _serve_from(engine, tmp_path / "other.safetensors")
+
+
+def test_gpt2_tie_is_one_weight_given_under_either_name(saved: Saved, tmp_path: Path) -> None:
     model = MODELS["gpt2"]
     engine = build_engine("eager", model.spec())
     spec = engine.weight_specs()["transformer.wte.weight"]
@@ -145,3 +215,43 @@ def test_gpt2_tie_is_one_weight_given_under_either_name(saved: dict[str, tuple[P
               str(tmp_path / "differ.safetensors"))
     with pytest.raises(ValidationError, match="'transformer.wte.weight' and 'lm_head.weight' are one tied"):
         _serve_from(engine, tmp_path / "differ.safetensors")
+
+
+# ---------------------------------------------------------------- through the coordinator and the watcher
+
+
+def _serve_folder(engine: Engine, model: Model, folder: Path, saved: tuple[Path, Path], tmp: Path) -> None:
+    """v1 by ``hotswap publish`` (serving.publisher.publish), v2 by ``cp -a`` of a fresh save_pretrained
+    directory: each goes live with from_pretrained's outputs on the same files."""
+    registry = CollectorRegistry()
+    coord = RefitCoordinator(engine, metrics=prometheus_metrics(registry))
+    watcher = WeightsWatcher(folder, coord, debounce_s=DEBOUNCE, poll_interval_s=0.05)
+    x = model.example(0)
+    try:
+        watcher.start()
+        publish(saved[0], folder, version="v1")
+        wait_for(lambda: coord.live_version == "v1", f"v1 live (rejected: {dict(watcher.rejected)})", 120)
+        torch.testing.assert_close(coord.infer([x])[0], model.reference(saved[0], x), atol=ATOL, rtol=0)
+        fresh = model.save(tmp / "v2", 2)  # written now: newer than v1 (cp -a keeps modification times)
+        subprocess.run(["cp", "-a", str(fresh), str(folder / "v2")], check=True)
+        wait_for(lambda: coord.live_version == "v2", f"v2 live (rejected: {dict(watcher.rejected)})", 120)
+        torch.testing.assert_close(coord.infer([x])[0], model.reference(fresh, x), atol=ATOL, rtol=0)
+        assert watcher.rejected == {}
+    finally:
+        watcher.stop(timeout=10)
+        coord.close()
+
+
+@pytest.mark.parametrize("key", sorted(MODELS))
+def test_eager_goes_live_from_published_and_copied_save_pretrained_dirs(key: str, saved: Saved, tmp_path: Path) -> None:
+    engine = build_engine("eager", MODELS[key].spec())
+    (tmp_path / "weights").mkdir()
+    _serve_folder(engine, MODELS[key], tmp_path / "weights", saved[key], tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", sorted(MODELS))
+def test_aoti_goes_live_from_published_and_copied_save_pretrained_dirs(key: str, saved: Saved, tmp_path: Path,
+                                                                       aoti_engines: dict[str, Engine]) -> None:
+    (tmp_path / "weights").mkdir()
+    _serve_folder(_aoti(key, aoti_engines), MODELS[key], tmp_path / "weights", saved[key], tmp_path)

@@ -100,3 +100,12 @@ def test_watch_flags_are_the_table_s_and_parse_like_config() -> None:
             assert s.flag in help_text, s.name
     with pytest.raises(SystemExit):
         build_parser().parse_args([*argv, "--engine", "onnx"])
+
+
+def test_strip_prefix_is_a_comma_separated_list() -> None:
+    from serving.settings import parse_settings
+
+    params = {"model_factory": "serving.examples.cnn:tiny_cnn", "weights_dir": "/w", "strip_prefix": "module., model."}
+    assert parse_settings(params, model_name="m", env={}).strip_prefix == ("module.", "model.")
+    del params["strip_prefix"]
+    assert parse_settings(params, model_name="m", env={}).strip_prefix == ()

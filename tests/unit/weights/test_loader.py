@@ -113,3 +113,16 @@ def test_checkpoint_errors_pass_through(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError) as info:
         load_weights(tmp_path / "m.safetensors", {})
     assert info.value.reason == "corrupt"
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_strip_prefix_loads_a_checkpoint_saved_from_a_wrapper(tmp_path: Path, fast: bool) -> None:
+    sd = tiny_state_dict()
+    specs = specs_of(sd)
+    path = save(tmp_path / "ddp.safetensors", {f"module._orig_mod.{k}": v for k, v in sd.items()})
+    with pytest.raises(ValidationError, match="strip_prefix"):
+        load_weights(path, specs, ignored={NUM_BATCHES})
+    policy = ValidationPolicy(strip_prefix=("module.", "_orig_mod."))
+    loaded = load_weights(path, specs, ignored={NUM_BATCHES}, validation=policy, device="cpu" if fast else None)
+    assert list(loaded.tensors) == list(specs)
+    assert all(torch.equal(loaded.tensors[k], sd[k]) for k in specs)

@@ -279,3 +279,31 @@ def test_tie_groups_follow_storage_and_identity() -> None:
     specs = specs_with_ties(net.state_dict(), {"head.weight"})
     assert specs == {"head.weight": WeightSpec("head.weight", (5, 4), F32, ("emb.weight",))}
     assert WeightSpec.from_json(specs["head.weight"].to_json()) == specs["head.weight"]
+
+
+# ---------------------------------------------------------------- wrapper prefixes (DDP, Lightning, torch.compile)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "model.", "_orig_mod."])
+def test_a_checkpoint_behind_a_wrapper_prefix_is_rejected_with_the_strip_prefix_to_set(prefix: str) -> None:
+    metas = _metas(*((prefix + n, s.shape, s.dtype) for n, s in SPECS.items()))
+    problems = check_metadata(SPECS, metas, SAME_KIND, "ckpt")
+    assert problems[0].startswith(f"every tensor name starts with {prefix!r}")
+    assert f"set the parameter strip_prefix to {prefix!r}" in problems[0]
+    # not when only some names are behind it, or when stripping would not make it fit
+    partial = {**metas, "w": _meta("w", (4, 8), F32)}
+    partial.pop(prefix + "w")
+    assert not any("every tensor name" in p for p in check_metadata(SPECS, partial, SAME_KIND, "ckpt"))
+    wrong = _metas(*((prefix + n, (9,), s.dtype) for n, s in SPECS.items()))
+    assert not any("every tensor name" in p for p in check_metadata(SPECS, wrong, SAME_KIND, "ckpt"))
+
+
+def test_strip_names_removes_nested_wrappers_and_reports_clashes() -> None:
+    from serving.weights.validate import strip_names
+
+    renamed, clashes = strip_names(["module._orig_mod.w", "module.b", "steps"], ("module.", "_orig_mod."))
+    assert renamed == {"w": "module._orig_mod.w", "b": "module.b", "steps": "steps"} and clashes == []
+    _, clashes = strip_names(["module.w", "w"], ("module.",))
+    assert clashes and "'module.w' and 'w' are both 'w'" in clashes[0]
+    with pytest.raises(ConfigError, match="empty prefix"):
+        ValidationPolicy(strip_prefix=("",))
