@@ -255,3 +255,24 @@ def test_aoti_goes_live_from_published_and_copied_save_pretrained_dirs(key: str,
                                                                        aoti_engines: dict[str, Engine]) -> None:
     (tmp_path / "weights").mkdir()
     _serve_folder(_aoti(key, aoti_engines), MODELS[key], tmp_path / "weights", saved[key], tmp_path)
+
+
+@pytest.mark.slow
+def test_aoti_cache_entry_holds_the_kept_tensors_and_a_hit_serves_like_the_build(saved: Saved, tmp_path: Path) -> None:
+    from serving.cache import EngineCache
+
+    model, cache = MODELS["bert"], EngineCache(tmp_path / "cache")
+    x = model.example(0)
+    first = build_engine("aoti", model.spec(), cache=cache)
+    second = build_engine("aoti", model.spec(), cache=cache)
+    try:
+        assert (first.build_info.cache, second.build_info.cache) == ("miss", "hit")
+        assert "position_ids" in second.build_info.detail
+        kept = second.kept_tensors
+        assert set(kept) == set(first.kept_tensors)
+        assert all(torch.equal(kept[n], first.kept_tensors[n]) for n in kept)
+        (out,) = _serve_from(second, saved["bert"][1]).run([x])
+        torch.testing.assert_close(out, model.reference(saved["bert"][1], x), atol=ATOL, rtol=0)
+    finally:
+        first.close()
+        second.close()
