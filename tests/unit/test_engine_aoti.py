@@ -399,13 +399,42 @@ def test_constant_problems_name_both_directions() -> None:
     assert "constant 'x'" in problems[1]
 
 
-def test_split_state_ignores_unread_and_refuses_non_state_tensors() -> None:
+def test_split_state_ignores_unread_and_refuses_non_contiguous_tensors() -> None:
     state = {"w": torch.zeros(2, 2), "n": torch.zeros((), dtype=torch.int64), "t": torch.zeros(4, 2).t()}
     specs, ignored, problems = split_state(state, {"w", "t", "rope_cache"})
     assert set(specs) == {"w", "t"} and ignored == frozenset({"n"})
-    assert len(problems) == 2
-    assert "'rope_cache', which is not in the state dict" in problems[0]
-    assert "'t' is not contiguous" in problems[1]
+    (problem,) = problems  # rope_cache is not in the state dict: kept_tensors' business, not a weight
+    assert "'t' is not contiguous" in problem
+
+
+class _Kept(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.register_buffer("scale", torch.arange(4.0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.scale + torch.tensor([1.0, 2.0, 3.0, 4.0])  # a constant lifted while tracing
+
+
+def test_kept_tensors_are_the_non_persistent_buffers_and_traced_constants_the_graph_reads() -> None:
+    from serving.engines.aoti import graph_tensor_usage, kept_tensors, nonpersistent_buffers, tensors_sha256
+
+    module = _Kept()
+    ep = torch.export.export(module, (torch.zeros(2, 4),), strict=False)
+    used, _ = graph_tensor_usage(ep)
+    values, why, problems = kept_tensors(ep, module.state_dict(), used)
+    assert problems == [] and "scale" in values and len(values) == 2
+    assert why["scale"].startswith("non-persistent buffer")
+    (lifted,) = set(values) - {"scale"}
+    assert why[lifted] == "tensor constant created while tracing"
+    assert torch.equal(values["scale"], torch.arange(4.0))
+    assert set(nonpersistent_buffers(module)) == {"scale"}
+    other = _Kept()
+    other.scale.add_(1)
+    assert tensors_sha256(nonpersistent_buffers(module)) == tensors_sha256(nonpersistent_buffers(_Kept()))
+    assert tensors_sha256(nonpersistent_buffers(module)) != tensors_sha256(nonpersistent_buffers(other))
+    assert constant_problems(["lin.weight", "lin.bias", *values], ["lin.weight", "lin.bias"], values) == []
 
 
 def test_refit_problems_first_refit_must_be_complete() -> None:
