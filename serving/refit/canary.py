@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.utils._pytree as pytree
 
 from serving.engines.base import WeightSlot
 from serving.errors import CanaryError, ConfigError
@@ -109,4 +110,5 @@ class Canary:
         weights = {k: v.to(device) for k, v in staged.tensors.items()}
         with torch.inference_mode():
             out = torch.func.functional_call(ref, weights, tuple(x.to(device) for x in self.inputs))
-        return [out] if isinstance(out, torch.Tensor) else list(out)
+        # a library's output object (transformers' ModelOutput is a dict) flattens to its tensors, as the engines do
+        return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import torch
 
+from serving.specs import tie_groups
+
 
 def random_state_dict(module: torch.nn.Module, seed: int, *, scale: float = 0.5,
                       dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Seeded normal values for every floating tensor of ``module.state_dict()``.
 
     Variances (``running_var``) are kept positive so BatchNorm stays finite; integer buffers
-    (``num_batches_tracked``) are copied. Same module and seed -> the same tensors.
+    (``num_batches_tracked``) are copied. Same module and seed -> the same tensors. Tied names (one
+    tensor, e.g. GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``) get one tensor.
     """
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
-    for name, value in module.state_dict().items():
+    state = module.state_dict()
+    tied = {n: group[0] for group in tie_groups(module.state_dict(keep_vars=True)) for n in group[1:]}
+    for name, value in state.items():
+        if name in tied:
+            out[name] = out[tied[name]]
+            continue
         if not value.is_floating_point():
             out[name] = value.detach().clone()
             continue

@@ -21,9 +21,11 @@ from watch_helpers import DEBOUNCE, wait_for
 
 from serving.engines import Engine, build_engine
 from serving.errors import ValidationError
+from serving.factory import build_module
 from serving.metrics import prometheus_metrics
 from serving.publisher import publish
 from serving.refit import RefitCoordinator
+from serving.refit.canary import CanaryConfig
 from serving.specs import BuildSpec, TensorSpec
 from serving.watch import WeightsWatcher
 from serving.weights import load_weights
@@ -224,7 +226,10 @@ def _serve_folder(engine: Engine, model: Model, folder: Path, saved: tuple[Path,
     """v1 by ``hotswap publish`` (serving.publisher.publish), v2 by ``cp -a`` of a fresh save_pretrained
     directory: each goes live with from_pretrained's outputs on the same files."""
     registry = CollectorRegistry()
-    coord = RefitCoordinator(engine, metrics=prometheus_metrics(registry))
+    # the reference canary, as the service runs it on compiled engines: the library's module with the same weights
+    coord = RefitCoordinator(engine, metrics=prometheus_metrics(registry), canary=CanaryConfig("reference", atol=ATOL),
+                             canary_input_specs=model.inputs,
+                             reference_factory=lambda: build_module(model.factory, dict(model.config)))
     watcher = WeightsWatcher(folder, coord, debounce_s=DEBOUNCE, poll_interval_s=0.05)
     x = model.example(0)
     try:
@@ -276,3 +281,12 @@ def test_aoti_cache_entry_holds_the_kept_tensors_and_a_hit_serves_like_the_build
     finally:
         first.close()
         second.close()
+
+
+def test_random_weights_give_a_tie_one_tensor() -> None:
+    """What ``hotswap serve`` seeds an empty folder with must pass the tie check."""
+    from serving.weights.random_state import random_state_dict
+
+    model = MODELS["gpt2"]
+    state = random_state_dict(build_module(model.factory, dict(model.config)), seed=0)
+    assert state["lm_head.weight"] is state["transformer.wte.weight"]
