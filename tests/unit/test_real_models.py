@@ -223,8 +223,8 @@ def test_gpt2_tie_is_one_weight_given_under_either_name(saved: Saved, tmp_path: 
 
 
 def _serve_folder(engine: Engine, model: Model, folder: Path, saved: tuple[Path, Path], tmp: Path) -> None:
-    """v1 by ``hotswap publish`` (serving.publisher.publish), v2 by ``cp -a`` of a fresh save_pretrained
-    directory: each goes live with from_pretrained's outputs on the same files."""
+    """v1 by ``hotswap publish`` (serving.publisher.publish), v2 by ``cp -a`` of a save_pretrained directory
+    older than v1: each goes live with from_pretrained's outputs on the same files."""
     registry = CollectorRegistry()
     # the reference canary, as the service runs it on compiled engines: the library's module with the same weights
     coord = RefitCoordinator(engine, metrics=prometheus_metrics(registry), canary=CanaryConfig("reference", atol=ATOL),
@@ -237,7 +237,7 @@ def _serve_folder(engine: Engine, model: Model, folder: Path, saved: tuple[Path,
         publish(saved[0], folder, version="v1")
         wait_for(lambda: coord.live_version == "v1", f"v1 live (rejected: {dict(watcher.rejected)})", 120)
         torch.testing.assert_close(coord.infer([x])[0], model.reference(saved[0], x), atol=ATOL, rtol=0)
-        fresh = model.save(tmp / "v2", 2)  # written now: newer than v1 (cp -a keeps modification times)
+        fresh = saved[1]  # saved before v1 was published: cp -a keeps that older mtime, arrival is what counts
         subprocess.run(["cp", "-a", str(fresh), str(folder / "v2")], check=True)
         wait_for(lambda: coord.live_version == "v2", f"v2 live (rejected: {dict(watcher.rejected)})", 120)
         torch.testing.assert_close(coord.infer([x])[0], model.reference(fresh, x), atol=ATOL, rtol=0)
