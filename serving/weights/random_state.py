@@ -13,7 +13,7 @@ def random_state_dict(module: torch.nn.Module, seed: int, *, scale: float = 0.5,
 
     Variances (``running_var``) are kept positive so BatchNorm stays finite; integer buffers
     (``num_batches_tracked``) are copied. Same module and seed -> the same tensors. Tied names (one
-    tensor, e.g. GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``) get one tensor.
+    tensor, e.g. GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``) get equal values.
     """
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
@@ -21,7 +21,7 @@ def random_state_dict(module: torch.nn.Module, seed: int, *, scale: float = 0.5,
     tied = {n: group[0] for group in tie_groups(module.state_dict(keep_vars=True)) for n in group[1:]}
     for name, value in state.items():
         if name in tied:
-            out[name] = out[tied[name]]
+            out[name] = out[tied[name]].clone()  # equal values; own memory, as safetensors files need
             continue
         if not value.is_floating_point():
             out[name] = value.detach().clone()
