@@ -1,4 +1,5 @@
-"""Models written by others, served by a real Triton from a repository the way a user lays it out: the factory
+"""Models written by others (transformers BERT, GPT-2, ResNet), each on eager and aoti, served by a real Triton
+from a repository the way a user lays it out: the factory
 module sits next to ``model.py``; weights are ``save_pretrained`` directories published with
 ``serving.publisher.publish`` and with ``cp -a``; every answer equals the library's own ``from_pretrained`` model
 on the same files (atol 1e-4)."""
@@ -44,22 +45,27 @@ def resnet(**config):
     return ResNetForImageClassification(ResNetConfig(**config))
 '''
 TEXT = dict(vocab_size=64, max_position_embeddings=16)
-#: name -> (factory function, engine, config, input (name, wire dtype, dims), output dims, class)
+#: kind -> (factory function, unused, config, input (name, wire dtype, dims), output dims, class)
 MODELS: dict[str, tuple[str, str, dict[str, Any], tuple[str, str, list[int]], list[int], Any]] = {
-    "bert": ("bert", "aoti", dict(TEXT, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+    "bert": ("bert", "", dict(TEXT, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=32, num_labels=3),
              ("INPUT_IDS", "INT64", [SEQ]), [3], transformers.BertForSequenceClassification),
-    "gpt2": ("gpt2", "eager", dict(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=0,
+    "gpt2": ("gpt2", "", dict(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=0,
                                    eos_token_id=0),
              ("INPUT_IDS", "INT64", [SEQ]), [SEQ, 64], transformers.GPT2LMHeadModel),
-    "resnet": ("resnet", "eager", dict(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+    "resnet": ("resnet", "", dict(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
                                        num_labels=4),
                ("IMAGE", "FP32", [3, 32, 32]), [4], transformers.ResNetForImageClassification),
 }
 
 
+#: served model name -> (kind, engine): each library model on both CPU engines
+SERVED = {f"{kind}_{engine}": (kind, engine) for kind in MODELS for engine in ("eager", "aoti")}
+
+
 def _config_pbtxt(name: str) -> str:
-    factory, engine, config, (inp, dtype, dims), out, _ = MODELS[name]
+    kind, engine = SERVED[name]
+    factory, _, config, (inp, dtype, dims), out, _ = MODELS[kind]
     kwargs = json.dumps(config).replace('"', '\\"')
     return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: 4\n'
             f'input [ {{ name: "{inp}", data_type: TYPE_{dtype}, dims: {dims} }} ]\n'
@@ -98,7 +104,7 @@ def _reference(name: str, folder: Path, x: torch.Tensor) -> np.ndarray:
 def _infer(url: str, name: str, x: torch.Tensor) -> np.ndarray:
     import tritonclient.http as httpclient
 
-    inp_name, dtype, _ = MODELS[name][3]
+    inp_name, dtype, _ = MODELS[SERVED[name][0]][3]
     client = httpclient.InferenceServerClient(url)
     try:
         inp = httpclient.InferInput(inp_name, list(x.shape), dtype)
@@ -115,7 +121,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TritonPro
     tqdm.tqdm.monitor_interval = 0  # save_pretrained's progress bar would leave its monitor thread behind
     root = tmp_path_factory.mktemp("user-repo")
     repo = root / "repository"
-    for name in MODELS:
+    for name in SERVED:
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "1" / "model.py").write_text("from serving.triton.model import TritonPythonModel\n")
         (repo / name / "1" / "hf_models.py").write_text(FACTORY_MODULE)
@@ -125,7 +131,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TritonPro
     triton = TritonProcess(repo, work_dir=root / "triton", env=env)
     triton.start()
     try:
-        triton.wait_ready(list(MODELS), timeout=600)
+        triton.wait_ready(list(SERVED), timeout=600)
         yield triton, root / "weights"
     finally:
         triton.stop()
@@ -142,18 +148,19 @@ def _wait_version(triton: TritonProcess, name: str, version: str, timeout: float
     raise AssertionError(f"{name}: {version!r} not live after {timeout}s: {seen}\n{triton.log_tail(4000)}")
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(SERVED))
 def test_save_pretrained_published_then_copied_serves_like_from_pretrained(
         server: tuple[TritonProcess, Path], name: str, tmp_path: Path) -> None:
     triton, weights = server
-    x = _example(name)
-    first = _save(name, tmp_path / "v1", 1)
+    kind = SERVED[name][0]
+    x = _example(kind)
+    first = _save(kind, tmp_path / "v1", 1)
     publish(first, weights / name, version="v1")
     _wait_version(triton, name, "v1")
-    np.testing.assert_allclose(_infer(triton.http_url, name, x), _reference(name, first, x), atol=1e-4, rtol=0)
-    second = _save(name, tmp_path / "v2", 2)  # written after v1 went live (cp -a keeps modification times)
+    np.testing.assert_allclose(_infer(triton.http_url, name, x), _reference(kind, first, x), atol=1e-4, rtol=0)
+    second = _save(kind, tmp_path / "v2", 2)  # saved now; cp -a keeps its mtime, arrival is what counts
     subprocess.run(["cp", "-a", str(second), str(weights / name / "v2")], check=True)
     _wait_version(triton, name, "v2")
     out = _infer(triton.http_url, name, x)
-    np.testing.assert_allclose(out, _reference(name, second, x), atol=1e-4, rtol=0)
-    assert not np.allclose(out, _reference(name, first, x), atol=1e-4)
+    np.testing.assert_allclose(out, _reference(kind, second, x), atol=1e-4, rtol=0)
+    assert not np.allclose(out, _reference(kind, first, x), atol=1e-4)
