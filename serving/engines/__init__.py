@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 ENGINES: dict[str, tuple[str, str]] = {
     "eager": ("serving.engines.eager", "EagerEngine"),
     "aoti": ("serving.engines.aoti", "AOTIEngine"),
+    "inductor": ("serving.engines.inductor", "InductorEngine"),
     "tensorrt": ("serving.engines.tensorrt", "TensorRTEngine"),
 }
 

@@ -45,7 +45,7 @@ import torch.utils._pytree as pytree
 
 from serving.cache import CacheEntry, EngineCache, cache_key, cache_key_fields, graph_fingerprint
 from serving.engines.base import BuildInfo, Engine, WeightSlot
-from serving.engines.export import EXAMPLE_BATCH, export, make_module
+from serving.engines.export import EXAMPLE_BATCH, export, input_problems, make_module
 from serving.errors import (
     CacheError,
     EngineBuildError,
@@ -585,20 +585,7 @@ class AOTIEngine(Engine):
         The compiled code does not check shapes itself (AOTI_RUNTIME_CHECK_INPUTS is off by
         default); a wrong shape would read out of bounds.
         """
-        spec = self.spec
-        problems: list[str] = []
-        if len(inputs) != len(spec.inputs):
-            problems.append(f"{len(inputs)} input(s) given, expected {len(spec.inputs)} "
-                            f"({', '.join(i.name for i in spec.inputs)})")
-        batches = {int(x.shape[0]) if x.dim() else 0 for x in inputs}
-        for x, s in zip(inputs, spec.inputs, strict=False):
-            if tuple(x.shape[1:]) != s.shape or x.dtype != s.dtype:
-                problems.append(f"input {s.name}: {dtype_name(x.dtype)}{list(x.shape)}, expected "
-                                f"{dtype_name(s.dtype)}[batch, {', '.join(map(str, s.shape))}]")
-        if len(batches) > 1:
-            problems.append(f"inputs disagree on the batch size: {sorted(batches)}")
-        elif batches and not 1 <= next(iter(batches)) <= spec.max_batch:
-            problems.append(f"batch size {next(iter(batches))} outside 1..{spec.max_batch}")
+        problems = input_problems(self.spec, inputs)
         if problems:
             raise ValueError("AOTI engine inputs: " + "; ".join(problems))
         return [x.to(self.device).contiguous() for x in inputs]

@@ -3,6 +3,7 @@
 * :func:`make_module`: the factory's module in eval mode, in the spec's dtype, on the device (or on
   the meta device, when only its architecture is needed: no memory, no weight init);
 * :func:`example_inputs`: one batch of zeros per input (zeros are valid token ids too);
+* :func:`input_problems`: a batch of inputs checked against the spec;
 * :func:`export`: ``torch.export.export`` (non-strict) of those inputs, with the batch dimension
   dynamic in ``[1, max_batch]``; a failure is an :class:`~serving.errors.EngineBuildError`.
 
@@ -14,14 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from serving.errors import EngineBuildError
 from serving.factory import build_module
-from serving.specs import BuildSpec
+from serving.specs import BuildSpec, dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,28 @@ def export(module: torch.nn.Module, spec: BuildSpec, device: torch.device) -> to
         raise EngineBuildError(f"torch.export of {spec.factory} failed ({type(e).__name__}: {e})") from e
 
 
+def input_problems(spec: BuildSpec, inputs: Sequence[torch.Tensor]) -> list[str]:
+    """What is wrong with a batch of inputs for ``spec`` (count, shapes, dtypes, batch size). Pure.
+
+    Compiled code does not check shapes itself: a wrong shape would read out of bounds (AOTI) or
+    trigger a recompile on the serving path (Inductor).
+    """
+    problems: list[str] = []
+    if len(inputs) != len(spec.inputs):
+        problems.append(f"{len(inputs)} input(s) given, expected {len(spec.inputs)} "
+                        f"({', '.join(i.name for i in spec.inputs)})")
+    batches = {int(x.shape[0]) if x.dim() else 0 for x in inputs}
+    for x, s in zip(inputs, spec.inputs, strict=False):
+        if tuple(x.shape[1:]) != s.shape or x.dtype != s.dtype:
+            problems.append(f"input {s.name}: {dtype_name(x.dtype)}{list(x.shape)}, expected "
+                            f"{dtype_name(s.dtype)}[batch, {', '.join(map(str, s.shape))}]")
+    if len(batches) > 1:
+        problems.append(f"inputs disagree on the batch size: {sorted(batches)}")
+    elif batches and not 1 <= next(iter(batches)) <= spec.max_batch:
+        problems.append(f"batch size {next(iter(batches))} outside 1..{spec.max_batch}")
+    return problems
+
+
 @contextlib.contextmanager
 def _no_init() -> Iterator[None]:
     """Make ``torch.nn.init``'s in-place initializers no-ops while a module is built on meta.
@@ -98,4 +121,4 @@ def _no_init() -> Iterator[None]:
             setattr(torch.nn.init, n, f)
 
 
-__all__ = ["EXAMPLE_BATCH", "batch_dims", "example_batch", "example_inputs", "export", "make_module"]
+__all__ = ["EXAMPLE_BATCH", "batch_dims", "example_batch", "example_inputs", "export", "input_problems", "make_module"]
