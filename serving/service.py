@@ -14,7 +14,7 @@ from functools import partial
 import torch
 
 from serving.cache import EngineCache
-from serving.engines import Engine, build_engine
+from serving.engines import Engine, build_engine, select_engine
 from serving.errors import NotReadyError
 from serving.factory import build_module
 from serving.metrics import HotswapMetrics
@@ -32,7 +32,8 @@ def build_spec_for(settings: ServingSettings, inputs: Sequence[TensorSpec],
     """The engine build of a served model."""
     return BuildSpec(factory=settings.model_factory, inputs=tuple(inputs), outputs=tuple(outputs),
                      max_batch=max(1, max_batch), device=settings.device, dtype=settings.dtype,
-                     factory_kwargs=settings.factory_kwargs, options=settings.engine_options)
+                     factory_kwargs=settings.factory_kwargs,
+                     options=settings.engine_options + ((("cuda_graphs", True),) if settings.cuda_graphs else ()))
 
 
 class HotswapService:
@@ -59,9 +60,11 @@ class HotswapService:
         t0 = time.perf_counter()
         self.metrics.prime()
         cache = EngineCache(s.engine_cache_dir, max_bytes=s.engine_cache_max_bytes, metrics=self.metrics)
-        self.engine = build_engine(s.engine, self.spec, cache=cache, metrics=self.metrics)
+        choice = select_engine(s.engine, s.device)
+        log.info("%s: engine %s on %s (%s)", s.model_name, choice.kind, s.device, choice.reason)
+        self.engine = build_engine(choice.kind, self.spec, cache=cache, metrics=self.metrics)
         info = self.engine.build_info
-        log.info("%s: engine %s ready in %.2fs (cache %s%s)", s.model_name, s.engine, info.seconds,
+        log.info("%s: engine %s ready in %.2fs (cache %s%s)", s.model_name, choice.kind, info.seconds,
                  info.cache, f", {info.detail}" if info.detail else "")
         canary = CanaryConfig(s.canary, atol=s.canary_atol, rtol=s.canary_rtol)
         reference = partial(self._reference_module) if s.canary == "reference" else None

@@ -15,7 +15,7 @@ from types import MappingProxyType
 
 import torch
 
-from serving.engines import ENGINES
+from serving.engines import ENGINE_CHOICES
 from serving.errors import ConfigError
 from serving.refit.canary import CANARY_MODES
 from serving.refit.strategies import STRATEGIES
@@ -60,8 +60,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("model_factory", "str", "`package.module:function` returning the torch.nn.Module to serve "
             "(a module next to `model.py` is importable)", flag="--factory"),
     Setting("factory_kwargs", "json", "JSON object of keyword arguments for the factory", "{}", flag="--kwargs"),
-    Setting("engine", "choice", "the engine the model runs on: `eager`, `aoti` or `tensorrt` (see How it works)", None,
-            "`tensorrt` on a GPU instance, `aoti` on CPU", choices=tuple(ENGINES), flag="--engine"),
+    Setting("engine", "choice", "the engine the model runs on: `eager`, `aoti`, `inductor` or `tensorrt` (see How "
+            "it works); `auto` is `aoti` on CPU and, on a GPU instance, `tensorrt` when TensorRT works there, "
+            "otherwise `inductor` (the log says which and why)", "auto", choices=ENGINE_CHOICES, flag="--engine"),
+    Setting("cuda_graphs", "bool", "`true` to replay the `inductor` engine through CUDA graphs, one per batch "
+            "bucket and weight slot (GPU instances)", "false"),
     Setting("weights_dir", "path", "the watched folder; must be outside the model repository (Triton's own change "
             "detection would reload the model)", None, "`$HOTSWAP_WEIGHTS_ROOT/<model name>`", flag="--folder"),
     Setting("engine_cache_dir", "path", "stripped-engine cache", None,
@@ -124,6 +127,7 @@ class ServingSettings:
     model_factory: str
     factory_kwargs: tuple[tuple[str, object], ...]
     engine: str
+    cuda_graphs: bool
     device: str
     weights_dir: Path
     engine_cache_dir: Path
@@ -212,7 +216,7 @@ def parse_settings(
     p = {k: _expand(v, env, errors, k) for k, v in params.items()}
 
     # computed defaults (documented in the table's default_doc)
-    engine = p.get("engine") or ("tensorrt" if device.startswith("cuda") else "aoti")
+    engine = p.get("engine") or "auto"
     computed = {"engine": engine, "canary": p.get("canary") or ("finite" if engine == "eager" else "reference")}
     values: dict[str, object] = {}
     for setting in SETTINGS:
@@ -232,6 +236,13 @@ def parse_settings(
         kwargs = loaded
     except ValueError as e:
         errors.append(f"factory_kwargs: expected a JSON object, found {p.get('factory_kwargs')!r} ({e})")
+
+    engine = str(values["engine"])
+    cuda_graphs = bool(values["cuda_graphs"])
+    if cuda_graphs and engine != "inductor":
+        errors.append(f"cuda_graphs: applies to engine 'inductor' only (engine is {engine!r})")
+    if cuda_graphs and not device.startswith("cuda"):
+        errors.append(f"cuda_graphs: needs a GPU instance (KIND_GPU); this instance runs on {device!r}")
 
     if "weights_dir" in p:
         weights_dir = Path(p["weights_dir"]).expanduser()
@@ -270,6 +281,7 @@ def parse_settings(
         model_factory=factory,
         factory_kwargs=tuple(sorted(kwargs.items())),
         engine=engine,
+        cuda_graphs=cuda_graphs,
         device=device,
         weights_dir=weights_dir,
         engine_cache_dir=Path(p.get("engine_cache_dir") or cache_default).expanduser(),

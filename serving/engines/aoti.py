@@ -9,6 +9,10 @@ The build checks both: no weight files in the package, and the compiled model's 
 exactly the state-dict tensors the graph reads. The package goes to the stripped-engine cache;
 a hit loads it without exporting or compiling.
 
+Before the first package is loaded in a process, a child process loads it
+(:mod:`serving.engines.aoti_probe`): where the loader crashes (torch 2.11+cu130 on the GPU machine),
+the engine is refused with a clear error instead of a segfault.
+
 Each slot is its own loaded runner (the package loader ``aoti_load_package`` builds), so a standby slot is refitted and
 checked while the active one serves; switching slots is the coordinator's pointer switch. A slot's
 constants are its own buffers, allocated once and registered once with
@@ -44,6 +48,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from serving.cache import CacheEntry, EngineCache, cache_key, cache_key_fields, graph_fingerprint
+from serving.engines.aoti_probe import ensure_loadable
 from serving.engines.base import BuildInfo, Engine, WeightSlot
 from serving.engines.export import EXAMPLE_BATCH, export, input_problems, make_module
 from serving.errors import (
@@ -358,6 +363,7 @@ class _Runner:
 
 def _load_runner(path: Path, device: torch.device) -> _Runner:
     index = device.index if device.type != "cpu" and device.index is not None else -1
+    ensure_loadable(path, device)  # a loader that segfaults here must not take the server down
     try:
         return _Runner(path, index)
     except Exception as e:

@@ -16,12 +16,22 @@ def test_defaults_and_env_expansion(tmp_path: Path) -> None:
     s = parse_settings({"model_factory": FACTORY, "factory_kwargs": '{"width": ${X}}'}, model_name="m", env=env)
     assert s.weights_dir == tmp_path / "w" / "m"
     assert s.engine_cache_dir == tmp_path / "c"
-    assert s.engine == "aoti" and s.canary == "reference" and s.refit_strategy == "double_buffer"
+    assert s.engine == "auto" and s.canary == "reference" and s.refit_strategy == "double_buffer"
+    assert not s.cuda_graphs
     assert dict(s.factory_kwargs) == {"width": 7}
     assert s.dtype == torch.float32 and not s.allow_pickle
     gpu = parse_settings({"model_factory": FACTORY, "weights_dir": str(tmp_path)}, model_name="m",
                          device="cuda:1", env={})
-    assert gpu.engine == "tensorrt"
+    assert gpu.engine == "auto"
+
+
+def test_cuda_graphs_only_for_inductor_on_a_gpu(tmp_path: Path) -> None:
+    base = {"model_factory": FACTORY, "weights_dir": str(tmp_path)}
+    s = parse_settings({**base, "engine": "inductor", "cuda_graphs": "true"}, model_name="m", device="cuda:0", env={})
+    assert s.engine == "inductor" and s.cuda_graphs
+    with pytest.raises(ConfigError) as e:
+        parse_settings({**base, "engine": "aoti", "cuda_graphs": "true"}, model_name="m", device="cpu", env={})
+    assert "engine 'inductor' only" in str(e.value) and "needs a GPU instance" in str(e.value)
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
@@ -74,12 +84,12 @@ def test_engine_options_are_parameters_and_reach_the_build_spec(tmp_path: Path) 
 
 
 def test_choices_come_from_the_modules_that_implement_them() -> None:
-    from serving.engines import ENGINES
+    from serving.engines import ENGINE_CHOICES, ENGINES
     from serving.refit import CANARY_MODES, STRATEGIES
     from serving.settings import BY_NAME
     from serving.watch import WATCH_MODES
 
-    assert BY_NAME["engine"].choices == tuple(ENGINES)
+    assert BY_NAME["engine"].choices == ENGINE_CHOICES == ("auto", *ENGINES)
     assert BY_NAME["refit_strategy"].choices == STRATEGIES
     assert BY_NAME["canary"].choices == CANARY_MODES
     assert BY_NAME["watch_mode"].choices == WATCH_MODES
