@@ -71,8 +71,9 @@ from serving.specs import BuildSpec, WeightSpec, dtype_name
 
 log = logging.getLogger(__name__)
 
-#: Inductor options of every build (part of the cache key). ``freezing`` would turn the weights
-#: into constants of the compiled code (folded, packed, inlined): never.
+#: Inductor config of every build (part of the cache key), set for the compile and warm-up.
+#: ``freezing`` would turn the weights into constants of the compiled code (folded, packed,
+#: inlined; measured: with it on, ``copy_()`` into the weights no longer changes the outputs): never.
 INDUCTOR_OPTIONS: dict[str, bool] = {"freezing": False}
 #: payload files of a cache entry
 ARTIFACTS_FILE = "artifacts.bin"
@@ -314,13 +315,15 @@ class InductorEngine(Engine):
 
             before = _inductor_counters()
             t_compile = time.perf_counter()
-            with _private_inductor_cache(compile_dir):
+            # the global config, not torch.compile(options=...): there, freezing is not applied (measured,
+            # torch 2.13), so a user's TORCHINDUCTOR_FREEZING=1 would still bake the weights in
+            with _private_inductor_cache(compile_dir), torch._inductor.config.patch(INDUCTOR_OPTIONS):
                 from torch.compiler._cache import CacheArtifactManager
 
                 CacheArtifactManager.clear()  # what is saved below is this build's, nothing older
                 if artifacts is not None:
                     torch.compiler.load_cache_artifacts(artifacts)
-                fn = torch.compile(_entry_point(), backend="inductor", options=dict(INDUCTOR_OPTIONS))
+                fn = torch.compile(_entry_point(), backend="inductor")
                 slot = InductorSlot(spec, device, fn, module, specs, cuda_graphs=False)
                 slot.refit(state)
                 slot.warm_up()
