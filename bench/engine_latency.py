@@ -1,0 +1,184 @@
+"""What refittability costs: inference latency of weight-stripped engines vs the same engines with weights baked in.
+
+    python bench/engine_latency.py [--device cpu|cuda] [--dtype float16] [--d-model 256] [--layers 2]
+                                   [--engines eager,inductor,inductor_frozen,aoti,aoti_baked] [--cuda-graphs]
+                                   [--out bench/results/engine-latency-<machine>.json]
+
+All in one process, same model, same weights, same inputs:
+
+* ``eager``: the module under ``torch.no_grad()``;
+* ``inductor``: the serving engine (weights as graph inputs, refittable), timed through ``slot.run``;
+* ``inductor_frozen``: ``torch.compile`` of the module with ``torch._inductor.config.freezing`` on (weights
+  are constants of the code: folded, prepacked; not refittable);
+* ``aoti``: the serving engine (package without weights, constants registered by refit);
+* ``aoti_baked``: ``aoti_compile_and_package`` with the weights inside the ``.so`` (the default).
+
+Each is checked against eager first (a wrong output fails the run), then timed: median of ``--iters``
+runs after a warm-up, for every batch in ``--batches`` (CUDA: synchronized per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from serving.engines import build_engine
+from serving.engines.export import export, make_module
+from serving.examples import TRANSFORMER
+from serving.specs import BuildSpec, TensorSpec
+
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def spec_for(a: argparse.Namespace) -> BuildSpec:
+    kwargs = {"d_model": a.d_model, "n_heads": 4, "d_ff": 4 * a.d_model, "n_layers": a.layers, "vocab": 1000,
+              "seq_len": 16}
+    options = (("cuda_graphs", True),) if a.cuda_graphs else ()
+    return BuildSpec(factory=TRANSFORMER, inputs=(TensorSpec("TOKENS", torch.int64, (16,)),),
+                     max_batch=max(a.batches), device=a.device, dtype=getattr(torch, a.dtype),
+                     factory_kwargs=tuple(sorted(kwargs.items())), options=options)
+
+
+def engine_runner(kind: str, spec: BuildSpec, state: dict[str, torch.Tensor]) -> Runner:
+    engine = build_engine(kind, spec)
+    slot = engine.new_slot()
+    slot.refit(slot.transfer({k: v for k, v in state.items() if k in engine.weight_specs()}))
+    return lambda x: slot.run([x])[0]
+
+
+def frozen_inductor(spec: BuildSpec, module: torch.nn.Module) -> Runner:
+    compiled = torch.compile(module)
+    with torch._inductor.config.patch(freezing=True), torch.no_grad():
+        for n in sorted({1, 2, spec.max_batch}):
+            x = torch.zeros(n, 16, dtype=torch.int64, device=spec.device)
+            if n > 1:
+                torch._dynamo.mark_dynamic(x, 0, min=1, max=spec.max_batch)
+            compiled(x)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out: torch.Tensor = compiled(x)
+        return out
+
+    return run
+
+
+def baked_aoti(spec: BuildSpec, module: torch.nn.Module, folder: Path) -> Runner:
+    device = torch.device(spec.device)
+    with torch.no_grad():
+        ep = export(module, spec, device)
+    path = torch._inductor.aoti_compile_and_package(
+        ep, package_path=str(folder / "baked.pt2"), inductor_configs={"always_keep_tensor_constants": True})
+    index = device.index if device.type == "cuda" and device.index is not None else (0 if device.type == "cuda"
+                                                                                     else -1)
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
+    return lambda x: loader.boxed_run([x])[0]
+
+
+def eager_runner(module: torch.nn.Module) -> Runner:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out: torch.Tensor = module(x)
+        return out
+
+    return run
+
+
+def time_runner(run: Runner, x: torch.Tensor, iters: int) -> float:
+    cuda = x.device.type == "cuda"
+    for _ in range(max(5, iters // 10)):
+        run(x)
+    samples = []
+    for _ in range(iters):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run(x)
+        if cuda:
+            torch.cuda.synchronize()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 8])
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--engines", default="eager,inductor,inductor_frozen,aoti,aoti_baked")
+    parser.add_argument("--cuda-graphs", action="store_true", help="the inductor engine with cuda_graphs: true")
+    parser.add_argument("--out", type=Path, help="write the JSON here too")
+    a = parser.parse_args()
+    spec = spec_for(a)
+    torch.manual_seed(0)
+    module = make_module(spec, torch.device(spec.device)).requires_grad_(False)
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    inputs = {n: torch.randint(0, 1000, (n, 16), device=spec.device) for n in a.batches}
+    expected = {n: eager_runner(module)(x) for n, x in inputs.items()}
+    tol = 1e-3 if spec.dtype == torch.float32 else 3e-2
+
+    results: dict[str, object] = {}
+    build_s: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="engine-latency-") as tmp:
+        for name in a.engines.split(","):
+            t0 = time.perf_counter()
+            try:
+                if name == "eager":
+                    run = eager_runner(module)
+                elif name in ("inductor", "aoti"):
+                    run = engine_runner(name, spec, state)
+                elif name == "inductor_frozen":
+                    run = frozen_inductor(spec, module)
+                elif name == "aoti_baked":
+                    run = baked_aoti(spec, module, Path(tmp))
+                else:
+                    raise SystemExit(f"unknown engine {name!r}")
+            except Exception as e:  # e.g. aoti refused where its loader crashes: say so, go on
+                results[name] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+                print(f"{name}: {results[name]}", file=sys.stderr)
+                continue
+            build_s[name] = round(time.perf_counter() - t0, 2)
+            for n, x in inputs.items():
+                torch.testing.assert_close(run(x).float(), expected[n].float(), atol=tol, rtol=tol)
+            results[name] = {f"batch_{n}_ms": round(1e3 * time_runner(run, x, a.iters), 4) for n, x in inputs.items()}
+            print(f"{name}: {results[name]} (built in {build_s[name]}s)", file=sys.stderr)
+
+    def ratio(num: str, den: str) -> dict[str, float] | None:
+        r_num, r_den = results.get(num), results.get(den)
+        if not isinstance(r_num, dict) or not isinstance(r_den, dict) or "error" in r_num or "error" in r_den:
+            return None
+        return {k: round(r_num[k] / r_den[k], 3) for k in r_num}
+
+    out = {
+        "what": "median inference latency (ms): refittable engines vs the same engines with weights baked in, vs eager",
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": torch.get_num_threads(),
+                    "platform": platform.platform(),
+                    "gpu": torch.cuda.get_device_name(0) if spec.device.startswith("cuda") else None},
+        "model": {"factory": "tiny_transformer", **spec.kwargs(), "dtype": a.dtype, "device": a.device,
+                  "cuda_graphs": a.cuda_graphs},
+        "iters": a.iters, "latency": results, "build_s": build_s,
+        "refittable_over_baked": {"inductor": ratio("inductor", "inductor_frozen"), "aoti": ratio("aoti", "aoti_baked")},
+        "compiled_over_eager": {"inductor": ratio("inductor", "eager"), "aoti": ratio("aoti", "eager")},
+    }
+    text = json.dumps(out, indent=2)
+    print(text)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
