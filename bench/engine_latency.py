@@ -169,7 +169,8 @@ def main() -> int:
         "model": {"factory": "tiny_transformer", **spec.kwargs(), "dtype": a.dtype, "device": a.device,
                   "cuda_graphs": a.cuda_graphs},
         "iters": a.iters, "latency": results, "build_s": build_s,
-        "refittable_over_baked": {"inductor": ratio("inductor", "inductor_frozen"), "aoti": ratio("aoti", "aoti_baked")},
+        "refittable_over_baked": {"inductor": ratio("inductor", "inductor_frozen"),
+                                  "aoti": ratio("aoti", "aoti_baked")},
         "compiled_over_eager": {"inductor": ratio("inductor", "eager"), "aoti": ratio("aoti", "eager")},
     }
     text = json.dumps(out, indent=2)

@@ -533,7 +533,8 @@ class InductorSlot(WeightSlot):
         self._tensors = {k: v.detach() for k, v in module.state_dict().items()}
         self._ready = False
         self._graphs: _Graphs | None = None
-        self._want_graphs = cuda_graphs
+        if cuda_graphs and device.type != "cuda":
+            raise ConfigError("cuda_graphs: true needs a CUDA device")
 
     @property
     def ready(self) -> bool:
