@@ -14,7 +14,8 @@ All in one process, same model, same weights, same inputs:
 * ``aoti_baked``: ``aoti_compile_and_package`` with the weights inside the ``.so`` (the default).
 
 Each is checked against eager first (a wrong output fails the run), then timed: median of ``--iters``
-runs after a warm-up, for every batch in ``--batches`` (CUDA: synchronized per run).
+runs after a warm-up, for every batch in ``--batches`` (CUDA: synchronized per run). The engines take turns
+(``--rounds``), so a change in the machine's load during the run affects them all alike.
 """
 
 from __future__ import annotations
@@ -93,20 +94,25 @@ def eager_runner(module: torch.nn.Module) -> Runner:
     return run
 
 
-def time_runner(run: Runner, x: torch.Tensor, iters: int) -> float:
+def time_runners(runners: dict[str, Runner], x: torch.Tensor, iters: int, rounds: int) -> dict[str, float]:
+    """Median latency of each runner; the runners take turns (``rounds`` times ``iters / rounds`` runs each), so
+    a machine whose load changes during the run slows them all alike."""
     cuda = x.device.type == "cuda"
-    for _ in range(max(5, iters // 10)):
-        run(x)
-    samples = []
-    for _ in range(iters):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        run(x)
-        if cuda:
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for run in runners.values():
+        for _ in range(5):
+            run(x)
+    for _ in range(rounds):
+        for name, run in runners.items():
+            for _ in range(max(1, iters // rounds)):
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                run(x)
+                if cuda:
+                    torch.cuda.synchronize()
+                samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def main() -> int:
@@ -117,6 +123,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 8])
     parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--engines", default="eager,inductor,inductor_frozen,aoti,aoti_baked")
     parser.add_argument("--cuda-graphs", action="store_true", help="the inductor engine with cuda_graphs: true")
     parser.add_argument("--out", type=Path, help="write the JSON here too")
@@ -129,7 +136,8 @@ def main() -> int:
     expected = {n: eager_runner(module)(x) for n, x in inputs.items()}
     tol = 1e-3 if spec.dtype == torch.float32 else 3e-2
 
-    results: dict[str, object] = {}
+    results: dict[str, dict[str, object]] = {}
+    runners: dict[str, Runner] = {}
     build_s: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="engine-latency-") as tmp:
         for name in a.engines.split(","):
@@ -152,14 +160,17 @@ def main() -> int:
             build_s[name] = round(time.perf_counter() - t0, 2)
             for n, x in inputs.items():
                 torch.testing.assert_close(run(x).float(), expected[n].float(), atol=tol, rtol=tol)
-            results[name] = {f"batch_{n}_ms": round(1e3 * time_runner(run, x, a.iters), 4) for n, x in inputs.items()}
-            print(f"{name}: {results[name]} (built in {build_s[name]}s)", file=sys.stderr)
+            runners[name] = run
+            print(f"{name}: built in {build_s[name]}s, outputs equal to eager", file=sys.stderr)
+        for n, x in inputs.items():
+            for name, median in time_runners(runners, x, a.iters, a.rounds).items():
+                results.setdefault(name, {})[f"batch_{n}_ms"] = round(1e3 * median, 4)
 
     def ratio(num: str, den: str) -> dict[str, float] | None:
         r_num, r_den = results.get(num), results.get(den)
         if not isinstance(r_num, dict) or not isinstance(r_den, dict) or "error" in r_num or "error" in r_den:
             return None
-        return {k: round(r_num[k] / r_den[k], 3) for k in r_num}
+        return {k: round(float(r_num[k]) / float(r_den[k]), 3) for k in r_num}  # type: ignore[arg-type]
 
     out = {
         "what": "median inference latency (ms): refittable engines vs the same engines with weights baked in, vs eager",
