@@ -4,7 +4,7 @@
 
 Starts ``tritonserver`` (from the nvidia-pytriton wheel) on a model repository of its own: one
 model per refit strategy, each a ``KIND_GPU`` Python-backend instance serving the benchmark MLP
-(``bench.gpu_refit:big_mlp``, float32) on cuda:0 with the eager engine. Clients send requests
+(``bench.gpu_refit:big_mlp``, float32) on cuda:0 with the eager engine (``--engine`` for another). Clients send requests
 continuously (``serving.triton.swapload``) while ``--swaps`` new versions are published into the
 watched folder by the recommended protocol (copy to a hidden name, rename); every response must
 match exactly one version's output (no torn reads). Reports requests, errors, torn responses and
@@ -48,9 +48,10 @@ output [ {{ name: "Y", data_type: TYPE_FP32, dims: [ {width} ] }},
 instance_group [ {{ count: 1, kind: {kind}{gpus} }} ]
 parameters {{ key: "model_factory", value: {{ string_value: "bench.gpu_refit:big_mlp" }} }}
 parameters {{ key: "factory_kwargs", value: {{ string_value: "{kwargs}" }} }}
-parameters {{ key: "engine", value: {{ string_value: "eager" }} }}
+parameters {{ key: "engine", value: {{ string_value: "{engine}" }} }}
 parameters {{ key: "refit_strategy", value: {{ string_value: "{strategy}" }} }}
 parameters {{ key: "canary", value: {{ string_value: "finite" }} }}
+parameters {{ key: "cuda_graphs", value: {{ string_value: "{cuda_graphs}" }} }}
 """
 
 MODEL_PY = '"""Triton entry point."""\n\nfrom serving.triton.model import TritonPythonModel\n\n' \
@@ -101,16 +102,18 @@ def expected_output(sd: dict[str, torch.Tensor], x: torch.Tensor, device: str) -
 
 
 def make_repository(root: Path, width: int, layers: int, strategies: list[str], kind: str,
-                    sync: bool = False, cpu_outputs: bool = False) -> list[str]:
+                    sync: bool = False, cpu_outputs: bool = False, engine: str = "eager",
+                    cuda_graphs: bool = False) -> list[str]:
     kwargs = json.dumps({"width": width, "layers": layers, "device": "cuda" if kind == "KIND_GPU" else "cpu",
                          "dtype": "float32"}).replace('"', '\\"')
     names = []
     for strategy in strategies:
-        name = f"mlp_{strategy}"
+        name = f"mlp_{engine}_{strategy}"
         (root / name / "1").mkdir(parents=True)
         gpus = ", gpus: [ 0 ]" if kind == "KIND_GPU" else ""
         (root / name / "config.pbtxt").write_text(CONFIG.format(name=name, width=width, kind=kind, gpus=gpus,
-                                                                kwargs=kwargs, strategy=strategy))
+                                                                kwargs=kwargs, strategy=strategy, engine=engine,
+                                                                cuda_graphs=str(cuda_graphs).lower()))
         code = MODEL_PY_CPU_OUT if cpu_outputs else MODEL_PY_SYNC if sync else MODEL_PY
         (root / name / "1" / "model.py").write_text(code)
         names.append(name)
@@ -199,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=2, help="rows per request")
     ap.add_argument("--strategies", default="double_buffer,in_place")
     ap.add_argument("--kind", default="KIND_GPU", choices=["KIND_GPU", "KIND_CPU"])
+    ap.add_argument("--engine", default="eager", choices=["eager", "aoti", "inductor", "tensorrt"])
+    ap.add_argument("--cuda-graphs", action="store_true", help="cuda_graphs: true (engine inductor)")
     ap.add_argument("--atol", type=float, default=1e-3)
     ap.add_argument("--ready-timeout", type=float, default=600)
     ap.add_argument("--sync-outputs", action="store_true",
@@ -217,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"environment": environment(device), "command": command("bench.gpu_serve_swap", given),
                                "argv": command_args(given),
                                "model": {"factory": "bench.gpu_refit:big_mlp", "width": args.width,
-                                         "layers": args.layers, "dtype": "float32", "engine": "eager",
-                                         "instance": args.kind,
+                                         "layers": args.layers, "dtype": "float32", "engine": args.engine,
+                                         "cuda_graphs": args.cuda_graphs, "instance": args.kind,
                                          "bytes": 4 * args.width * (args.width * args.layers + 1)},
                                "strategies": {}, "errors": []}
     server: TritonProcess | None = None
@@ -226,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         repo = work / "repository"
         weights_root = work / "weights"
         names = make_repository(repo, args.width, args.layers, strategies, args.kind, args.sync_outputs,
-                                args.cpu_outputs)
+                                args.cpu_outputs, args.engine, args.cuda_graphs)
         results["sync_outputs"], results["cpu_outputs"] = args.sync_outputs, args.cpu_outputs
         x = torch.randn(args.batch, args.width, generator=torch.Generator().manual_seed(7))
         files: dict[str, Path] = {}

@@ -67,7 +67,7 @@ from serving.errors import (
     ValidationError,
 )
 from serving.metrics import HotswapMetrics
-from serving.specs import BuildSpec, WeightSpec, dtype_name
+from serving.specs import BuildSpec, WeightSpec, dtype_name, specs_with_ties
 
 log = logging.getLogger(__name__)
 
@@ -261,9 +261,13 @@ class InductorEngine(Engine):
     kind = "inductor"
 
     def __init__(self, *, spec: BuildSpec, device: torch.device, build_info: BuildInfo, fn: Callable[..., Any],
-                 weight_specs: Mapping[str, WeightSpec], workdir: Path, spare: InductorSlot | None = None) -> None:
+                 weight_specs: Mapping[str, WeightSpec], workdir: Path, spare: InductorSlot | None = None,
+                 kept: Mapping[str, torch.Tensor] | None = None) -> None:
         super().__init__(device, build_info)
         self.spec = spec
+        #: tensors the module reads that are not weights (non-persistent buffers): each slot keeps the
+        #: factory's values; a checkpoint may carry them only with these values (``fixed`` in the loader)
+        self.kept_tensors: Mapping[str, torch.Tensor] = MappingProxyType(dict(kept or {}))
         self.fn = fn
         self.cuda_graphs = cuda_graphs_of(spec)
         self._weight_specs = MappingProxyType(dict(weight_specs))
@@ -300,8 +304,11 @@ class InductorEngine(Engine):
                 if loaded is not None:
                     entry_meta, artifacts = loaded
             module = make_module(spec, device)
-            state = module.state_dict()
-            specs = {k: WeightSpec(k, tuple(v.shape), v.dtype) for k, v in state.items()}
+            # tied parameters are one weight (the other names its aliases); non-persistent buffers are not
+            # weights: they stay in the module, read by the compiled code like any other attribute
+            specs = specs_with_ties(module.state_dict(keep_vars=True))
+            state = {k: v.detach() for k, v in module.state_dict().items() if k in specs}
+            kept = non_persistent_buffers(module)
             if entry_meta is not None:
                 problems = cls._entry_problems(entry_meta, specs)
                 if problems:
@@ -349,12 +356,17 @@ class InductorEngine(Engine):
                 if cache is not None:
                     outcome = "miss"
                     detail += cls._store(cache, key, fields, spec, specs, saved, compile_dir, workdir, t0)
+            if kept:
+                detail += "; kept in the engine, not refitted: " + ", ".join(
+                    f"{n!r} (non-persistent buffer)" for n in kept)
             info = BuildInfo(outcome, time.perf_counter() - t0, key, detail)
             return cls(spec=spec, device=device, build_info=info, fn=fn, weight_specs=specs, workdir=workdir,
-                       spare=slot)
+                       spare=slot, kept=kept)
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
+        finally:
+            stop_compile_workers()
 
     @classmethod
     def key_fields(cls, spec: BuildSpec, device: torch.device, cuda_graphs: bool) -> dict[str, object]:
@@ -451,6 +463,27 @@ class InductorEngine(Engine):
         self._finalizer()
 
 
+def stop_compile_workers() -> None:
+    """Stop Inductor's compile workers (its thread pool and subprocess pools; torch starts them lazily).
+
+    Every graph serving uses is compiled at build, so a served model keeps no compiler thread running
+    and leaves no child process behind (they are started again if anything compiles later).
+    """
+    from torch._inductor import async_compile
+
+    async_compile.shutdown_compile_workers()  # the subprocess pools
+    pool = async_compile.AsyncCompile.pool  # the thread pool is not in the set above (torch 2.13)
+    if pool.cache_info().currsize:
+        pool().shutdown(wait=True)
+        pool.cache_clear()
+
+
+def non_persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers outside the state dict (e.g. transformers' ``position_ids``), on the CPU: not weights."""
+    persistent = set(module.state_dict())
+    return {n: b.detach().cpu() for n, b in module.named_buffers() if n not in persistent}
+
+
 def refit_check(slot: InductorSlot, spec: BuildSpec, state: Mapping[str, torch.Tensor]) -> None:
     """Refuse an engine whose compiled code does not follow a refit of every weight.
 
@@ -460,7 +493,7 @@ def refit_check(slot: InductorSlot, spec: BuildSpec, state: Mapping[str, torch.T
     """
     probe = probe_weights(state, seed=1)
     reference = make_module(spec, slot.device)
-    reference.load_state_dict(probe)
+    reference.load_state_dict(probe, strict=False)  # tied aliases follow the name they share storage with
     base = {k: v.detach().clone() for k, v in state.items()}
     slot.refit(probe)
     batches = sorted({1, spec.max_batch})
@@ -471,10 +504,10 @@ def refit_check(slot: InductorSlot, spec: BuildSpec, state: Mapping[str, torch.T
     baked = []
     for name in (n for n, t in base.items() if t.is_floating_point()):
         slot.refit(base)
-        reference.load_state_dict(base)
+        reference.load_state_dict(base, strict=False)
         before = slot.run(inputs[-1])
         slot.refit({name: probe[name]})
-        reference.load_state_dict({**base, name: probe[name]})
+        reference.load_state_dict({**base, name: probe[name]}, strict=False)
         after, expected = slot.run(inputs[-1]), _eager(reference, inputs[-1])
         if _mismatch(after, expected) and not _mismatch(after, before):
             baked.append(name)
@@ -530,7 +563,7 @@ class InductorSlot(WeightSlot):
         module.requires_grad_(False)
         self.module = module
         self._specs = specs
-        self._tensors = {k: v.detach() for k, v in module.state_dict().items()}
+        self._tensors = {k: v.detach() for k, v in module.state_dict().items() if k in specs}
         self._ready = False
         self._graphs: _Graphs | None = None
         if cuda_graphs and device.type != "cuda":

@@ -191,6 +191,28 @@ def test_aoti_keeps_bert_non_persistent_buffers_and_checks_a_checkpoint_that_car
         _serve_from(engine, tmp_path / "other.safetensors")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("key", ["bert", "gpt2"])
+def test_inductor_serves_save_pretrained_output_like_from_pretrained(key: str, saved: Saved) -> None:
+    """BERT reads non-persistent buffers (kept, not weights); GPT-2 ties lm_head to wte (one weight)."""
+    engine = build_engine("inductor", MODELS[key].spec())
+    try:
+        if key == "bert":
+            assert set(engine.kept_tensors) == {"bert.embeddings.position_ids", "bert.embeddings.token_type_ids"}
+            assert "non-persistent buffer" in engine.build_info.detail
+        else:
+            assert engine.weight_specs()["transformer.wte.weight"].aliases == ("lm_head.weight",)
+        x = MODELS[key].example(0)
+        slot = engine.new_slot()
+        for folder in saved[key]:  # the same slot refitted twice: outputs follow the weights
+            loaded = load_weights(folder, engine.weight_specs(), fixed=engine.kept_tensors)
+            slot.refit(slot.transfer(loaded.tensors))
+            (out,) = slot.run([x])
+            torch.testing.assert_close(out, MODELS[key].reference(folder, x), atol=ATOL, rtol=0)
+    finally:
+        engine.close()
+
+
 def test_gpt2_tie_is_one_weight_given_under_either_name(saved: Saved, tmp_path: Path) -> None:
     model = MODELS["gpt2"]
     engine = build_engine("eager", model.spec())
