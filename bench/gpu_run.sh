@@ -2,7 +2,7 @@
 # The GPU benchmark suites (docs/gpu.md). On the GPU machine, from a copy of the repository with .whl/ filled by
 # bench/gpu_wheels.sh:
 #
-#     OUT=results bash bench/gpu_run.sh SUITE...      # refit | big | serve | publish | aoti | inductor | all
+#     OUT=results bash bench/gpu_run.sh SUITE...      # refit | big | serve | publish | aoti | inductor | serve_inductor | real | all
 #
 # Each suite fits one 10-minute call; each step has its own time limit, so a hang costs that step only. Results go
 # to $OUT (default ./gpu-out): one JSON per step, named as in bench/results/ (TAG is the GPU's model, e.g. h200),
@@ -77,26 +77,37 @@ suite_aoti() {  # the AOTInductor engine on CUDA
 }
 
 suite_inductor() {  # the inductor engine on CUDA, the aoti loader probe, startup and latency figures (no Triton needed)
-  step cuda-inductor-tests 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_inductor_cuda.py
-  step aoti-probe-cpu-pkg 120 python3 bench/aoti_load_probe.py --device cpu --out "$OUT/aoti-load-probe-cpu-pkg-$TAG.json"
-  step aoti-probe-cuda-pkg 120 python3 bench/aoti_load_probe.py --device cuda \
+  step cuda-inductor-tests 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_inductor_cuda.py
+  step aoti-probe-cpu-pkg 45 python3 bench/aoti_load_probe.py --device cpu --out "$OUT/aoti-load-probe-cpu-pkg-$TAG.json"
+  step aoti-probe-cuda-pkg 45 python3 bench/aoti_load_probe.py --device cuda \
     --out "$OUT/aoti-load-probe-cuda-pkg-$TAG.json"
-  step "inductor-startup-$TAG" 200 python3 bench/inductor_startup.py --device cuda --dtype float16 --d-model 2048 \
+  step "inductor-startup-$TAG" 120 python3 bench/inductor_startup.py --device cuda --dtype float16 --d-model 2048 \
     --layers 4 --out "$OUT/inductor-startup-$TAG.json"
-  step "engine-latency-$TAG" 240 python3 bench/engine_latency.py --device cuda --dtype float16 --d-model 2048 \
-    --layers 4 --batches 1,8 --out "$OUT/engine-latency-$TAG.json"
-  step "engine-latency-graphs-$TAG" 200 python3 bench/engine_latency.py --device cuda --dtype float16 --d-model 2048 \
+  step "engine-latency-$TAG" 120 python3 bench/engine_latency.py --device cuda --dtype float16 --d-model 2048 \
+    --layers 4 --batches 1,8 --engines eager,inductor,inductor_frozen --out "$OUT/engine-latency-$TAG.json"
+  step "engine-latency-graphs-$TAG" 90 python3 bench/engine_latency.py --device cuda --dtype float16 --d-model 2048 \
     --layers 4 --batches 1,8 --engines eager,inductor,inductor_frozen --cuda-graphs \
     --out "$OUT/engine-latency-graphs-$TAG.json"
+}
+
+suite_serve_inductor() {  # zero downtime on a real Triton, the inductor engine on a KIND_GPU instance
+  step "gpu-serve-swap-inductor-$TAG" 300 python3 -m bench.gpu_serve_swap --engine inductor \
+    --json "$OUT/gpu-serve-swap-inductor-$TAG.json" --swaps 20 --triton-log "$OUT/triton-serve-swap-inductor.log"
+}
+
+suite_real() {  # real architectures (ResNet-18/50, torchvision's ResNet-50, BERT-base) per engine; torchvision test
+  step cuda-torchvision-tests 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_torchvision_cuda.py
+  step "real-refit-$TAG" 240 python3 bench/real_refit.py --device cuda --engines eager,inductor \
+    --models resnet18,resnet50,tv-resnet50,bert-base --json "$OUT/real-refit-$TAG.json"
 }
 
 suites=("$@")
 [ ${#suites[@]} -gt 0 ] || suites=(refit)
 for s in "${suites[@]}"; do
   case $s in
-    refit | big | serve | publish | aoti | inductor) ;;
+    refit | big | serve | publish | aoti | inductor | serve_inductor | real) ;;
     all) ;;
-    *) echo "unknown suite '$s': refit, big, serve, publish, aoti, inductor or all" >&2; exit 2 ;;
+    *) echo "unknown suite '$s': refit, big, serve, publish, aoti, inductor, serve_inductor, real or all" >&2; exit 2 ;;
   esac
 done
 { nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv
@@ -107,7 +118,7 @@ cat "$OUT/env.txt"
 wheels
 for s in "${suites[@]}"; do
   if [ "$s" = all ]; then
-    for t in refit big serve publish aoti inductor; do "suite_$t"; done
+    for t in refit big serve publish aoti inductor serve_inductor real; do "suite_$t"; done
   else
     "suite_$s"
   fi

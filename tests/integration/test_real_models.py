@@ -1,13 +1,14 @@
 """Models written by others (transformers BERT, GPT-2, ResNet), each on eager and aoti, served by a real Triton
-from a repository the way a user lays it out: the factory
-module sits next to ``model.py``; weights are ``save_pretrained`` directories published with
-``serving.publisher.publish`` and with ``cp -a``; every answer equals the library's own ``from_pretrained`` model
-on the same files (atol 1e-4)."""
+from a repository the way a user lays it out: the factory module sits next to ``model.py``; weights are
+``save_pretrained`` directories published with ``serving.publisher.publish`` and copied in with ``cp -a``,
+``rsync -a`` and ``tar -x``; every answer equals the library's own ``from_pretrained`` model on the same files
+(atol 1e-4)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import time
 from collections.abc import Iterator
@@ -148,19 +149,35 @@ def _wait_version(triton: TritonProcess, name: str, version: str, timeout: float
     raise AssertionError(f"{name}: {version!r} not live after {timeout}s: {seen}\n{triton.log_tail(4000)}")
 
 
+def _copy_in(tool: str, src: Path, dst: Path) -> None:
+    """Copy a save_pretrained directory in with a tool that keeps its (older) modification times."""
+    if tool == "rsync -a":
+        subprocess.run(["rsync", "-a", f"{src}/", str(dst)], check=True)
+    elif tool == "tar -x":
+        dst.mkdir()
+        subprocess.run(f"tar -C {shlex.quote(str(src))} -cf - . | tar -C {shlex.quote(str(dst))} -xf -",
+                       shell=True, check=True)
+    else:
+        subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
+
+
 @pytest.mark.parametrize("name", sorted(SERVED))
 def test_save_pretrained_published_then_copied_serves_like_from_pretrained(
         server: tuple[TritonProcess, Path], name: str, tmp_path: Path) -> None:
+    """v1 by hotswap's publisher, then v2, v3, v4 by cp -a, rsync -a and tar -x of directories saved before
+    v1 went live (the tools keep those older times: arrival is what counts)."""
     triton, weights = server
     kind = SERVED[name][0]
     x = _example(kind)
-    first = _save(kind, tmp_path / "v1", 1)
-    publish(first, weights / name, version="v1")
+    saved = {v: _save(kind, tmp_path / v, seed) for seed, v in enumerate(("v1", "v2", "v3", "v4"), start=1)}
+    publish(saved["v1"], weights / name, version="v1")
     _wait_version(triton, name, "v1")
-    np.testing.assert_allclose(_infer(triton.http_url, name, x), _reference(kind, first, x), atol=1e-4, rtol=0)
-    second = _save(kind, tmp_path / "v2", 2)  # saved now; cp -a keeps its mtime, arrival is what counts
-    subprocess.run(["cp", "-a", str(second), str(weights / name / "v2")], check=True)
-    _wait_version(triton, name, "v2")
-    out = _infer(triton.http_url, name, x)
-    np.testing.assert_allclose(out, _reference(kind, second, x), atol=1e-4, rtol=0)
-    assert not np.allclose(out, _reference(kind, first, x), atol=1e-4)
+    np.testing.assert_allclose(_infer(triton.http_url, name, x), _reference(kind, saved["v1"], x), atol=1e-4, rtol=0)
+    previous = saved["v1"]
+    for version, tool in (("v2", "cp -a"), ("v3", "rsync -a"), ("v4", "tar -x")):
+        _copy_in(tool, saved[version], weights / name / version)
+        _wait_version(triton, name, version)
+        out = _infer(triton.http_url, name, x)
+        np.testing.assert_allclose(out, _reference(kind, saved[version], x), atol=1e-4, rtol=0, err_msg=tool)
+        assert not np.allclose(out, _reference(kind, previous, x), atol=1e-4), tool
+        previous = saved[version]
