@@ -91,14 +91,14 @@ suite_inductor() {  # the inductor engine on CUDA, the aoti loader probe, startu
 }
 
 suite_serve_inductor() {  # zero downtime on a real Triton, the inductor engine on a KIND_GPU instance
-  step "gpu-serve-swap-inductor-$TAG" 300 python3 -m bench.gpu_serve_swap --engine inductor \
+  step "gpu-serve-swap-inductor-$TAG" 300 python3 -m bench.gpu_serve_swap --engine inductor --no-version-output \
     --json "$OUT/gpu-serve-swap-inductor-$TAG.json" --swaps 20 --triton-log "$OUT/triton-serve-swap-inductor.log"
 }
 
 suite_real() {  # real architectures (ResNet-18/50, torchvision's ResNet-50, BERT-base) per engine; torchvision test
   step cuda-torchvision-tests 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_torchvision_cuda.py
-  step "real-refit-$TAG" 240 python3 bench/real_refit.py --device cuda --engines eager,inductor \
-    --models resnet18,resnet50,tv-resnet50,bert-base --json "$OUT/real-refit-$TAG.json"
+  step "real-refit-$TAG" 300 python3 bench/real_refit.py --device cuda --engines eager,inductor \
+    --models tv-resnet18,tv-resnet50,bert-base --repeats 3 --json "$OUT/real-refit-$TAG.json"
 }
 
 suites=("$@")

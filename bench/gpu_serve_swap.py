@@ -43,8 +43,7 @@ backend: "python"
 max_batch_size: 8
 dynamic_batching {{ max_queue_delay_microseconds: 500 }}
 input [ {{ name: "X", data_type: TYPE_FP32, dims: [ {width} ] }} ]
-output [ {{ name: "Y", data_type: TYPE_FP32, dims: [ {width} ] }},
-         {{ name: "HOTSWAP_WEIGHTS_VERSION", data_type: TYPE_STRING, dims: [ 1 ] }} ]
+output [ {{ name: "Y", data_type: TYPE_FP32, dims: [ {width} ] }}{version_output} ]
 instance_group [ {{ count: 1, kind: {kind}{gpus} }} ]
 parameters {{ key: "model_factory", value: {{ string_value: "bench.gpu_refit:big_mlp" }} }}
 parameters {{ key: "factory_kwargs", value: {{ string_value: "{kwargs}" }} }}
@@ -101,9 +100,12 @@ def expected_output(sd: dict[str, torch.Tensor], x: torch.Tensor, device: str) -
         return module(x.to(device)).cpu().numpy()
 
 
+VERSION_OUTPUT = ',\n         { name: "HOTSWAP_WEIGHTS_VERSION", data_type: TYPE_STRING, dims: [ 1 ] }'
+
+
 def make_repository(root: Path, width: int, layers: int, strategies: list[str], kind: str,
                     sync: bool = False, cpu_outputs: bool = False, engine: str = "eager",
-                    cuda_graphs: bool = False) -> list[str]:
+                    cuda_graphs: bool = False, version_output: bool = True) -> list[str]:
     kwargs = json.dumps({"width": width, "layers": layers, "device": "cuda" if kind == "KIND_GPU" else "cpu",
                          "dtype": "float32"}).replace('"', '\\"')
     names = []
@@ -113,7 +115,9 @@ def make_repository(root: Path, width: int, layers: int, strategies: list[str], 
         gpus = ", gpus: [ 0 ]" if kind == "KIND_GPU" else ""
         (root / name / "config.pbtxt").write_text(CONFIG.format(name=name, width=width, kind=kind, gpus=gpus,
                                                                 kwargs=kwargs, strategy=strategy, engine=engine,
-                                                                cuda_graphs=str(cuda_graphs).lower()))
+                                                                cuda_graphs=str(cuda_graphs).lower(),
+                                                                version_output=(VERSION_OUTPUT if version_output
+                                                                                else "")))
         code = MODEL_PY_CPU_OUT if cpu_outputs else MODEL_PY_SYNC if sync else MODEL_PY
         (root / name / "1" / "model.py").write_text(code)
         names.append(name)
@@ -169,7 +173,14 @@ def run_strategy(srv: TritonProcess, name: str, x: torch.Tensor, files: dict[str
         inp = grpcclient.InferInput("X", list(x.shape), "FP32")
         inp.set_data_from_numpy(x.numpy())
         result = local.client.infer(name, [inp], client_timeout=60)
-        return np.asarray(result.as_numpy("Y")), response_version(result)
+        if args.no_version_output:
+            return np.asarray(result.as_numpy("Y"))
+        try:
+            return np.asarray(result.as_numpy("Y")), response_version(result)
+        except ValueError as e:  # a malformed response: say what it held
+            r = result.get_response()
+            outs = [(o.name, o.datatype, list(o.shape)) for o in r.outputs]
+            raise ValueError(f"{e}; outputs {outs}, raw sizes {[len(c) for c in r.raw_output_contents]}") from e
 
     def swap_to(version: str) -> None:
         t = time.monotonic()
@@ -204,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kind", default="KIND_GPU", choices=["KIND_GPU", "KIND_CPU"])
     ap.add_argument("--engine", default="eager", choices=["eager", "aoti", "inductor", "tensorrt"])
     ap.add_argument("--cuda-graphs", action="store_true", help="cuda_graphs: true (engine inductor)")
+    ap.add_argument("--no-version-output", action="store_true",
+                    help="without the HOTSWAP_WEIGHTS_VERSION output (for a stub that cannot send strings: numpy 2 "
+                         "under Triton 2.51); each response is still matched to one version by its values")
     ap.add_argument("--atol", type=float, default=1e-3)
     ap.add_argument("--ready-timeout", type=float, default=600)
     ap.add_argument("--sync-outputs", action="store_true",
@@ -224,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                                "model": {"factory": "bench.gpu_refit:big_mlp", "width": args.width,
                                          "layers": args.layers, "dtype": "float32", "engine": args.engine,
                                          "cuda_graphs": args.cuda_graphs, "instance": args.kind,
+                                         "version_output": not args.no_version_output,
                                          "bytes": 4 * args.width * (args.width * args.layers + 1)},
                                "strategies": {}, "errors": []}
     server: TritonProcess | None = None
@@ -231,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         repo = work / "repository"
         weights_root = work / "weights"
         names = make_repository(repo, args.width, args.layers, strategies, args.kind, args.sync_outputs,
-                                args.cpu_outputs, args.engine, args.cuda_graphs)
+                                args.cpu_outputs, args.engine, args.cuda_graphs, not args.no_version_output)
         results["sync_outputs"], results["cpu_outputs"] = args.sync_outputs, args.cpu_outputs
         x = torch.randn(args.batch, args.width, generator=torch.Generator().manual_seed(7))
         files: dict[str, Path] = {}

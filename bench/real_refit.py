@@ -5,14 +5,15 @@
 
 Each model is the library's own class at its full size, random weights (nothing is downloaded):
 ResNet-18/50 (transformers' ``ResNetForImageClassification``, the torchvision layout; ``tv-resnet50`` is
-torchvision's own, where torchvision imports) and BERT-base (``BertForSequenceClassification``). Per
+torchvision's own, ``tv-resnet18/50``, where torchvision imports) and BERT-base (``BertForSequenceClassification``). Per
 model and engine, from one process:
 
 * ``build_s``: the engine build without a cache (compile, warm up, checks);
 * ``refit_s``: ``RefitCoordinator.refit_from_path`` of a page-cached ``model.safetensors`` to the
   live engine (read, validate, transfer, refit, canary, swap), median of ``--repeats``, with stages;
-* ``publish_to_live_s``: ``serving.publisher.publish`` of a ``save_pretrained``-like directory into a
-  watched folder until the coordinator serves it (watcher events, settle, identity, then as above).
+* ``publish_to_live_s``: ``serving.publisher.publish(..., link=True)`` of a ``save_pretrained``-like directory
+  into a watched folder (hard links, so no copy is timed: from the rename) until the coordinator serves it
+  (watcher events, settle, identity, then as above).
 
 ``torch_tensorrt_refit_s`` is the time Torch-TensorRT's ``refit_module_weights`` is documented to take
 for the same architecture (its own measurement, other hardware): context, not a measurement here.
@@ -66,6 +67,7 @@ MODELS: dict[str, RealModel] = {
                            ("num_labels", 1000)), _IMAGE, 0.98),
     # ResNetConfig's defaults are ResNet-50's (bottleneck blocks, depths 3-4-6-3)
     "resnet50": RealModel("serving.examples.hf:resnet_classifier", (("num_labels", 1000),), _IMAGE, 2.03),
+    "tv-resnet18": RealModel("serving.examples.vision:torchvision_model", (("name", "resnet18"),), _IMAGE, 0.98),
     "tv-resnet50": RealModel("serving.examples.vision:torchvision_model", (("name", "resnet50"),), _IMAGE, 2.03),
     # BertConfig's defaults are BERT-base's (12 layers, hidden 768, vocabulary 30522)
     "bert-base": RealModel("serving.examples.hf:bert_classifier", (("num_labels", 2),),
@@ -127,7 +129,7 @@ def bench_model(key: str, engine_kind: str, device: str, repeats: int, work: Pat
             times = []
             for i, d in enumerate(versions[repeats + 2:]):
                 t = time.perf_counter()
-                publish(d, watched, version=f"p{i}")
+                publish(d, watched, version=f"p{i}", link=True)  # from the rename: no copy to wait for
                 _wait_live(coord, watcher, f"p{i}")
                 times.append(time.perf_counter() - t)
         finally:

@@ -59,6 +59,27 @@ def response_parameters_supported(pb: Any) -> bool:
     return True
 
 
+def string_output_problem(pb: Any) -> str:
+    """'' when this Python backend sends a string (BYTES) output intact, else why not.
+
+    String outputs are the one tensor that cannot go through DLPack: the stub serializes a numpy
+    object array. Triton 2.51's stub is built against numpy 1 and, under numpy 2, serializes it to
+    zero bytes (measured: every client then fails to decode the response). Checked by a round trip.
+    """
+    import numpy as np
+
+    value = np.array([[b"hotswap"]], dtype=np.object_)
+    try:
+        back = pb.Tensor(VERSION_OUTPUT, value).as_numpy()
+        intact = back.shape == value.shape and back.reshape(-1)[0] in (b"hotswap", "hotswap")
+    except Exception as e:  # a stub that cannot build or read the tensor at all
+        return f"building a string tensor failed ({type(e).__name__}: {e})"
+    if intact:
+        return ""
+    return (f"a string tensor comes back as {back.shape} {back.dtype}; this Python backend stub misreads "
+            f"numpy {np.__version__} arrays (Triton 2.51's stub is built for numpy 1)")
+
+
 class TritonPythonModel:
     """Triton calls ``initialize``, then ``execute`` per batch of requests, then ``finalize``."""
 
@@ -78,6 +99,12 @@ class TritonPythonModel:
         add_search_paths(args["model_repository"])  # factories in the model folder (the version folder is there)
         settings = parse_settings(self.io.parameters, model_name=model_name, device=device,
                                   model_repository=repository)
+        if self.io.version_output and (problem := string_output_problem(pb)):
+            # every response would carry an empty version that no client can decode: refuse to load instead
+            raise pb.TritonModelException(
+                f"hotswap: model {model_name!r} declares the output {VERSION_OUTPUT} (TYPE_STRING), which this "
+                f"Triton cannot send: {problem}. Install numpy<2 where the stub runs, or remove the output from "
+                "config.pbtxt (the version stays in the metrics and the log)")
         self._backend = TritonMetricsBackend(pb, {"model": model_name,
                                                   "instance": args.get("model_instance_name", "")})
         self.service = HotswapService(settings, self.io.inputs, self.io.outputs, self.io.max_batch,
@@ -104,9 +131,11 @@ class TritonPythonModel:
         return torch.utils.dlpack.from_dlpack(t.to_dlpack())
 
     def _output(self, name: str, tensor: torch.Tensor) -> Any:
-        # an own allocation per response (a row slice of the batch would carry a storage offset);
+        # an own, contiguous allocation per response: a row slice of the batch carries a storage offset, and
+        # compiled code may return other strides (Triton reads an output as dense row-major bytes);
         # DLPack, not numpy, for the reason given in _input
-        capsule = torch.to_dlpack(tensor.detach().clone())  # type: ignore[attr-defined]
+        own = tensor.detach().clone(memory_format=torch.contiguous_format)
+        capsule = torch.to_dlpack(own)  # type: ignore[attr-defined]
         return _pb().Tensor.from_dlpack(name, capsule)
 
     def execute(self, requests: list[Any]) -> list[Any]:
