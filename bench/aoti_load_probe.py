@@ -73,6 +73,7 @@ def main() -> int:
             results.append(run_loader(so, device, "torch._export.aot_load(.so)+run", code=SO_VARIANT,
                                       timeout=a.timeout))
     out = {
+        "command": " ".join(["python", "bench/aoti_load_probe.py", *sys.argv[1:]]),
         "what": "AOTInductor loader variants, each loading a 2-layer MLP package in its own child process",
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
                     "platform": platform.platform(),

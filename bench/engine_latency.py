@@ -173,6 +173,7 @@ def main() -> int:
         return {k: round(float(r_num[k]) / float(r_den[k]), 3) for k in r_num}  # type: ignore[arg-type]
 
     out = {
+        "command": " ".join(["python", "bench/engine_latency.py", *sys.argv[1:]]),
         "what": "median inference latency (ms): refittable engines vs the same engines with weights baked in, vs eager",
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": torch.get_num_threads(),
                     "platform": platform.platform(),

@@ -78,8 +78,8 @@ suite_aoti() {  # the AOTInductor engine on CUDA
 
 suite_inductor() {  # the inductor engine on CUDA, the aoti loader probe, startup and latency figures (no Triton needed)
   step cuda-inductor-tests 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_inductor_cuda.py
-  step aoti-probe-cpu-pkg 45 python3 bench/aoti_load_probe.py --device cpu --out "$OUT/aoti-load-probe-cpu-pkg-$TAG.json"
-  step aoti-probe-cuda-pkg 45 python3 bench/aoti_load_probe.py --device cuda \
+  step aoti-probe-cpu-pkg 240 python3 bench/aoti_load_probe.py --device cpu --out "$OUT/aoti-load-probe-cpu-pkg-$TAG.json"
+  step aoti-probe-cuda-pkg 240 python3 bench/aoti_load_probe.py --device cuda \
     --out "$OUT/aoti-load-probe-cuda-pkg-$TAG.json"
   step "inductor-startup-$TAG" 120 python3 bench/inductor_startup.py --device cuda --dtype float16 --d-model 2048 \
     --layers 4 --out "$OUT/inductor-startup-$TAG.json"

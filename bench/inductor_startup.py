@@ -90,6 +90,7 @@ def main() -> int:
     if a.device.startswith("cuda"):
         machine["gpu"] = torch.cuda.get_device_name(0)
     result = {
+        "command": " ".join(["python", "bench/inductor_startup.py", *sys.argv[1:]]),
         "what": "inductor engine startup in a fresh process: cold build vs cached (stripped-engine cache hit)",
         "machine": machine, "model": {"factory": "tiny_transformer", **kwargs, "dtype": a.dtype,
                                       "max_batch": a.max_batch, "device": a.device, "cuda_graphs": a.cuda_graphs},

@@ -242,6 +242,8 @@ def zero_downtime(results: Path) -> str:
         m = doc["model"]
         label = (f"`{m['factory']}` {m['bytes'] / 1e9:.2f} GB {m['dtype']}, {m['engine']}, {m['instance']}, "
                  f"4 gRPC clients")
+        if m.get("version_output") is False:
+            label += " (no version output: responses matched by their values only)"
         rows.extend(_swap_row(label, s, r, doc, p) for s, r in doc["strategies"].items())
     if not rows:
         return to_measure("**Zero downtime**", "python bench/serve_swap.py --json")
@@ -334,10 +336,95 @@ def gpu_publish(results: Path) -> str:
             + ("\n" + errors(paths) if errors(paths) else "") + "\n" + sources(paths))
 
 
-SECTIONS: tuple[Callable[[Path], str], ...] = (refit_cpu, publish, zero_downtime, gpu_refit, gpu_publish)
+def _model_label(m: Mapping[str, Any]) -> str:
+    graphs = ", CUDA graphs" if m.get("cuda_graphs") else ""
+    return (f"`{m['factory']}` d_model {m['d_model']}, {m['n_layers']} layers, {m['dtype']}, {m['device']}"
+            f"{graphs}")
+
+
+def compiled_engines(results: Path) -> str:
+    starts, lats = files("inductor-startup-*.json", results), files("engine-latency-*.json", results)
+    if not starts and not lats:
+        return to_measure("**Compiled engines**", "python bench/inductor_startup.py", "python bench/engine_latency.py")
+    out = []
+    if starts:
+        rows = []
+        for p in starts:
+            doc = load(p)
+            cold, hit = doc["cold"], doc["cached"]
+            rows.append([_model_label(doc["model"]), secs(cold["build_s"]), secs(hit["build_s"]),
+                         f"{cold['build_s'] / hit['build_s']:.1f}x", hit["detail"], machine(doc), link(p)])
+        out.append("**Inductor engine startup**: the engine build in a fresh process with an empty compile cache, "
+                   "cold (trace, generate and compile code, warm up every graph, refit check, store the entry) and "
+                   "from the stripped-engine cache (the compiler's artifacts, no weights).\n\n"
+                   + table(["model", "cold build", "from the cache", "speed-up", "cache hit", "machine", "results"],
+                           rows))
+    if lats:
+        rows = []
+        for p in lats:
+            doc = load(p)
+            lat, ratio = doc["latency"], doc.get("refittable_over_baked") or {}
+            for engine, v in lat.items():
+                r = ratio.get(engine) or {}
+                versus = " (baked in without CUDA graphs)" if r and doc["model"].get("cuda_graphs") else ""
+                rows.append([_model_label(doc["model"]), f"`{engine}`", ms(v["batch_1_ms"]), ms(v["batch_8_ms"]),
+                             ", ".join(f"{r[k]:.2f}x" for k in ("batch_1_ms", "batch_8_ms") if k in r) + versus,
+                             machine(doc), link(p)])
+        out.append("**What refittability costs**: median latency of the refittable engines (`inductor`: weights "
+                   "as graph inputs; `aoti`: a package without weights) against the same engines with the weights "
+                   "baked in (`inductor_frozen`: `freezing` on; `aoti_baked`: constants in the `.so`), and eager; "
+                   "one process, same weights and inputs, engines timed in turns. Goal: refittable within 1.1x of "
+                   "baked in; compiled faster than eager on the GPU.\n\n"
+                   + table(["model", "engine", "batch 1", "batch 8", "refittable / baked in (1, 8)", "machine",
+                            "results"], rows))
+    return "\n".join(out) + "\n" + sources(starts + lats)
+
+
+def real_models(results: Path) -> str:
+    paths = files("real-refit-*.json", results)
+    if not paths:
+        return to_measure("**Real architectures**", "python bench/real_refit.py --json real-refit.json")
+    rows = []
+    for p in paths:
+        doc = load(p)
+        copied = "copy" in str(doc.get("publish_mode", ""))
+        for r in doc["runs"]:
+            trt = r.get("torch_tensorrt_refit_s")
+            rows.append([r["model"], f"`{r['engine']}`", r["device"], f"{r['checkpoint_bytes'] / 1e6:.0f} MB",
+                         secs(r["build_s"]), secs(r["refit_s"]),
+                         secs(r["publish_to_live_s"]) + (" (with the copy)" if copied else ""),
+                         secs(trt) if trt else "n/a", machine(doc), link(p)])
+    return ("**Real architectures** (`bench/real_refit.py`): full-size ResNet-18/50 (transformers' classes on CPU, "
+            "torchvision's as `tv-` on the GPU) and BERT-base, random weights; `file → live`: a page-cached "
+            "`model.safetensors` to the live engine (read, validate, transfer, refit, canary, swap), median; "
+            "`publish → live`: `serving.publisher.publish` of a `save_pretrained`-like directory into the watched "
+            "folder until it serves. Beside them, the refit times Torch-TensorRT documents for "
+            "`refit_module_weights` on the same architectures (their hardware, a TensorRT engine: context, not a "
+            "measurement here).\n\n"
+            + table(["model", "engine", "device", "checkpoint", "engine build", "file → live", "publish → live",
+                     "Torch-TensorRT refit (documented)", "machine", "results"], rows)
+            + ("\n" + errors(paths) if errors(paths) else "") + "\n" + sources(paths))
+
+
+def aoti_loader(results: Path) -> str:
+    paths = files("aoti-load-probe-*.json", results)
+    if not paths:
+        return ""
+    lines = []
+    for p in paths:
+        doc = load(p)
+        verdicts = "; ".join(v["verdict"] for v in doc["variants"])
+        lines.append(f"* {machine(doc)}, {doc['package_device']} package: {verdicts} ({link(p)})\n")
+    return ("**AOTInductor package loaders** (`bench/aoti_load_probe.py`, each variant in a child process):\n\n"
+            + "".join(lines) + "\n" + sources(paths))
+
+
+SECTIONS: tuple[Callable[[Path], str], ...] = (refit_cpu, publish, zero_downtime, gpu_refit, gpu_publish,
+                                               compiled_engines, real_models, aoti_loader)
 #: the result files each section shows (every JSON in bench/results/ must match one)
 SECTION_FILES = ("refit-*.json", "publish-*.json", "serve-swap-*.json", "gpu-serve-swap-*.json",
-                 "gpu-refit-*.json", "gpu-publish-*.json")
+                 "gpu-refit-*.json", "gpu-publish-*.json", "inductor-startup-*.json", "engine-latency-*.json",
+                 "real-refit-*.json", "aoti-load-probe-*.json")
 
 
 def measured(results: Path = RESULTS) -> str:
