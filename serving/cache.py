@@ -36,6 +36,7 @@ import filelock
 import torch
 
 from serving.errors import CacheError
+from serving.hashing import sha256_file
 from serving.metrics import HotswapMetrics
 from serving.specs import BuildSpec, dtype_name
 
@@ -63,14 +64,6 @@ def _jsonable(value: object) -> object:
     return json.loads(json.dumps(value, sort_keys=True, default=repr))
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _is_torch_module(module_name: str) -> bool:
     return module_name == "torch" or module_name.startswith("torch.") or module_name == "builtins"
 
@@ -89,7 +82,7 @@ def _source_digest(module_name: str) -> str:
         src = None
     if not src or not os.path.isfile(src):
         return "<no source>"
-    return _sha256_file(Path(src))
+    return sha256_file(Path(src))
 
 
 _PLAIN = (bool, int, float, str, type(None))
@@ -297,7 +290,7 @@ class EngineCache:
             if actual != info.get("size"):
                 problems.append(f"{fpath}: size {actual}, meta.json says {info.get('size')}")
                 continue
-            if verify and _sha256_file(fpath) != info.get("sha256"):
+            if verify and sha256_file(fpath) != info.get("sha256"):
                 problems.append(f"{fpath}: sha256 differs from meta.json")
                 continue
             files[name] = fpath

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from serving.errors import PublishError
+from serving.hashing import sha256_file
 from serving.publish import (
     CHECKPOINT_SUFFIXES,
     MANIFEST_NAME,
@@ -173,7 +174,7 @@ def _copy_file(src: Path, dst: Path, *, digest: bool, link: bool) -> tuple[str, 
     size = os.stat(src).st_size
     if link:
         os.link(src, dst)
-        return (_sha256(dst) if digest else ""), size
+        return (sha256_file(dst) if digest else ""), size
     h = hashlib.sha256() if digest else None
     copied = 0
     with open(src, "rb") as fin, open(dst, "xb") as fout:
@@ -191,14 +192,6 @@ def _copy_file(src: Path, dst: Path, *, digest: bool, link: bool) -> tuple[str, 
         raise PublishError(f"{src}: {copied} bytes copied but the file had {size} when the copy started: it is "
                            f"being written; publish it once its writer is done")
     return (h.hexdigest() if h is not None else ""), copied
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(COPY_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _source_files(src: Path, *, skip_manifest: bool) -> list[str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from serving.errors import CheckpointError, HotswapError, reading
+from serving.hashing import sha256_file
 from serving.publish import (
     ADAPTER_CONFIG,
     MANIFEST_NAME,
@@ -281,17 +282,6 @@ def verify_manifest(entry: Entry) -> Problem | None:
                                      f"stale manifest): " + "; ".join(problems[:10]))
     entry.content_hash = manifest.content_hash()
     return None
-
-
-def sha256_file(path: Path) -> str:
-    """Plain sha256 of a file (what a MANIFEST.json lists)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(HASH_READ_BYTES)
-            if not chunk:
-                return h.hexdigest()
-            h.update(chunk)
 
 
 def content_hash_file(path: Path, pool: ThreadPoolExecutor | None = None) -> str:
