@@ -334,8 +334,7 @@ class InductorEngine(Engine):
                 slot = InductorSlot(spec, device, fn, module, specs, cuda_graphs=False)
                 slot.refit(state)
                 slot.warm_up()
-                with _full_precision():
-                    refit_check(slot, spec, state)
+                refit_check(slot, spec, state)
                 slot.reset()  # holds probe weights now: it must be refitted before it serves
                 saved = torch.compiler.save_cache_artifacts() if entry_meta is None else None
             compile_s = time.perf_counter() - t_compile
@@ -545,37 +544,36 @@ def _eager(module: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> list[torc
         return list(pytree.tree_leaves(module(*inputs)))
 
 
+def _tolerance(t: torch.Tensor) -> float:
+    """Relative tolerance of a comparison with eager: float32 keeps about 1e-4 over a network's reductions;
+    half precision, and float32 on a GPU whose matmuls or cuDNN convolutions use TF32 (cuDNN's default,
+    for eager and compiled code alike, with different roundings), about 2e-2.
+
+    The flags are read, never changed: TorchDynamo guards on them, so a check run under other flags would
+    compile, and test, other code than serving runs.
+    """
+    tf32 = t.is_cuda and (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
+    return 1e-4 if t.dtype in (torch.float32, torch.float64) and not tf32 else 2e-2
+
+
 def _mismatch(got: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> str:
-    """'' when equal within the dtype's tolerance, relative to the output's scale, else how far off.
+    """'' when equal within :func:`_tolerance` times the output's scale, else how far off.
 
     A weight baked into the code gives outputs of another model: off by a good part of their scale.
-    Rounding (another reduction order, fused kernels) stays far below ``tol`` times the scale even
-    when a deep network's outputs are large.
+    Rounding (another reduction order, fused kernels) stays well below that even when a deep network's
+    outputs are large.
     """
     if len(got) != len(expected):
         return f"{len(got)} outputs, eager has {len(expected)}"
     for i, (a, b) in enumerate(zip(got, expected, strict=True)):
-        tol = 1e-4 if a.dtype in (torch.float32, torch.float64) else 2e-2
         if a.shape != b.shape:
             return f"output {i} has shape {tuple(a.shape)}, eager {tuple(b.shape)}"
         scale = max(1.0, b.float().abs().max().item()) if b.numel() else 1.0
         err = (a.float() - b.float()).abs().max().item() if b.numel() else 0.0
-        if not err <= tol * scale:  # NaN fails too
+        if not err <= _tolerance(a) * scale:  # NaN fails too
             return (f"output {i} of batch {b.shape[0] if b.dim() else 0} differs from eager by {err:.3g} "
                     f"(outputs up to {scale:.3g})")
     return ""
-
-
-@contextmanager
-def _full_precision() -> Iterator[None]:
-    """No TF32 while comparing with eager: cuDNN convolutions use it by default, in eager and compiled code
-    alike, with errors that differ between the two."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 class InductorSlot(WeightSlot):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -45,8 +44,10 @@ def _saved(path: Path, seed: int) -> tuple[Path, torch.nn.Module]:
     return path, model
 
 
-@contextmanager
+@pytest.fixture(autouse=True)
 def full_fp32() -> Iterator[None]:
+    """cuDNN's TF32 (its default) rounds eager and compiled convolutions differently; off for the whole test
+    (build included: TorchDynamo guards on the flag, so changing it later would compile other code)."""
     saved = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
@@ -78,10 +79,9 @@ def test_torchvision_resnet_serves_copied_checkpoints_like_torchvision(engine_ki
             src, model = _saved(tmp_path / f"v{i}.safetensors", i)
             subprocess.run(["cp", "-a", str(src), str(folder / src.name)], check=True)
             _wait_live(coord, watcher, f"v{i}")
-            with full_fp32():  # cuDNN's TF32 rounds eager and compiled convolutions differently
-                (out,) = coord.infer([x.cuda()])
-                with torch.inference_mode():
-                    expected = model.cuda()(x.cuda())
+            (out,) = coord.infer([x.cuda()])
+            with torch.inference_mode():
+                expected = model.cuda()(x.cuda())
             torch.testing.assert_close(out, expected, atol=1e-3, rtol=1e-3)
             outputs.append(out)
         assert not torch.allclose(outputs[0], outputs[1], atol=1e-3)
