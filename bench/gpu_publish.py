@@ -29,7 +29,6 @@ import signal
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -55,7 +54,7 @@ from bench.gpu_serve_swap import ensure_pytriton_findable, make_repository
 from bench.triton_reload import MemorySampler, measure_reload
 from serving.publisher import staging
 from serving.triton.server import TritonProcess
-from serving.triton.swapload import run_swap_load
+from serving.triton.swapload import ClientPool, run_swap_load
 
 WIDTH = 4096
 #: the watcher's log line for one refit (serving.watch.WatchRecord.summary)
@@ -209,16 +208,12 @@ def run_strategy(server: TritonProcess, name: str, folder: Path, src: Sources, x
     """``args.swaps`` publishes into one served model under client load."""
     import tritonclient.grpc as grpcclient
 
-    local = threading.local()
-    opened: list[Any] = []
+    pool = ClientPool(lambda: grpcclient.InferenceServerClient(server.grpc_url))
 
     def infer() -> np.ndarray:
-        if not hasattr(local, "client"):
-            local.client = grpcclient.InferenceServerClient(server.grpc_url)
-            opened.append(local.client)
         inp = grpcclient.InferInput("X", list(x.shape), "FP32")
         inp.set_data_from_numpy(x.numpy())
-        return np.asarray(local.client.infer(name, [inp], client_timeout=120).as_numpy("Y"))
+        return np.asarray(pool.get().infer(name, [inp], client_timeout=120).as_numpy("Y"))
 
     swaps: list[dict[str, Any]] = []
 
@@ -237,8 +232,7 @@ def run_strategy(server: TritonProcess, name: str, folder: Path, src: Sources, x
             r = run_swap_load(infer, expected, swap_to, order, clients=args.clients, warmup_s=3.0,
                               settle_s=0.5, cooldown_s=2.0, atol=args.atol)
         finally:
-            for c in opened:
-                c.close()
+            pool.close()
     stages = parse_summaries(server.log_path.read_text(errors="replace"))
     for s in swaps:
         s["stages_ms"] = stages.get(s["entry"], {})

@@ -21,7 +21,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 import traceback
 import types
@@ -36,7 +35,7 @@ from bench.gpu_refit import BigMLP, command, command_args, environment, write_sa
 from serving.publisher import publish
 from serving.triton.scrape import scrape, weights_versions
 from serving.triton.server import TritonProcess
-from serving.triton.swapload import response_version, run_swap_load
+from serving.triton.swapload import ClientPool, response_version, run_swap_load
 
 CONFIG = """name: "{name}"
 backend: "python"
@@ -100,7 +99,7 @@ def expected_output(sd: dict[str, torch.Tensor], x: torch.Tensor, device: str) -
         return module(x.to(device)).cpu().numpy()
 
 
-VERSION_OUTPUT = ',\n         { name: "HOTSWAP_WEIGHTS_VERSION", data_type: TYPE_STRING, dims: [ 1 ] }'
+VERSION_OUTPUT_DECL = ',\n         { name: "HOTSWAP_WEIGHTS_VERSION", data_type: TYPE_STRING, dims: [ 1 ] }'
 
 
 def make_repository(root: Path, width: int, layers: int, strategies: list[str], kind: str,
@@ -116,7 +115,7 @@ def make_repository(root: Path, width: int, layers: int, strategies: list[str], 
         (root / name / "config.pbtxt").write_text(CONFIG.format(name=name, width=width, kind=kind, gpus=gpus,
                                                                 kwargs=kwargs, strategy=strategy, engine=engine,
                                                                 cuda_graphs=str(cuda_graphs).lower(),
-                                                                version_output=(VERSION_OUTPUT if version_output
+                                                                version_output=(VERSION_OUTPUT_DECL if version_output
                                                                                 else "")))
         code = MODEL_PY_CPU_OUT if cpu_outputs else MODEL_PY_SYNC if sync else MODEL_PY
         (root / name / "1" / "model.py").write_text(code)
@@ -162,17 +161,13 @@ def run_strategy(srv: TritonProcess, name: str, x: torch.Tensor, files: dict[str
     """Swap ``args.swaps`` times under load on one model; the swap-load result plus publish-to-live times."""
     import tritonclient.grpc as grpcclient  # the http client needs geventhttpclient, which the GPU image lacks
 
-    local = threading.local()
-    clients: list[Any] = []
+    pool = ClientPool(lambda: grpcclient.InferenceServerClient(srv.grpc_url))
     swap_s: list[float] = []
 
     def infer() -> tuple[np.ndarray, str]:
-        if not hasattr(local, "client"):
-            local.client = grpcclient.InferenceServerClient(srv.grpc_url)
-            clients.append(local.client)
         inp = grpcclient.InferInput("X", list(x.shape), "FP32")
         inp.set_data_from_numpy(x.numpy())
-        result = local.client.infer(name, [inp], client_timeout=60)
+        result = pool.get().infer(name, [inp], client_timeout=60)
         if args.no_version_output:
             return np.asarray(result.as_numpy("Y"))
         try:
@@ -193,8 +188,7 @@ def run_strategy(srv: TritonProcess, name: str, x: torch.Tensor, files: dict[str
         r = run_swap_load(infer, expected, swap_to, order, clients=args.clients, warmup_s=3.0,
                           settle_s=0.5, cooldown_s=2.0, atol=args.atol)
     finally:
-        for c in clients:
-            c.close()
+        pool.close()
     out = r.to_json()
     out["publish_to_live_s"] = {"median": float(np.median(swap_s)) if swap_s else None,
                                 "max": max(swap_s, default=None)}

@@ -17,7 +17,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from serving.factory import build_module
 from serving.publisher import publish
 from serving.triton.scrape import scrape, weights_versions
 from serving.triton.server import TritonProcess, models_in, seed_weights
-from serving.triton.swapload import response_version, run_swap_load
+from serving.triton.swapload import ClientPool, response_version, run_swap_load
 from serving.weights.random_state import random_state_dict
 from serving.weights.writer import write_safetensors
 
@@ -72,17 +71,13 @@ def main() -> int:
         try:
             server.wait_ready([m.name for m in models_in(repo)], timeout=900)
             folder = work / "weights" / args.model
-            local = threading.local()
-            clients: list[httpclient.InferenceServerClient] = []
+            pool = ClientPool(lambda: httpclient.InferenceServerClient(server.http_url, connection_timeout=30,
+                                                                       network_timeout=30))
 
             def infer() -> tuple[np.ndarray, str]:
-                if not hasattr(local, "client"):
-                    local.client = httpclient.InferenceServerClient(server.http_url, connection_timeout=30,
-                                                                    network_timeout=30)
-                    clients.append(local.client)
                 inp = httpclient.InferInput(input_name, list(x.shape), datatype)
                 inp.set_data_from_numpy(x.numpy())
-                result = local.client.infer(args.model, [inp])
+                result = pool.get().infer(args.model, [inp])
                 # the weights version the response names must be the one its output matches
                 return np.asarray(result.as_numpy("LOGITS")), response_version(result)
 
@@ -100,8 +95,7 @@ def main() -> int:
             swap_to(order[0])
             result = run_swap_load(infer, expected, swap_to, order[1:], clients=args.clients,
                                    settle_s=args.settle)
-            for c in clients:
-                c.close()
+            pool.close()
         finally:
             server.stop()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -37,7 +37,7 @@ import torch
 
 from bench.gpu_serve_swap import expected_output, state_for
 from serving.triton.server import TritonProcess
-from serving.triton.swapload import run_swap_load
+from serving.triton.swapload import ClientPool, run_swap_load
 
 NAME = "mlp_reload"
 
@@ -234,19 +234,14 @@ def measure_reload(work: Path, *, width: int, layers: int, kind: str, files: Map
         server.start()
         server.wait_ready([NAME], timeout=ready_timeout)
         out["server_ready_s"] = time.monotonic() - t0
-        local = threading.local()
-        opened: list[Any] = []
+        pool = ClientPool(lambda: grpcclient.InferenceServerClient(server.grpc_url))
 
         def infer() -> np.ndarray:
-            if not hasattr(local, "client"):
-                local.client = grpcclient.InferenceServerClient(server.grpc_url)
-                opened.append(local.client)
             inp = grpcclient.InferInput("X", list(x.shape), "FP32")
             inp.set_data_from_numpy(x.numpy())
-            return np.asarray(local.client.infer(NAME, [inp], client_timeout=120).as_numpy("Y"))
+            return np.asarray(pool.get().infer(NAME, [inp], client_timeout=120).as_numpy("Y"))
 
-        probe = grpcclient.InferenceServerClient(server.grpc_url)
-        opened.append(probe)
+        probe = pool.get()  # this thread's: the clients' threads get their own
         first_response_s: list[float] = []
         load_call_s: list[float] = []
 
@@ -281,8 +276,7 @@ def measure_reload(work: Path, *, width: int, layers: int, kind: str, files: Map
                 r = run_swap_load(infer, expected, swap_to, order, clients=clients, warmup_s=3.0, settle_s=0.5,
                                   cooldown_s=2.0, atol=atol)
             finally:
-                for c in opened:
-                    c.close()
+                pool.close()
         result = r.to_json()
         out.update(result)
         out["publish_to_first_response_s"] = {"median": float(np.median(first_response_s)),

@@ -35,6 +35,37 @@ class SwapLoadResult:
         return asdict(self)
 
 
+class ClientPool:
+    """One tritonclient client per calling thread (a client is not safe to share between threads), made on
+    a thread's first :meth:`get` by ``make``; :meth:`close` (or leaving the ``with`` block) closes them all."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._clients: list[Any] = []
+
+    def get(self) -> Any:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = self._make()
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for c in clients:
+            c.close()
+
+    def __enter__(self) -> ClientPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")

@@ -29,7 +29,7 @@ from serving.factory import build_module
 from serving.publisher import publish, publish_tensors
 from serving.triton.scrape import scrape, weights_versions
 from serving.triton.server import TritonProcess
-from serving.triton.swapload import classify, response_version, run_swap_load
+from serving.triton.swapload import ClientPool, classify, response_version, run_swap_load
 from serving.weights.random_state import random_state_dict
 
 from .conftest import REPOSITORY
@@ -124,20 +124,23 @@ def test_swaps_under_load_without_errors_or_torn_reads(
     server, weights, data = big_server
     model = f"big_{strategy}"
     expected: dict[str, np.ndarray] = data["expected"]
-    local = threading.local()
-    clients: list[Any] = []
     counter = iter(range(1_000_000))
 
+    def connect() -> Any:
+        """HTTP and gRPC clients in turn, one per client thread."""
+        grpc = next(counter) % 2 == 1
+        return grpcclient.InferenceServerClient(server.grpc_url) if grpc else httpclient.InferenceServerClient(
+            server.http_url)
+
+    pool = ClientPool(connect)
+
     def infer() -> tuple[np.ndarray, str]:
-        """HTTP and gRPC clients in turn; the response's own version (one row's, all rows must agree)."""
-        if not hasattr(local, "client"):
-            grpc = next(counter) % 2 == 1
-            api: Any = grpcclient if grpc else httpclient
-            local.api, local.client = api, api.InferenceServerClient(server.grpc_url if grpc else server.http_url)
-            clients.append(local.client)
-        inp = local.api.InferInput("TOKENS", list(X.shape), "INT64")
+        """The output and the response's own version (one row's, all rows must agree)."""
+        client = pool.get()
+        api: Any = grpcclient if isinstance(client, grpcclient.InferenceServerClient) else httpclient
+        inp = api.InferInput("TOKENS", list(X.shape), "INT64")
         inp.set_data_from_numpy(X.numpy())
-        result = local.client.infer(model, [inp])
+        result = client.infer(model, [inp])
         return np.asarray(result.as_numpy("LOGITS")), response_version(result)
 
     def swap_to(version: str) -> None:
@@ -157,8 +160,7 @@ def test_swaps_under_load_without_errors_or_torn_reads(
         result = run_swap_load(infer, expected, swap_to, ["z201", "z202", "z203", "z204", "z205", "z206"],
                                clients=4, warmup_s=1.0, settle_s=0.0, cooldown_s=1.0, atol=1e-4)
     finally:
-        for c in clients:
-            c.close()
+        pool.close()
     print(result.to_json())
     assert result.errors == 0, result.error_samples
     assert result.torn == 0, result.error_samples
