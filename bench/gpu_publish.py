@@ -29,9 +29,10 @@ import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -181,8 +182,13 @@ def first_response(infer: Callable[[], np.ndarray], ref: np.ndarray, since: floa
 def run_hotswap(work: Path, src: Sources, x: torch.Tensor, expected: dict[str, np.ndarray],
                 args: argparse.Namespace) -> dict[str, Any]:
     strategies = [s for s in args.strategies.split(",") if s]
+    transfers = [t for t in args.transfers.split(",") if t]
     repo, weights_root = work / "repository", work / "weights"
-    names = make_repository(repo, src.width, src.layers, strategies, "KIND_GPU")
+    names, labels = [], []
+    for transfer in transfers:
+        names += make_repository(repo, src.width, src.layers, strategies, args.kind, transfer=transfer,
+                                 version_output=not args.no_version_output)
+        labels += [s if len(transfers) == 1 else f"{s}, {transfer}" for s in strategies]
     counter = iter(range(1_000_000))
     for name in names:
         (weights_root / name).mkdir(parents=True)
@@ -195,17 +201,77 @@ def run_hotswap(work: Path, src: Sources, x: torch.Tensor, expected: dict[str, n
         server.start()
         server.wait_ready(names, args.ready_timeout)
         results["server_ready_s"] = time.monotonic() - t0
-        for name, strategy in zip(names, strategies, strict=True):
-            results[strategy] = run_strategy(server, name, weights_root / name, src, x, expected, args, counter)
+        for name, label in zip(names, labels, strict=True):
+            results[label] = run_strategy(server, name, weights_root / name, src, x, expected, args, counter)
     finally:
         results["triton_log_tail"] = server.log_tail(3000)
         server.stop()
     return results
 
 
+class Answers:
+    """Every request the load clients got answered, and when a version's first answer came back."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []  # (start, latency), monotonic seconds
+        self._cond = threading.Condition()
+        self._want: tuple[str, float] | None = None
+        self._got: float | None = None
+
+    def __call__(self, start: float, latency: float, version: str | None) -> None:
+        with self._cond:
+            self.samples.append((start, latency))
+            want = self._want
+            if want is not None and self._got is None and version == want[0] and start + latency > want[1]:
+                self._got = start + latency
+                self._cond.notify_all()
+
+    def first(self, version: str, since: float, timeout: float) -> float:
+        """Seconds from ``since`` to the end of the first answer computed with ``version`` (call before it
+        can arrive, i.e. before publishing)."""
+        with self._cond:
+            arrived = self._cond.wait_for(lambda: self._got is not None, timeout)
+            got, self._want, self._got = self._got, None, None
+        if not arrived or got is None:
+            raise TimeoutError(f"no answer with {version} after {timeout}s")
+        return got - since
+
+    def expect(self, version: str, since: float) -> None:
+        with self._cond:
+            self._want, self._got = (version, since), None
+
+
+def wait_for_log(path: Path, pattern: re.Pattern[str], timeout: float) -> tuple[float, str] | None:
+    """Wait until ``pattern`` appears in the server log: the monotonic time it was seen and the line
+    (None: timed out)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = pattern.search(path.read_text(errors="replace"))
+        if m:
+            return time.monotonic(), m.group(0)
+        time.sleep(0.02)
+    return None
+
+
+def hashed_after(path: Path, entry: str, timeout: float) -> float | None:
+    """When the watcher finished hashing ``entry`` after it went live (None: it was hashed before, or timed out)."""
+    summary = wait_for_log(path, re.compile(r"refit " + re.escape(entry) + r" -> [^\n]* from the first event [^\n]*"),
+                           timeout)
+    if summary is None or "hashed after going live" not in summary[1]:
+        return None
+    done = wait_for_log(path, re.compile(re.escape(entry) + r" hashed after it went live"), timeout)
+    return None if done is None else done[0]
+
+
 def run_strategy(server: TritonProcess, name: str, folder: Path, src: Sources, x: torch.Tensor,
                  expected: dict[str, np.ndarray], args: argparse.Namespace, counter: Iterator[int]) -> dict[str, Any]:
-    """``args.swaps`` publishes into one served model under client load."""
+    """``args.swaps`` publishes into one served model under client load.
+
+    Publish → first response is timed from the rename to the first answer with the new weights that a load
+    client gets (no extra probe client: the load stays the same during swaps). A swap lasts until the
+    watcher has also hashed the new version after it went live, so the next publish does not overlap it
+    and the hash counts as part of the swap.
+    """
     import tritonclient.grpc as grpcclient
 
     pool = ClientPool(lambda: grpcclient.InferenceServerClient(server.grpc_url))
@@ -216,27 +282,80 @@ def run_strategy(server: TritonProcess, name: str, folder: Path, src: Sources, x
         return np.asarray(pool.get().infer(name, [inp], client_timeout=120).as_numpy("Y"))
 
     swaps: list[dict[str, Any]] = []
+    answers = Answers()
 
     def swap_to(version: str) -> None:
         entry = f"{version}-{next(counter)}"
         if args.cold:
             src.evict()
+        answers.expect(version, time.monotonic())
         t = src.publish(folder, version, entry)
-        swaps.append({"entry": entry, "publish_to_first_response_s":
-                      first_response(infer, expected[version], t, args.ready_timeout, args.atol)})
+        first = answers.first(version, t, args.ready_timeout)
+        hashed = hashed_after(server.log_path, entry, args.hash_timeout)
+        swaps.append({"entry": entry, "publish_to_first_response_s": first, "rename_at": t,
+                      "hashed_after_s": None if hashed is None else hashed - t - first})
 
     first_response(infer, expected["v0"], time.monotonic(), args.ready_timeout, args.atol)
     order = [f"v{1 + i % args.versions}" for i in range(args.swaps)]
-    with MemorySampler(None, gpu=True) as mem:
+    with MemorySampler(server.proc.pid if server.proc else None, gpu=args.kind == "KIND_GPU") as mem:
         try:
             r = run_swap_load(infer, expected, swap_to, order, clients=args.clients, warmup_s=3.0,
-                              settle_s=0.5, cooldown_s=2.0, atol=args.atol)
+                              settle_s=0.5, cooldown_s=2.0, atol=args.atol, observe=answers)
         finally:
             pool.close()
     stages = parse_summaries(server.log_path.read_text(errors="replace"))
     for s in swaps:
         s["stages_ms"] = stages.get(s["entry"], {})
-    return summarize(r.to_json(), swaps, src.model_bytes, mem)
+    out = summarize(r.to_json(), swaps, src.model_bytes, mem)
+    out["latency_by_phase_ms"] = latency_by_phase(answers.samples, [phases(s) for s in swaps])
+    return out
+
+
+#: stages of the watcher's summary line, in the order they run
+STAGE_ORDER = ("settle", "hash", "read", "validate", "merge", "prescan", "drain", "transfer", "refit", "verify",
+               "swap")
+
+
+def phases(swap: Mapping[str, Any]) -> list[tuple[str, float, float]]:
+    """A swap's timeline, (phase, start, end) in monotonic seconds: the watcher's stages laid end to end from
+    the rename, then until the first answer ("answer"), then the hash after going live ("hash_after"). Pure."""
+    t = float(swap["rename_at"])
+    stages = swap.get("stages_ms") or {}
+    out = []
+    for name in STAGE_ORDER:
+        ms = stages.get(name)
+        if ms:
+            out.append((name, t, t + ms / 1e3))
+            t += ms / 1e3
+    first = float(swap["rename_at"]) + float(swap["publish_to_first_response_s"])
+    if first > t:
+        out.append(("answer", t, first))
+    if swap.get("hashed_after_s") is not None:
+        out.append(("hash_after", first, first + float(swap["hashed_after_s"])))
+    return out
+
+
+def latency_by_phase(samples: list[tuple[float, float]], timelines: list[list[tuple[str, float, float]]],
+                     ) -> dict[str, dict[str, float]]:
+    """Request latencies grouped by the swap phase they overlapped most ("steady": none). Pure."""
+    spans = sorted((a, b, name) for tl in timelines for name, a, b in tl)
+    groups: dict[str, list[float]] = {}
+    for start, latency in samples:
+        end = start + latency
+        best, overlap = "steady", 0.0
+        for a, b, name in spans:
+            if a > end:
+                break
+            o = min(b, end) - max(a, start)
+            if o > overlap:
+                best, overlap = name, o
+        groups.setdefault(best, []).append(latency * 1e3)
+    out = {}
+    for name, values in groups.items():
+        values.sort()
+        out[name] = {"requests": len(values), "p50": values[len(values) // 2],
+                     "p99": values[min(len(values) - 1, int(0.99 * len(values)))], "max": values[-1]}
+    return out
 
 
 def summarize(load: dict[str, Any], swaps: list[dict[str, Any]], model_bytes: int,
@@ -269,6 +388,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--strategies", default="double_buffer")
+    ap.add_argument("--transfers", default="auto", help="weights_transfer values to serve, comma separated (one model "
+                    "each, in one server)")
+    ap.add_argument("--no-version-output", action="store_true",
+                    help="leave HOTSWAP_WEIGHTS_VERSION out of the config (Triton 2.51's stub under numpy 2)")
+    ap.add_argument("--kind", default="KIND_GPU", choices=["KIND_GPU", "KIND_CPU"],
+                    help="KIND_CPU: a dry run on a machine without a GPU (figures meaningless)")
+    ap.add_argument("--width", type=int, default=WIDTH)
+    ap.add_argument("--hash-timeout", type=float, default=120.0,
+                    help="how long a swap waits for the watcher's hash after going live")
     ap.add_argument("--atol", type=float, default=1e-3)
     ap.add_argument("--ready-timeout", type=float, default=600)
     ap.add_argument("--dir", help="where checkpoints are written (default: /dev/shm if it has room)")
@@ -278,19 +406,20 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout must still stop the servers
     ensure_pytriton_findable()
     given = sys.argv[1:] if argv is None else argv
-    results: dict[str, Any] = {"environment": environment("cuda"), "command": command("bench.gpu_publish", given),
+    device = "cuda" if args.kind == "KIND_GPU" else "cpu"
+    results: dict[str, Any] = {"environment": environment(device), "command": command("bench.gpu_publish", given),
                                "argv": command_args(given),
                                "sizes": [], "errors": []}
-    x = torch.randn(args.batch, WIDTH, generator=torch.Generator().manual_seed(7))
+    x = torch.randn(args.batch, args.width, generator=torch.Generator().manual_seed(7))
     for size in [float(s) for s in args.sizes.split(",") if s]:
-        layers = max(1, round(size * GB / (WIDTH * WIDTH * 4)))
+        layers = max(1, round(size * GB / (args.width * args.width * 4)))
         work = Path(tempfile.mkdtemp(prefix="gpu-publish-", dir=pick_dir(args.dir, 2 * size * GB)))
-        entry: dict[str, Any] = {"size_gb": size, "width": WIDTH, "layers": layers}
+        entry: dict[str, Any] = {"size_gb": size, "width": args.width, "layers": layers}
         try:
-            src = Sources(work / "sources", WIDTH, layers, args.versions, "cuda")
+            src = Sources(work / "sources", args.width, layers, args.versions, device)
             entry["model_bytes"] = src.model_bytes
-            entry["pinned_limit_gbps"] = src.model_bytes / pinned_copy_seconds(src.model_bytes, "cuda") / GB
-            expected = src.expected(x, "cuda")
+            entry["pinned_limit_gbps"] = src.model_bytes / pinned_copy_seconds(src.model_bytes, device) / GB
+            expected = src.expected(x, device)
             if args.cold:
                 entry["cold"] = True
                 entry["disk_read_gbps"] = src.disk_read_gbps()
@@ -298,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.baseline_swaps:
                 files = {v: src.files(v) for v in src.markers}
                 entry["baseline"] = measure_reload(
-                    work / "reload", width=WIDTH, layers=layers, kind="KIND_GPU", files=files, expected=expected,
+                    work / "reload", width=args.width, layers=layers, kind=args.kind, files=files, expected=expected,
                     x=x, swaps=args.baseline_swaps, clients=args.clients, atol=args.atol,
                     ready_timeout=args.ready_timeout, link=True)
         except Exception as e:  # the JSON keeps the failure; the next size still runs

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -213,46 +214,42 @@ def page_cache_read_gbps(path: Path, threads: int, read_bytes: int, buffer_bytes
     return best
 
 
-def probe_registered_page_cache(path: Path, device: str, chunk: int = 64 << 20) -> dict[str, float]:
-    """An experiment, not the product path: DMA straight out of the page cache.
+def probe_registration(path: Path, device: str, threads: list[int], window: int = 64 << 20) -> dict[str, Any]:
+    """What registered transfers are made of, on a page-cached file: ``cudaHostRegister`` of its pages with
+    1..n threads at once (does the driver scale?), DMA out of pages registered beforehand (the ceiling),
+    and ``cudaHostUnregister``. Through :mod:`serving.weights.registered`, as the reader does it."""
+    from serving.weights.registered import HostRegistry, MappedFile
 
-    The file is mmapped read-only and each chunk registered with CUDA (``cudaHostRegister``,
-    read-only flag, through CuPy), copied to the device and unregistered: no host memcpy, so host
-    memory carries the bytes once instead of three times. Measures registration and copy rates.
-    """
-    import mmap
-
-    import cupy  # the GPU image has it; this probe only runs there
-
-    size = os.path.getsize(path)
-    dst = torch.empty(chunk, dtype=torch.uint8, device=device)
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    registry, why = HostRegistry.get()
+    if registry is None:
+        raise RuntimeError(why)
+    fd = os.open(path, os.O_RDONLY)
+    m = MappedFile(fd)
     try:
-        import numpy as np
-
-        arr = np.frombuffer(mm, dtype=np.uint8)
-        base = arr.ctypes.data
-        reg_s = copy_s = unreg_s = 0.0
-        t_all = time.perf_counter()
-        for off in range(0, size - chunk + 1, chunk):
-            t = time.perf_counter()
-            cupy.cuda.runtime.hostRegister(base + off, chunk, 8)  # cudaHostRegisterReadOnly
-            t2 = time.perf_counter()
-            src = torch.from_numpy(arr[off:off + chunk])
-            dst.copy_(src, non_blocking=True)
-            torch.cuda.current_stream().synchronize()
-            t3 = time.perf_counter()
-            cupy.cuda.runtime.hostUnregister(base + off)
-            t4 = time.perf_counter()
-            reg_s, copy_s, unreg_s = reg_s + t2 - t, copy_s + t3 - t2, unreg_s + t4 - t3
-        total = time.perf_counter() - t_all
-        n = (size // chunk) * chunk
-        del arr, src
+        assert m.bytes is not None
+        n = (m.size // window) * window
+        starts = list(range(0, n, window))
+        dst = torch.empty(window, dtype=torch.uint8, device=device)
+        out: dict[str, Any] = {"bytes": n, "window_bytes": window, "register_gbps": {}, "unregister_gbps": {}}
+        for k in threads:
+            with ThreadPoolExecutor(k) as ex:
+                t = time.perf_counter()
+                list(ex.map(lambda a: registry.register(m.address + a, window), starts))
+                out["register_gbps"][str(k)] = n / (time.perf_counter() - t) / GB
+                if k == threads[-1]:  # DMA from registered pages, every window registered beforehand
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    for a in starts:
+                        dst.copy_(m.bytes[a:a + window], non_blocking=True)
+                    torch.cuda.synchronize()
+                    out["dma_from_registered_gbps"] = n / (time.perf_counter() - t) / GB
+                t = time.perf_counter()
+                list(ex.map(lambda a: registry.unregister(m.address + a), starts))
+                out["unregister_gbps"][str(k)] = n / (time.perf_counter() - t) / GB
+        return out
     finally:
-        mm.close()
-    return {"bytes": float(n), "register_gbps": n / reg_s / GB, "copy_gbps": n / copy_s / GB,
-            "unregister_gbps": n / unreg_s / GB, "serial_total_gbps": n / total / GB}
+        m.close()
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- clients
@@ -336,7 +333,7 @@ def run_config(engine_kind: str, strategy: str, ckpts: Checkpoints, device: str,
     out: dict[str, Any] = {"engine": engine_kind, "strategy": strategy, "size_gb": round(ckpts.nbytes / GB, 3),
                            "dtype": dtype_name(dtype), "checkpoint_dtype": dtype_name(ckpt_dtype), "width": w,
                            "layers": layers, "bytes": ckpts.nbytes, "file_bytes": file_bytes,
-                           "prescan": prescan, "canary": canary}
+                           "prescan": prescan, "canary": canary, "transfer": fast.transfer}
     t0 = time.perf_counter()
     engine = build_engine(engine_kind, spec, cache=None)
     out["build_s"] = time.perf_counter() - t0
@@ -528,8 +525,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-gb", type=float, default=1.0, help="size of the host-path baseline (0: skip)")
     ap.add_argument("--big-in-place", type=float, default=0.0, metavar="GB",
                     help="also run in_place with a model of this size (0: skip)")
-    ap.add_argument("--probe-register", action="store_true",
-                    help="also measure DMA straight out of registered page-cache pages (an experiment)")
+    ap.add_argument("--transfers", default="auto", help="weights transfers to run, comma separated "
+                    "(auto, pinned, registered: serving.weights.fastpath.TRANSFERS)")
+    ap.add_argument("--window-mb", type=int, default=FastPathConfig.window_bytes >> 20)
+    ap.add_argument("--windows-ahead", type=int, default=FastPathConfig.windows_ahead)
+    ap.add_argument("--probe-register", default="", metavar="THREADS",
+                    help="also measure cudaHostRegister of page-cached pages with these thread counts (e.g. 1,4,16), "
+                    "DMA out of registered pages and unregistering")
     ap.add_argument("--big-ballast", default="auto", help="GB of GPU memory to take away first (auto: enough that "
                     "the model is more than half of what is left)")
     args = ap.parse_args(argv)
@@ -539,7 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [float(s) for s in args.sizes.split(",") if s]
     aoti_sizes = [float(s) for s in args.aoti_sizes.split(",")] if args.aoti_sizes else sizes
     fast = FastPathConfig(threads=args.threads, buffers=args.buffers, buffer_bytes=args.buffer_mb << 20,
-                          read_bytes=args.read_kb << 10)
+                          read_bytes=args.read_kb << 10, window_bytes=args.window_mb << 20,
+                          windows_ahead=args.windows_ahead)
+    transfers = [t for t in args.transfers.split(",") if t]
     base = pick_dir(args.dir, max(sizes + [args.big_in_place]) * GB)
     given = sys.argv[1:] if argv is None else argv
     results: dict[str, Any] = {"environment": environment(args.device), "command": command("bench.gpu_refit", given),
@@ -564,8 +568,9 @@ def main(argv: list[str] | None = None) -> int:
                 if args.device.startswith("cuda") else None
             if args.probe_register:
                 try:
-                    results["registered_page_cache"] = probe_registered_page_cache(
-                        probe.root / "layers.safetensors", args.device)
+                    results["registration"] = probe_registration(
+                        probe.root / "layers.safetensors", args.device,
+                        [int(k) for k in args.probe_register.split(",")])
                 except Exception as e:
                     record_error("probe_register", e)
             shutil.rmtree(probe.root, ignore_errors=True)
@@ -588,11 +593,12 @@ def main(argv: list[str] | None = None) -> int:
                 for engine_kind in engines:
                     if size not in (aoti_sizes if engine_kind == "aoti" else sizes):
                         continue
-                    for strategy in strategies:
-                        what = f"{engine_kind}/{strategy}/{size}GB"
+                    for strategy, transfer in [(s, t) for s in strategies for t in transfers]:
+                        what = f"{engine_kind}/{strategy}/{transfer}/{size}GB"
                         print(f".. {what}", file=sys.stderr, flush=True)
                         try:
-                            r = run_config(engine_kind, strategy, ckpts, args.device, args.repeats, fast,
+                            r = run_config(engine_kind, strategy, ckpts, args.device, args.repeats,
+                                           dataclasses.replace(fast, transfer=transfer),
                                            args.client_interval_ms / 1e3, not args.no_prescan, args.canary)
                             results["runs"].append(r)
                             print(f"   {r['effective_gbps']:.1f} GB/s effective, {r['ratio_to_pinned_limit']:.2f}x "
@@ -650,13 +656,15 @@ def print_table(results: dict[str, Any]) -> None:
     print(f"\n{env.get('gpu', 'cpu')} torch {env['torch']} {env['date']} commit {env.get('commit')}")
     print(f"reader threads alone: {results.get('read_only_gbps')} GB/s; pinned H2D: "
           f"{results.get('pinned_h2d_gbps_1gib')} GB/s")
-    print(f"{'engine':7} {'strategy':13} {'GB':>5} {'total ms':>9} {'GB/s':>6} {'limit ms':>9} {'x lim':>6} "
+    print(f"{'engine':7} {'strategy':13} {'transfer':10} {'GB':>5} {'total ms':>9} {'GB/s':>6} {'limit ms':>9} "
+          f"{'x lim':>6} "
           f"{'pause ms':>9} {'peak/model':>10} {'client max ms':>13}")
     rows = list(results["runs"])
     if "big_in_place" in results and "runs" in results["big_in_place"]:
         rows.append(results["big_in_place"])
     for r in rows:
-        print(f"{r['engine']:7} {r['strategy']:13} {r['bytes'] / GB:5.1f} {r['total_s_median'] * 1e3:9.1f} "
+        print(f"{r['engine']:7} {r['strategy']:13} {r.get('transfer', 'auto'):10} {r['bytes'] / GB:5.1f} "
+              f"{r['total_s_median'] * 1e3:9.1f} "
               f"{r['effective_gbps']:6.1f} {r['pinned_limit_s'] * 1e3:9.1f} {r['ratio_to_pinned_limit']:6.2f} "
               f"{r['pause_ms_median']:9.3f} {r.get('peak_over_model', float('nan')):10.2f} "
               f"{r['client']['during_refit_max_ms'] or float('nan'):13.1f}")

@@ -2,7 +2,8 @@
 # The GPU benchmark suites (docs/gpu.md). On the GPU machine, from a copy of the repository with .whl/ filled by
 # bench/gpu_wheels.sh:
 #
-#     OUT=results bash bench/gpu_run.sh SUITE...      # refit | big | serve | publish | aoti | inductor | serve_inductor | real | all
+#     OUT=results bash bench/gpu_run.sh SUITE...  # refit | transfer | triton_cuda | big | serve | publish | aoti |
+#                                                 # inductor | serve_inductor | real | all
 #
 # Each suite fits one 10-minute call; each step has its own time limit, so a hang costs that step only. Results go
 # to $OUT (default ./gpu-out): one JSON per step, named as in bench/results/ (TAG is the GPU's model, e.g. h200),
@@ -35,6 +36,10 @@ stdout_step() {  # stdout_step NAME SECONDS COMMAND...: as step, the command's s
   step "$name" "$limit" bash -c '"${@:2}" > "$1"' _ "$OUT/$name.json" "$@"
 }
 
+version_output_flag() {  # Triton 2.51's stub cannot send a string output under numpy 2 (docs/gpu.md)
+  python3 -c 'import numpy, sys; sys.exit(int(numpy.__version__.split(".")[0]) < 2)' && echo --no-version-output
+}
+
 wheels() {  # Triton, its client and watchdog into the interpreter's own site-packages (the stub ignores PYTHONPATH)
   if ! compgen -G ".whl/*.whl" > /dev/null; then
     echo "!! no .whl/*.whl: run bash bench/gpu_wheels.sh on a machine with internet first (docs/gpu.md)"
@@ -55,6 +60,17 @@ suite_refit() {  # the fast path by size, the host path beside it, a cast on the
     --repeats 7
 }
 
+suite_transfer() {  # registered page-cache DMA against the pinned ring, by size, and what registration costs
+  step cuda-fastpath-tests 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fastpath_cuda.py
+  step "gpu-refit-transfer-$TAG" 300 python3 -m bench.gpu_refit --json "$OUT/gpu-refit-transfer-$TAG.json" \
+    --sizes 1,4,16 --dtype float16 --engines eager --strategies double_buffer --transfers pinned,registered \
+    --probe-register 1,2,4,8,16 --baseline-gb 0
+}
+
+suite_triton_cuda() {  # the example transformer through Triton on a GPU instance: inductor, auto, aoti
+  step cuda-triton-tests 400 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_triton_cuda.py
+}
+
 suite_big() {  # in place, a model larger than half the GPU memory it has (a ballast takes the rest)
   step "gpu-refit-big-$TAG" 300 python3 -m bench.gpu_refit --json "$OUT/gpu-refit-big-$TAG.json" --sizes "" \
     --engines eager --baseline-gb 0 --big-in-place "${BIG_GB:-45}"
@@ -66,8 +82,8 @@ suite_serve() {  # zero downtime on a real Triton with a KIND_GPU instance, both
 }
 
 suite_publish() {  # publish -> first response through Triton by model size, beside Triton's own reload
-  step "gpu-publish-$TAG" 480 python3 -m bench.gpu_publish --json "$OUT/gpu-publish-$TAG.json" --sizes 1,4,16 \
-    --swaps 20 --baseline-swaps 3
+  step "gpu-publish-$TAG" 540 python3 -m bench.gpu_publish --json "$OUT/gpu-publish-$TAG.json" --sizes 1,4,16 \
+    --swaps 8 --versions 8 --baseline-swaps 1 --transfers pinned,registered $(version_output_flag)
   stdout_step "publish-${TAG}host-cpu$(nproc)" 60 python3 bench/publish.py --json
 }
 
@@ -105,9 +121,9 @@ suites=("$@")
 [ ${#suites[@]} -gt 0 ] || suites=(refit)
 for s in "${suites[@]}"; do
   case $s in
-    refit | big | serve | publish | aoti | inductor | serve_inductor | real) ;;
+    refit | transfer | triton_cuda | big | serve | publish | aoti | inductor | serve_inductor | real) ;;
     all) ;;
-    *) echo "unknown suite '$s': refit, big, serve, publish, aoti, inductor, serve_inductor, real or all" >&2; exit 2 ;;
+    *) echo "unknown suite '$s': refit, transfer, triton_cuda, big, serve, publish, aoti, inductor, serve_inductor, real or all" >&2; exit 2 ;;
   esac
 done
 { nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv
@@ -118,7 +134,7 @@ cat "$OUT/env.txt"
 wheels
 for s in "${suites[@]}"; do
   if [ "$s" = all ]; then
-    for t in refit big serve publish aoti inductor serve_inductor real; do "suite_$t"; done
+    for t in refit transfer triton_cuda big serve publish aoti inductor serve_inductor real; do "suite_$t"; done
   else
     "suite_$s"
   fi

@@ -50,6 +50,7 @@ parameters {{ key: "engine", value: {{ string_value: "{engine}" }} }}
 parameters {{ key: "refit_strategy", value: {{ string_value: "{strategy}" }} }}
 parameters {{ key: "canary", value: {{ string_value: "finite" }} }}
 parameters {{ key: "cuda_graphs", value: {{ string_value: "{cuda_graphs}" }} }}
+parameters {{ key: "weights_transfer", value: {{ string_value: "{transfer}" }} }}
 """
 
 MODEL_PY = '"""Triton entry point."""\n\nfrom serving.triton.model import TritonPythonModel\n\n' \
@@ -104,19 +105,19 @@ VERSION_OUTPUT_DECL = ',\n         { name: "HOTSWAP_WEIGHTS_VERSION", data_type:
 
 def make_repository(root: Path, width: int, layers: int, strategies: list[str], kind: str,
                     sync: bool = False, cpu_outputs: bool = False, engine: str = "eager",
-                    cuda_graphs: bool = False, version_output: bool = True) -> list[str]:
+                    cuda_graphs: bool = False, version_output: bool = True, transfer: str = "auto") -> list[str]:
     kwargs = json.dumps({"width": width, "layers": layers, "device": "cuda" if kind == "KIND_GPU" else "cpu",
                          "dtype": "float32"}).replace('"', '\\"')
     names = []
     for strategy in strategies:
-        name = f"mlp_{engine}_{strategy}"
+        name = f"mlp_{engine}_{strategy}" + ("" if transfer == "auto" else f"_{transfer}")
         (root / name / "1").mkdir(parents=True)
         gpus = ", gpus: [ 0 ]" if kind == "KIND_GPU" else ""
         (root / name / "config.pbtxt").write_text(CONFIG.format(name=name, width=width, kind=kind, gpus=gpus,
                                                                 kwargs=kwargs, strategy=strategy, engine=engine,
                                                                 cuda_graphs=str(cuda_graphs).lower(),
                                                                 version_output=(VERSION_OUTPUT_DECL if version_output
-                                                                                else "")))
+                                                                                else ""), transfer=transfer))
         code = MODEL_PY_CPU_OUT if cpu_outputs else MODEL_PY_SYNC if sync else MODEL_PY
         (root / name / "1" / "model.py").write_text(code)
         names.append(name)

@@ -23,6 +23,7 @@ from serving.settings import ServingSettings
 from serving.specs import BuildSpec, TensorSpec
 from serving.watch import WeightsWatcher
 from serving.weights import CheckpointPolicy, ValidationPolicy
+from serving.weights.fastpath import FastPathConfig
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class HotswapService:
         self.coordinator = RefitCoordinator(
             self.engine, strategy=s.refit_strategy, canary=canary, canary_input_specs=self.spec.inputs,
             reference_factory=reference, metrics=self.metrics,
+            fast_path_config=FastPathConfig(transfer=s.weights_transfer),
             checkpoint_policy=CheckpointPolicy(allow_pickle=s.allow_pickle, max_bytes=s.max_file_bytes,
                                                root=s.weights_dir),
             validation_policy=ValidationPolicy(unexpected=s.unexpected_tensors, cast=s.dtype_cast,

@@ -21,6 +21,7 @@ from serving.refit.canary import CANARY_MODES
 from serving.refit.strategies import STRATEGIES
 from serving.specs import dtype_from_name
 from serving.watch.observer import WATCH_MODES
+from serving.weights.fastpath import TRANSFERS
 from serving.weights.validate import CAST_MODES, UNEXPECTED_MODES
 
 
@@ -74,6 +75,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("refit_strategy", "choice", "`double_buffer`: refit a standby copy, then switch; `in_place`: one copy, "
             "requests wait during the refit (models too large for two copies)", "double_buffer",
             choices=STRATEGIES, flag="--strategy"),
+    Setting("weights_transfer", "choice", "how checkpoint bytes reach a GPU instance: `registered` (DMA straight "
+            "from the file's page cache, registered with CUDA: each byte crosses host memory once), `pinned` (through "
+            "a ring of pinned buffers), `auto` (registered where the file's pages can be registered, otherwise pinned; "
+            "the log says why)", "auto", choices=TRANSFERS),
     Setting("dtype", "dtype", "floating dtype of the engine: `float32`, `float16`, `bfloat16`", "float32",
             flag="--dtype"),
     Setting("canary", "choice", "`off`, `finite` (outputs finite, not all zero) or `reference` (also equal to the "
@@ -133,6 +138,7 @@ class ServingSettings:
     engine_cache_dir: Path
     engine_cache_max_bytes: int
     refit_strategy: str
+    weights_transfer: str
     dtype: torch.dtype
     canary: str
     canary_atol: float
@@ -287,6 +293,7 @@ def parse_settings(
         engine_cache_dir=Path(p.get("engine_cache_dir") or cache_default).expanduser(),
         engine_cache_max_bytes=int(v["engine_cache_max_bytes"]),  # type: ignore[call-overload]
         refit_strategy=str(v["refit_strategy"]),
+        weights_transfer=str(v["weights_transfer"]),
         dtype=dtype,
         canary=str(v["canary"]),
         canary_atol=float(v["canary_atol"]),  # type: ignore[arg-type]

@@ -184,5 +184,5 @@ class FastSource(WeightSource):
             timer.add("transfer", stats.seconds - stats.finish_s)
             timer.add("validate", stats.finish_s)
             self.detail.update(wait_read_s=stats.wait_read_s, wait_copy_s=stats.wait_copy_s,
-                               stream_s=stats.seconds, stream_gbps=stats.gbps)
+                               stream_s=stats.seconds, stream_gbps=stats.gbps, **stats.extra)
         return StagedWeights.from_loaded(loaded, self.content_hash)

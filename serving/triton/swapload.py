@@ -98,11 +98,14 @@ def run_swap_load(
     cooldown_s: float = 2.0,
     atol: float = 1e-4,
     max_requests: int = 200_000,
+    observe: Callable[[float, float, str | None], None] | None = None,
 ) -> SwapLoadResult:
     """Clients call ``infer`` in a loop; ``swap_to(version)`` publishes and returns once it is live.
 
     ``infer`` may return ``(output, version)``: the version the server says computed the output
     (``HOTSWAP_WEIGHTS_VERSION``); a response whose version is not the one its output matches is torn.
+    ``observe(start, latency, version)`` is called for every answered request (version None when torn),
+    from the client threads: a benchmark sees when the clients first got a new version's answers.
 
     Latencies of requests that started inside a swap window (from publish to live plus
     ``settle_s``) count as "during swaps", the rest as steady. Loops are bounded.
@@ -126,14 +129,17 @@ def run_swap_load(
             dt = time.monotonic() - t0
             out, said = got if isinstance(got, tuple) else (got, None)
             match = classify(out, expected, atol)
+            good = len(match) == 1 and said in (None, match[0])
             with lock:
                 records.append((t0, dt))
-                if len(match) == 1 and said in (None, match[0]):
+                if good:
                     seen[match[0]] = seen.get(match[0], 0) + 1
                 else:
                     torn.append(f"matched {match}, response says {said!r}")
                 if len(records) >= max_requests:
                     stop.set()
+            if observe is not None:
+                observe(t0, dt, match[0] if good else None)
 
     threads = [threading.Thread(target=client, name=f"swapload-client-{i}") for i in range(clients)]
     windows: list[tuple[float, float]] = []

@@ -55,19 +55,29 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from serving.background import lower_priority
-from serving.errors import CheckpointError, ConfigError, ValidationError, reading
+from serving.errors import CheckpointError, ConfigError, RefitError, ValidationError, reading
 from serving.specs import WeightSpec, dtype_name
 from serving.weights.checkpoint import CheckpointCandidate, _baseline, _verify_unchanged
 from serving.weights.safetensors_header import HEADER_LEN_BYTES, TensorMeta
 from serving.weights.validate import CASTABLE_FLOATS, _finite_problem
 
+if TYPE_CHECKING:
+    from serving.weights.registered import HostRegistry
+
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
+
+#: how bytes reach a CUDA destination. ``registered``: DMA straight from the checkpoint's page-cache
+#: pages, registered with CUDA (:mod:`serving.weights.registered`; bytes stored in the engine's dtype,
+#: the rest goes the pinned way); ``pinned``: through the ring of pinned buffers; ``auto``: registered
+#: where the CUDA runtime registers the file's pages, otherwise pinned (the log says why, once)
+TRANSFERS = ("auto", "pinned", "registered")
 
 
 @dataclass(frozen=True)
@@ -88,9 +98,21 @@ class FastPathConfig:
     buffer_bytes: int = 64 * MiB
     #: bytes per read call
     read_bytes: int = 16 * MiB
+    #: how bytes reach a CUDA destination (:data:`TRANSFERS`)
+    transfer: str = "auto"
+    #: registered transfers: bytes of page cache registered at a time (a multiple of the page size)
+    window_bytes: int = 64 * MiB
+    #: registered transfers: windows registered ahead of the copies (on the reader threads)
+    windows_ahead: int = 8
 
     def __post_init__(self) -> None:
         problems = []
+        if self.transfer not in TRANSFERS:
+            problems.append(f"transfer={self.transfer!r} (one of {', '.join(TRANSFERS)})")
+        if self.window_bytes < MiB or self.window_bytes % (64 << 10):
+            problems.append(f"window_bytes={self.window_bytes} (need >= 1 MiB and a multiple of 64 KiB)")
+        if self.windows_ahead < 1:
+            problems.append(f"windows_ahead={self.windows_ahead} (need >= 1)")
         if self.threads < 1:
             problems.append(f"threads={self.threads} (need >= 1)")
         if self.buffers < 2:
@@ -324,6 +346,23 @@ def _pread_full(fd: int, view: memoryview, offset: int) -> int:
     return done
 
 
+def _short_file(file: str, size: int, name: str, end: int) -> CheckpointError:
+    return CheckpointError(
+        f"{file}: the file ends at byte {size} but its header places tensor {name!r} up to byte {end}: the file "
+        f"is shorter than its header claims (truncated, or rewritten while being read); write checkpoints "
+        f"elsewhere and rename them into place", reason="corrupt")
+
+
+def _verdicts(flags: Sequence[tuple[str, torch.Tensor]]) -> dict[str, bool]:
+    """Per tensor, whether all its finiteness flags (0-d device tensors) are true: one host synchronization."""
+    ok: dict[str, bool] = {}
+    if flags:
+        verdicts = torch.stack([f for _, f in flags]).cpu().tolist()
+        for (name, _), good in zip(flags, verdicts, strict=True):
+            ok[name] = ok.get(name, True) and bool(good)
+    return ok
+
+
 # --------------------------------------------------------------------------- the reader
 
 
@@ -341,6 +380,7 @@ class FastReader:
         self._pool: list[_Pinned] = []
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._scratch: dict[torch.device, torch.Tensor] = {}
+        self._said: set[str] = set()
 
     # -- resources ------------------------------------------------------------
 
@@ -432,11 +472,11 @@ class FastReader:
                         if s.file not in fds:
                             fds[s.file] = os.open(s.file, os.O_RDONLY)
                     if device.type == "cuda":
-                        chunks = plan_chunks(sources, self.config.buffer_bytes)
-                        timing, ok = self._run_cuda(chunks, targets, fds, device, source)
+                        timing, ok, nchunks = self._run_device(sources, targets, fds, device, source)
                     else:
                         chunks = plan_chunks(sources, self.config.read_bytes)
                         timing, ok = self._run_cpu(chunks, targets, fds)
+                        nchunks = len(chunks)
             finally:
                 for fd in fds.values():
                     os.close(fd)
@@ -446,7 +486,7 @@ class FastReader:
                 raise ValidationError(source, [self._describe(t) for t in bad])
             seconds = time.perf_counter() - t0
         return ReadStats(
-            bytes=sum(s.nbytes for s in sources), seconds=seconds, chunks=len(chunks), device=str(device),
+            bytes=sum(s.nbytes for s in sources), seconds=seconds, chunks=nchunks, device=str(device),
             wait_read_s=timing.get("wait_read", 0.0), wait_copy_s=timing.get("wait_copy", 0.0),
             finish_s=timing.get("finish", 0.0), cast=tuple(n for n, t in targets.items() if t.cast),
             extra={k: v for k, v in timing.items() if k not in ("wait_read", "wait_copy", "finish")},
@@ -455,11 +495,8 @@ class FastReader:
     @staticmethod
     def _short(chunk: Chunk, got: int, want: int, at: int) -> CheckpointError:
         piece = next((p for p in chunk.pieces if p.chunk_offset + p.nbytes > at), chunk.pieces[-1])
-        return CheckpointError(
-            f"{chunk.file}: the file ends at byte {chunk.offset + at + got} but its header places tensor "
-            f"{piece.name!r} up to byte {chunk.offset + piece.chunk_offset + piece.nbytes}: the file is "
-            f"shorter than its header claims (truncated, or rewritten while being read); write checkpoints "
-            f"elsewhere and rename them into place", reason="corrupt")
+        return _short_file(chunk.file, chunk.offset + at + got, piece.name,
+                           chunk.offset + piece.chunk_offset + piece.nbytes)
 
     def _read_ranges(self, chunk: Chunk, view: memoryview, fd: int) -> list[tuple[int, int, Future[int]]]:
         """Submit the reads of ``chunk`` into ``view`` (``read_bytes`` at a time)."""
@@ -469,10 +506,148 @@ class FastReader:
                  ex.submit(_pread_full, fd, view[a:a + min(step, chunk.nbytes - a)], chunk.offset + a))
                 for a in range(0, chunk.nbytes, step)]
 
-    def _run_cuda(self, chunks: list[Chunk], targets: Mapping[str, _Target], fds: Mapping[str, int],
-                  device: torch.device, source: str) -> tuple[dict[str, float], dict[str, bool]]:
+    def _run_device(self, sources: Sequence[TensorSource], targets: Mapping[str, _Target], fds: Mapping[str, int],
+                    device: torch.device, source: str) -> tuple[dict[str, float], dict[str, bool], int]:
+        """CUDA destinations: tensors stored in the engine's dtype by registered DMA (unless ``pinned``),
+        every other one (a cast, a scan, a file whose pages cannot be registered) through the pinned ring."""
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        direct = [s for s in sources if targets[s.name].dest is not None and not targets[s.name].cast] \
+            if self.config.transfer != "pinned" else []
+        timing: dict[str, float] = {}
+        ok: dict[str, bool] = {}
+        count = 0
+        done: set[str] = set()
+        if direct:
+            from serving.weights.registered import HostRegistry
+
+            registry, why = HostRegistry.get()
+            if registry is None:
+                self._not_registered(f"the CUDA runtime cannot be called ({why})")
+            else:
+                t, o, count, done = self._run_registered(direct, targets, fds, device, registry, source)
+                timing.update(t)
+                ok.update(o)
+        rest = [s for s in sources if s.name not in done]
+        if rest:
+            chunks = plan_chunks(rest, self.config.buffer_bytes)
+            t, o = self._run_cuda(chunks, targets, fds, device, source)
+            for k, v in t.items():
+                timing[k] = timing.get(k, 0.0) + v
+            for k, good in o.items():
+                ok[k] = ok.get(k, True) and good
+            count += len(chunks)
+        return timing, ok, count
+
+    def _not_registered(self, why: str) -> None:
+        """Registered transfers cannot be used here: fail when they were asked for, else say so once."""
+        if self.config.transfer == "registered":
+            raise ConfigError(f"weights transfer 'registered': {why}; set weights_transfer to 'auto' or 'pinned'")
+        if why not in self._said:
+            self._said.add(why)
+            log.info("weights transfer: through pinned buffers, not registered page cache: %s", why)
+
+    def _run_registered(self, sources: Sequence[TensorSource], targets: Mapping[str, _Target],
+                        fds: Mapping[str, int], device: torch.device, registry: HostRegistry,
+                        source: str) -> tuple[dict[str, float], dict[str, bool], int, set[str]]:
+        """DMA from the files' page cache, registered window by window on the reader threads (see
+        :mod:`serving.weights.registered`). Returns the timings, the finiteness verdicts, the window count
+        and the names it filled (a file whose first page cannot be registered is left to the pinned ring)."""
+        from serving.weights.registered import PAGE, MappedFile, RegisterError, plan_windows
+
+        maps: dict[str, MappedFile] = {}
+        stream = self._stream(device)
+        held: set[int] = set()  # registered, no unregister job yet
+        pending: deque[tuple[Chunk, int, Future[None]]] = deque()
+        releases: deque[Future[None]] = deque()
+        timing = {"wait_register": 0.0, "wait_release": 0.0, "finish": 0.0}
+        try:
+            for s in sources:
+                if s.file not in maps:
+                    maps[s.file] = MappedFile(fds[s.file])
+                if s.offset + s.nbytes > maps[s.file].size:
+                    raise _short_file(s.file, maps[s.file].size, s.name, s.offset + s.nbytes)
+            usable = set()
+            for file, m in maps.items():
+                first = min(s.offset for s in sources if s.file == file)
+                try:
+                    registry.register(m.address + first - first % PAGE, PAGE)
+                    registry.unregister(m.address + first - first % PAGE)
+                    usable.add(file)
+                except RegisterError as e:
+                    self._not_registered(f"{file}: its pages cannot be registered with CUDA ({e})")
+            chosen = [s for s in sources if s.file in usable]
+            windows = plan_windows(chosen, self.config.window_bytes)
+            last = {p.name: i for i, w in enumerate(windows) for p in w.pieces}
+            ex = self._threads()
+            stream.wait_stream(torch.cuda.current_stream(device))
+            flags: list[tuple[str, torch.Tensor]] = []
+            ahead = self.config.windows_ahead
+
+            def start(i: int) -> None:
+                w = windows[i]
+                address = maps[w.file].address + w.offset
+                pending.append((w, address, ex.submit(registry.register, address, w.nbytes)))
+
+            for i in range(min(ahead, len(windows))):
+                start(i)
+            for i in range(len(windows)):
+                w, address, fut = pending.popleft()
+                t = time.perf_counter()
+                try:
+                    fut.result()
+                except RegisterError as e:
+                    raise RefitError(f"{source}: {w.file}: registering bytes {w.offset}..{w.offset + w.nbytes} "
+                                     f"with CUDA failed ({e}); nothing was swapped; if it happens again, set "
+                                     f"weights_transfer to 'pinned'") from e
+                held.add(address)
+                timing["wait_register"] += time.perf_counter() - t
+                mapped = maps[w.file]
+                with torch.cuda.stream(stream):
+                    for p in w.pieces:
+                        tgt = targets[p.name]
+                        tgt.dest_bytes()[p.tensor_offset:p.tensor_offset + p.nbytes].copy_(
+                            mapped.view(w.offset + p.chunk_offset, p.nbytes), non_blocking=True)
+                        if tgt.check and last[p.name] == i:
+                            flags.append((p.name, _finite(tgt.dest_elems())))
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                releases.append(ex.submit(_release, registry, event, address))
+                held.discard(address)
+                t = time.perf_counter()
+                while len(releases) >= ahead:  # registered windows stay within ``windows_ahead`` in flight
+                    releases.popleft().result()
+                timing["wait_release"] += time.perf_counter() - t
+                if i + ahead < len(windows):
+                    start(i + ahead)
+            t = time.perf_counter()
+            while releases:
+                releases.popleft().result()
+            stream.synchronize()
+            ok = _verdicts(flags)
+            timing["finish"] = time.perf_counter() - t
+            timing["registered_bytes"] = float(sum(s.nbytes for s in chosen))
+            return timing, ok, len(windows), {s.name for s in chosen}
+        except BaseException:
+            for _, _, fut in pending:
+                fut.cancel()
+            wait_futures([f for _, _, f in pending] + list(releases))
+            for _, address, fut in pending:
+                if not fut.cancelled() and fut.exception() is None:
+                    held.add(address)
+            stream.synchronize()
+            for address in held:
+                try:
+                    registry.unregister(address)
+                except RegisterError:
+                    log.exception("weights transfer: unregistering a window after a failed read")
+            raise
+        finally:
+            for m in maps.values():
+                m.close()
+
+    def _run_cuda(self, chunks: list[Chunk], targets: Mapping[str, _Target], fds: Mapping[str, int],
+                  device: torch.device, source: str) -> tuple[dict[str, float], dict[str, bool]]:
         pool = self._pinned()
         stream = self._stream(device)
         need_scratch = any(t.dest is None or t.cast for t in targets.values())
@@ -539,11 +714,7 @@ class FastReader:
             raise
         t = time.perf_counter()
         stream.synchronize()
-        ok: dict[str, bool] = {}
-        if flags:
-            verdicts = torch.stack([f for _, f in flags]).cpu().tolist()
-            for (name, _), good in zip(flags, verdicts, strict=True):
-                ok[name] = ok.get(name, True) and bool(good)
+        ok = _verdicts(flags)
         timing["finish"] = time.perf_counter() - t
         return timing, ok
 
@@ -612,6 +783,12 @@ class FastReader:
             return _finite_problem(s.name, original, cast)
         except (OSError, RuntimeError, ValueError) as e:
             return f"tensor {s.name!r}: NaN or Inf values (could not re-read it for details: {e})"
+
+
+def _release(registry: HostRegistry, event: torch.cuda.Event, address: int) -> None:
+    """Unregister a window once the copies out of it are done (on a reader thread)."""
+    event.synchronize()
+    registry.unregister(address)
 
 
 # --------------------------------------------------------------------------- checkpoints
