@@ -68,7 +68,7 @@ suite_transfer() {  # registered page-cache DMA against the pinned ring, by size
 }
 
 suite_triton_cuda() {  # the example transformer through Triton on a GPU instance: inductor, auto, aoti
-  step cuda-triton-tests 400 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_triton_cuda.py
+  step cuda-triton-tests 400 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_triton_cuda.py
 }
 
 suite_big() {  # in place, a model larger than half the GPU memory it has (a ballast takes the rest)
@@ -83,7 +83,7 @@ suite_serve() {  # zero downtime on a real Triton with a KIND_GPU instance, both
 
 suite_publish() {  # publish -> first response through Triton by model size, beside Triton's own reload
   step "gpu-publish-$TAG" 540 python3 -m bench.gpu_publish --json "$OUT/gpu-publish-$TAG.json" --sizes 1,4,16 \
-    --swaps 8 --versions 8 --baseline-swaps 1 --transfers pinned,registered $(version_output_flag)
+    --swaps 8 --versions 8 --baseline-swaps 1 $(version_output_flag)
   stdout_step "publish-${TAG}host-cpu$(nproc)" 60 python3 bench/publish.py --json
 }
 

@@ -75,10 +75,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("refit_strategy", "choice", "`double_buffer`: refit a standby copy, then switch; `in_place`: one copy, "
             "requests wait during the refit (models too large for two copies)", "double_buffer",
             choices=STRATEGIES, flag="--strategy"),
-    Setting("weights_transfer", "choice", "how checkpoint bytes reach a GPU instance: `registered` (DMA straight "
-            "from the file's page cache, registered with CUDA: each byte crosses host memory once), `pinned` (through "
-            "a ring of pinned buffers), `auto` (registered where the file's pages can be registered, otherwise pinned; "
-            "the log says why)", "auto", choices=TRANSFERS),
+    Setting("weights_transfer", "choice", "how checkpoint bytes reach a GPU instance: `pinned` (through a ring of "
+            "pinned buffers) or `registered` (DMA straight from the file's page cache, registered with CUDA: each byte "
+            "crosses host memory once, but registering is slower than the pinned ring on the hosts measured; see "
+            "Measured)", "pinned", choices=TRANSFERS),
     Setting("dtype", "dtype", "floating dtype of the engine: `float32`, `float16`, `bfloat16`", "float32",
             flag="--dtype"),
     Setting("canary", "choice", "`off`, `finite` (outputs finite, not all zero) or `reference` (also equal to the "

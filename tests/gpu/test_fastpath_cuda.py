@@ -18,7 +18,7 @@ from serving.weights.loader import load_weights, open_checkpoint
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-SMALL = FastPathConfig(threads=4, buffers=2, buffer_bytes=1 << 20, read_bytes=4096, transfer="pinned")
+SMALL = FastPathConfig(threads=4, buffers=2, buffer_bytes=1 << 20, read_bytes=4096)
 #: registered windows of 1 MiB, two ahead: the 2.8 MB tensor spans windows, small ones share a page
 SMALL_REGISTERED = FastPathConfig(threads=4, buffers=2, buffer_bytes=1 << 20, read_bytes=4096,
                                   transfer="registered", window_bytes=1 << 20, windows_ahead=2)
@@ -62,7 +62,7 @@ def test_same_tensors_as_load_file_on_the_device(tmp_path: Path, reader: FastRea
         assert torch.equal(got.cpu(), v), k
     assert loaded.stats is not None and loaded.stats.device.startswith("cuda")
     registered = loaded.stats.extra.get("registered_bytes", 0.0)
-    if reader.config.transfer == "pinned":
+    if reader.config.transfer == "pinned":  # the default
         assert registered == 0.0
     else:  # every tensor is stored in its engine dtype: all of them went by DMA from the page cache
         assert registered == sum(v.numel() * v.element_size() for v in want.values()), loaded.stats.extra

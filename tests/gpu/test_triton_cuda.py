@@ -69,13 +69,13 @@ def repository(dest: Path) -> list[str]:
 
 
 def infer(url: str, model: str) -> np.ndarray:
-    import tritonclient.http as httpclient
+    import tritonclient.grpc as grpcclient  # the GPU image's tritonclient has no HTTP extra
 
-    client = httpclient.InferenceServerClient(url)
+    client = grpcclient.InferenceServerClient(url)
     try:
-        inp = httpclient.InferInput("TOKENS", list(X.shape), "INT64")
+        inp = grpcclient.InferInput("TOKENS", list(X.shape), "INT64")
         inp.set_data_from_numpy(X.numpy())
-        return np.asarray(client.infer(model, [inp], outputs=[httpclient.InferRequestedOutput("LOGITS")])
+        return np.asarray(client.infer(model, [inp], outputs=[grpcclient.InferRequestedOutput("LOGITS")])
                           .as_numpy("LOGITS"))
     finally:
         client.close()
@@ -115,11 +115,11 @@ def test_inductor_serves_the_example_transformer_and_swaps_exactly(server: tuple
     srv, weights = server
     log = srv.log_tail(400_000)
     assert "transformer_inductor: engine inductor on cuda:0 (set in the configuration)" in log, log[-4000:]
-    np.testing.assert_allclose(infer(srv.http_url, "transformer_inductor"), reference(0), atol=1e-3, rtol=1e-3)
+    np.testing.assert_allclose(infer(srv.grpc_url, "transformer_inductor"), reference(0), atol=1e-3, rtol=1e-3)
     dest = weights / "transformer_inductor" / "v31.safetensors"
     write_safetensors(random_state_dict(build_module(TRANSFORMER), 31), dest)
     want = reference(31)
-    wait_until(lambda: np.allclose(infer(srv.http_url, "transformer_inductor"), want, atol=1e-3, rtol=1e-3), 120,
+    wait_until(lambda: np.allclose(infer(srv.grpc_url, "transformer_inductor"), want, atol=1e-3, rtol=1e-3), 120,
                "v31 not served", srv)
     assert np.abs(want - reference(0)).max() > 1e-2  # the swap changed the answers
 
@@ -129,24 +129,27 @@ def test_auto_says_which_engine_it_chose_on_the_gpu_and_why(server: tuple[Triton
     log = srv.log_tail(400_000)
     chose = re.search(r"transformer_auto: engine (\w+) on cuda:0 \(([^\n]*)\)", log)
     assert chose, log[-4000:]
+    print(f"\n{chose[0]}")
     try:
         import tensorrt  # noqa: F401
         assert chose[1] in ("tensorrt", "inductor"), chose[0]
     except ImportError:
         assert chose[1] == "inductor" and "TensorRT cannot run here" in chose[2], chose[0]
-    np.testing.assert_allclose(infer(srv.http_url, "transformer_auto"), reference(0), atol=1e-3, rtol=1e-3)
+    np.testing.assert_allclose(infer(srv.grpc_url, "transformer_auto"), reference(0), atol=1e-3, rtol=1e-3)
 
 
 def test_aoti_serves_or_is_refused_with_the_reason_and_the_server_goes_on(server: tuple[TritonProcess, Path]) -> None:
     srv, _ = server
     if srv.model_ready("transformer_aoti"):
-        np.testing.assert_allclose(infer(srv.http_url, "transformer_aoti"), reference(0), atol=1e-3, rtol=1e-3)
+        np.testing.assert_allclose(infer(srv.grpc_url, "transformer_aoti"), reference(0), atol=1e-3, rtol=1e-3)
         return
     log = srv.log_tail(400_000)
-    assert re.search(r"engine 'aoti' cannot run on this machine \(cuda:0, torch [^)]*\): loading a compiled "
-                     r"package in a child process, package_loader: the loader (crashed with SIG\w+|failed|did not)",
-                     log), log[-6000:]
+    refused = re.search(r"engine 'aoti' cannot run on this machine \(cuda:0, torch [^)]*\): loading a compiled "
+                        r"package in a child process, package_loader: the loader (crashed with SIG\w+|failed|did not)"
+                        r"[^\n]*", log)
+    assert refused, log[-6000:]
+    print(f"\n{refused[0]}")  # the verdict, in the suite's log (pytest -s)
     assert "Use engine 'inductor'" in log
     # the refusal took down nothing else
     assert srv.proc is not None and srv.proc.poll() is None
-    np.testing.assert_allclose(infer(srv.http_url, "transformer_auto"), reference(0), atol=1e-3, rtol=1e-3)
+    np.testing.assert_allclose(infer(srv.grpc_url, "transformer_auto"), reference(0), atol=1e-3, rtol=1e-3)

@@ -68,7 +68,7 @@ def test_window_size_must_be_whole_pages() -> None:
 
 
 def test_config_rejects_unknown_transfer_and_bad_windows() -> None:
-    assert TRANSFERS == ("auto", "pinned", "registered")
+    assert TRANSFERS == ("pinned", "registered") and FastPathConfig().transfer == "pinned"
     with pytest.raises(ConfigError, match="transfer='dma'.*window_bytes=1000.*windows_ahead=0"):
         FastPathConfig(transfer="dma", window_bytes=1000, windows_ahead=0)
 
@@ -94,13 +94,40 @@ def test_without_a_cuda_runtime_there_is_no_registry_and_the_reason_is_given() -
     assert registry is None and "libcudart" in why
 
 
-def test_asking_for_registered_where_it_cannot_run_fails_naming_the_fix(caplog: pytest.LogCaptureFixture) -> None:
-    strict = FastReader(FastPathConfig(transfer="registered"))
-    with pytest.raises(ConfigError, match="weights transfer 'registered': the CUDA runtime.*set weights_transfer"):
-        strict._not_registered("the CUDA runtime cannot be called (why)")
-    auto = FastReader(FastPathConfig())
-    with caplog.at_level(logging.INFO, logger="serving.weights.fastpath"):
-        auto._not_registered("because")
-        auto._not_registered("because")
+def test_registered_without_a_cuda_runtime_fails_naming_the_fix(tmp_path: Path) -> None:
+    if HostRegistry.get()[0] is not None:
+        pytest.skip("this machine has a CUDA runtime")
+    from safetensors.torch import save_file
+
+    from serving.specs import WeightSpec
+    from serving.weights.fastpath import tensor_sources
+    from serving.weights.loader import open_checkpoint
+
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.ones(4)}, str(path))
+    specs = {"w": WeightSpec("w", (4,), torch.float32)}
+    checked = open_checkpoint(path, specs)
+    reader = FastReader(FastPathConfig(transfer="registered"))
+    try:  # the CUDA side is never reached: the reader asks for the runtime first (a meta tensor stands in)
+        dest = {"w": torch.empty(4, device="meta")}
+        with pytest.raises(ConfigError, match="'registered': the CUDA runtime cannot be called.*'pinned'"):
+            reader._run_device(tensor_sources(checked.metas, checked.needed),
+                               {"w": _target(checked, dest)}, {}, torch.device("cuda", 0), str(path))
+    finally:
+        reader.close()
+
+
+def _target(checked: object, dest: dict[str, torch.Tensor]) -> object:
+    from serving.weights.fastpath import _Target, tensor_sources
+
+    src = tensor_sources(checked.metas, checked.needed)[0]  # type: ignore[attr-defined]
+    return _Target(0, src, torch.float32, dest["w"], True)
+
+
+def test_a_file_that_cannot_be_registered_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    reader = FastReader(FastPathConfig(transfer="registered"))
+    with caplog.at_level(logging.WARNING, logger="serving.weights.fastpath"):
+        reader._not_registered("because")
+        reader._not_registered("because")
     said = [r.getMessage() for r in caplog.records if "pinned buffers, not registered" in r.getMessage()]
     assert said == ["weights transfer: through pinned buffers, not registered page cache: because"]
