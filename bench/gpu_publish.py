@@ -388,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--strategies", default="double_buffer")
-    ap.add_argument("--transfers", default="auto", help="weights_transfer values to serve, comma separated (one model "
-                    "each, in one server)")
+    ap.add_argument("--transfers", default="pinned", help="weights_transfer values to serve, comma separated "
+                    "(one model each, in one server)")
     ap.add_argument("--no-version-output", action="store_true",
                     help="leave HOTSWAP_WEIGHTS_VERSION out of the config (Triton 2.51's stub under numpy 2)")
     ap.add_argument("--kind", default="KIND_GPU", choices=["KIND_GPU", "KIND_CPU"],

@@ -525,8 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-gb", type=float, default=1.0, help="size of the host-path baseline (0: skip)")
     ap.add_argument("--big-in-place", type=float, default=0.0, metavar="GB",
                     help="also run in_place with a model of this size (0: skip)")
-    ap.add_argument("--transfers", default="auto", help="weights transfers to run, comma separated "
-                    "(auto, pinned, registered: serving.weights.fastpath.TRANSFERS)")
+    ap.add_argument("--transfers", default="pinned", help="weights transfers to run, comma separated "
+                    "(pinned, registered: serving.weights.fastpath.TRANSFERS)")
     ap.add_argument("--window-mb", type=int, default=FastPathConfig.window_bytes >> 20)
     ap.add_argument("--windows-ahead", type=int, default=FastPathConfig.windows_ahead)
     ap.add_argument("--probe-register", default="", metavar="THREADS",
@@ -663,7 +663,7 @@ def print_table(results: dict[str, Any]) -> None:
     if "big_in_place" in results and "runs" in results["big_in_place"]:
         rows.append(results["big_in_place"])
     for r in rows:
-        print(f"{r['engine']:7} {r['strategy']:13} {r.get('transfer', 'auto'):10} {r['bytes'] / GB:5.1f} "
+        print(f"{r['engine']:7} {r['strategy']:13} {r.get('transfer', 'pinned'):10} {r['bytes'] / GB:5.1f} "
               f"{r['total_s_median'] * 1e3:9.1f} "
               f"{r['effective_gbps']:6.1f} {r['pinned_limit_s'] * 1e3:9.1f} {r['ratio_to_pinned_limit']:6.2f} "
               f"{r['pause_ms_median']:9.3f} {r.get('peak_over_model', float('nan')):10.2f} "

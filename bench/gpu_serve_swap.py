@@ -105,12 +105,12 @@ VERSION_OUTPUT_DECL = ',\n         { name: "HOTSWAP_WEIGHTS_VERSION", data_type:
 
 def make_repository(root: Path, width: int, layers: int, strategies: list[str], kind: str,
                     sync: bool = False, cpu_outputs: bool = False, engine: str = "eager",
-                    cuda_graphs: bool = False, version_output: bool = True, transfer: str = "auto") -> list[str]:
+                    cuda_graphs: bool = False, version_output: bool = True, transfer: str = "pinned") -> list[str]:
     kwargs = json.dumps({"width": width, "layers": layers, "device": "cuda" if kind == "KIND_GPU" else "cpu",
                          "dtype": "float32"}).replace('"', '\\"')
     names = []
     for strategy in strategies:
-        name = f"mlp_{engine}_{strategy}" + ("" if transfer == "auto" else f"_{transfer}")
+        name = f"mlp_{engine}_{strategy}" + ("" if transfer == "pinned" else f"_{transfer}")
         (root / name / "1").mkdir(parents=True)
         gpus = ", gpus: [ 0 ]" if kind == "KIND_GPU" else ""
         (root / name / "config.pbtxt").write_text(CONFIG.format(name=name, width=width, kind=kind, gpus=gpus,
