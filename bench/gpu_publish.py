@@ -182,13 +182,13 @@ def first_response(infer: Callable[[], np.ndarray], ref: np.ndarray, since: floa
 def run_hotswap(work: Path, src: Sources, x: torch.Tensor, expected: dict[str, np.ndarray],
                 args: argparse.Namespace) -> dict[str, Any]:
     strategies = [s for s in args.strategies.split(",") if s]
-    transfers = [t for t in args.transfers.split(",") if t]
+    variants = [parse_variant(v) for v in args.variant] or [("", {})]
     repo, weights_root = work / "repository", work / "weights"
     names, labels = [], []
-    for transfer in transfers:
-        names += make_repository(repo, src.width, src.layers, strategies, args.kind, transfer=transfer,
+    for variant, params in variants:
+        names += make_repository(repo, src.width, src.layers, strategies, args.kind, variant=variant, params=params,
                                  version_output=not args.no_version_output)
-        labels += [s if len(transfers) == 1 else f"{s}, {transfer}" for s in strategies]
+        labels += [s if not variant else f"{s}, {variant}" for s in strategies]
     counter = iter(range(1_000_000))
     for name in names:
         (weights_root / name).mkdir(parents=True)
@@ -207,6 +207,15 @@ def run_hotswap(work: Path, src: Sources, x: torch.Tensor, expected: dict[str, n
         results["triton_log_tail"] = server.log_tail(3000)
         server.stop()
     return results
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """``name:key=value,key=value`` -> (name, {key: value}). Pure."""
+    name, _, rest = text.partition(":")
+    params = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
+    if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+        raise ValueError(f"--variant {text!r}: the name must be letters, digits or _")
+    return name, params
 
 
 class Answers:
@@ -388,8 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--strategies", default="double_buffer")
-    ap.add_argument("--transfers", default="pinned", help="weights_transfer values to serve, comma separated "
-                    "(one model each, in one server)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
+                    help="serve one more model per strategy with these config parameters, e.g. "
+                    "threads8:weights_reader_threads=8 (repeat for more; all in one server)")
     ap.add_argument("--no-version-output", action="store_true",
                     help="leave HOTSWAP_WEIGHTS_VERSION out of the config (Triton 2.51's stub under numpy 2)")
     ap.add_argument("--kind", default="KIND_GPU", choices=["KIND_GPU", "KIND_CPU"],

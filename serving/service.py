@@ -72,7 +72,8 @@ class HotswapService:
         self.coordinator = RefitCoordinator(
             self.engine, strategy=s.refit_strategy, canary=canary, canary_input_specs=self.spec.inputs,
             reference_factory=reference, metrics=self.metrics,
-            fast_path_config=FastPathConfig(transfer=s.weights_transfer),
+            fast_path_config=FastPathConfig(transfer=s.weights_transfer, threads=s.weights_reader_threads,
+                                            read_bytes=s.weights_read_bytes),
             checkpoint_policy=CheckpointPolicy(allow_pickle=s.allow_pickle, max_bytes=s.max_file_bytes,
                                                root=s.weights_dir),
             validation_policy=ValidationPolicy(unexpected=s.unexpected_tensors, cast=s.dtype_cast,

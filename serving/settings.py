@@ -21,7 +21,7 @@ from serving.refit.canary import CANARY_MODES
 from serving.refit.strategies import STRATEGIES
 from serving.specs import dtype_from_name
 from serving.watch.observer import WATCH_MODES
-from serving.weights.fastpath import TRANSFERS
+from serving.weights.fastpath import TRANSFERS, FastPathConfig
 from serving.weights.validate import CAST_MODES, UNEXPECTED_MODES
 
 
@@ -79,6 +79,10 @@ SETTINGS: tuple[Setting, ...] = (
             "pinned buffers) or `registered` (DMA straight from the file's page cache, registered with CUDA: each byte "
             "crosses host memory once, but registering is slower than the pinned ring on the hosts measured; see "
             "Measured)", "pinned", choices=TRANSFERS),
+    Setting("weights_reader_threads", "int", "threads reading checkpoint files into the pinned ring (fewer leave "
+            "more CPU to requests served during a refit; see Measured)", str(FastPathConfig.threads), minimum=1),
+    Setting("weights_read_bytes", "int", "bytes per read call of those threads (a multiple of 64)",
+            str(FastPathConfig.read_bytes), "16 MiB", minimum=4096),
     Setting("dtype", "dtype", "floating dtype of the engine: `float32`, `float16`, `bfloat16`", "float32",
             flag="--dtype"),
     Setting("canary", "choice", "`off`, `finite` (outputs finite, not all zero) or `reference` (also equal to the "
@@ -139,6 +143,8 @@ class ServingSettings:
     engine_cache_max_bytes: int
     refit_strategy: str
     weights_transfer: str
+    weights_reader_threads: int
+    weights_read_bytes: int
     dtype: torch.dtype
     canary: str
     canary_atol: float
@@ -294,6 +300,8 @@ def parse_settings(
         engine_cache_max_bytes=int(v["engine_cache_max_bytes"]),  # type: ignore[call-overload]
         refit_strategy=str(v["refit_strategy"]),
         weights_transfer=str(v["weights_transfer"]),
+        weights_reader_threads=int(v["weights_reader_threads"]),  # type: ignore[call-overload]
+        weights_read_bytes=int(v["weights_read_bytes"]),  # type: ignore[call-overload]
         dtype=dtype,
         canary=str(v["canary"]),
         canary_atol=float(v["canary_atol"]),  # type: ignore[arg-type]
