@@ -85,16 +85,19 @@ TRANSFERS = ("pinned", "registered")
 
 @dataclass(frozen=True)
 class FastPathConfig:
-    """Sizes of the pipeline. The defaults use 384 MiB of pinned memory and 16 reader threads.
+    """Sizes of the pipeline. The defaults use 384 MiB of pinned memory and 8 reader threads.
 
-    Chosen on H200 hosts (docs/gpu.md, one run each, and hosts differ: the threads alone read the page
-    cache at 31 to 42 GB/s from one machine to the next): 16 MiB reads with 6 buffers came closest to
-    the read rate of their host (84-92% of it, against 77% for 4 MiB reads with 4 buffers); 8 threads
-    were slower.
+    Chosen on H200 hosts of 16 CPUs (docs/gpu.md, one run each, and hosts differ: the threads alone read
+    the page cache at 31 to 42 GB/s from one machine to the next): 16 MiB reads with 6 buffers came
+    closest to the read rate of their host (84-92% of it, against 77% for 4 MiB reads with 4 buffers).
+    16 threads stream about 15% faster than 8, but they take every CPU of such a host: requests served
+    through Triton during a refit then took 2.4x their steady time, against 1.4x with 8 threads
+    (bench/results/gpu-publish-readers-*-h200.json). Serving comes first, so 8 (setting
+    ``weights_reader_threads``).
     """
 
     #: reader threads (each reads ``read_bytes`` at a time with ``os.preadv``)
-    threads: int = 16
+    threads: int = 8
     #: pinned buffers in the pool (CUDA): at least 2 so that reading and copying overlap
     buffers: int = 6
     #: size of each pinned buffer, i.e. the most bytes one chunk carries
