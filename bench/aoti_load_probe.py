@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -73,7 +74,10 @@ def main() -> int:
             results.append(run_loader(so, device, "torch._export.aot_load(.so)+run", code=SO_VARIANT,
                                       timeout=a.timeout))
     out = {
-        "command": " ".join(["python", "bench/aoti_load_probe.py", *sys.argv[1:]]),
+        # the output folder of bench/gpu_run.sh as $OUT, like the other benchmarks (no machine's path)
+        "command": " ".join(["python", "bench/aoti_load_probe.py",
+                             *(a.replace(os.environ["OUT"], "$OUT") if os.environ.get("OUT") else a
+                               for a in sys.argv[1:])]),
         "what": "AOTInductor loader variants, each loading a 2-layer MLP package in its own child process",
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
                     "platform": platform.platform(),

@@ -270,10 +270,18 @@ def gpu_refit(results: Path) -> str:
         for r in runs:
             cast = f"{r['checkpoint_dtype']} → {r['dtype']}" if r.get("checkpoint_dtype") != r.get("dtype") else r.get(
                 "dtype")
-            rows.append([r["engine"], r["strategy"], f"{r['bytes'] / 1e9:.2f} GB", cast, secs(r["total_s_median"]),
-                         num(r["effective_gbps"], " GB/s"), secs(r.get("pinned_limit_s")),
+            rows.append([r["engine"], r["strategy"], r.get("transfer", "pinned"), f"{r['bytes'] / 1e9:.2f} GB", cast,
+                         secs(r["total_s_median"]), num(r["effective_gbps"], " GB/s"), secs(r.get("pinned_limit_s")),
                          num(r.get("ratio_to_pinned_limit"), "x"), ms(r["pause_ms_median"]),
+                         ms((r.get("client") or {}).get("during_refit_max_ms")),
                          num(r.get("peak_over_model"), "x"), machine(doc), link(p)])
+        reg = doc.get("registration")
+        if reg:
+            rates = ", ".join(f"{k} thread(s) {v:.1f}" for k, v in reg["register_gbps"].items())
+            host.append(f"Registering page-cached pages with CUDA (`cudaHostRegister`, {reg['window_bytes'] >> 20} "
+                        f"MiB at a time) runs at {rates} GB/s; DMA out of pages registered beforehand "
+                        f"{num(reg.get('dma_from_registered_gbps'), ' GB/s')}; unregistering "
+                        f"{num(max(reg['unregister_gbps'].values()), ' GB/s')} ({link(p)})")
         b = doc.get("baseline")
         if b and b.get("host_path_total_s") is not None:
             host.append(f"{b['bytes'] / 1e9:.2f} GB through the host path (read to host memory, then `.to(device)`): "
@@ -282,8 +290,9 @@ def gpu_refit(results: Path) -> str:
            "served with it, median over the repeats; the limit is the same bytes copied from pinned host memory "
            "to the device in the same run. Targets: ≥ 40 GB/s for 4 GB and more, within 1.4x of the limit; swap "
            "pause ≤ 1 ms double-buffered.\n\n"
-           + table(["engine", "strategy", "size", "dtype", "file → first response", "effective", "pinned limit",
-                    "x limit", "swap pause", "peak memory / model", "machine", "results"], rows))
+           + table(["engine", "strategy", "transfer", "size", "dtype", "file → first response", "effective",
+                    "pinned limit", "x limit", "swap pause", "slowest request during a refit", "peak memory / model",
+                    "machine", "results"], rows))
     if host:
         out += "\n" + "".join(f"* {h}\n" for h in host)
     failed = errors(paths)
@@ -302,6 +311,15 @@ def breakdown(stages_ms: dict[str, float]) -> str:
     return ", ".join(f"{k} {stages_ms[k]:.0f}" for k in order if stages_ms.get(k) is not None and stages_ms[k] >= 1)
 
 
+def phase_latency(r: Mapping[str, Any]) -> str:
+    """Request latencies outside swaps and while the checkpoint streams (``latency_by_phase_ms``)."""
+    phases = r.get("latency_by_phase_ms") or {}
+    if "steady" not in phases or "transfer" not in phases:
+        return "n/a"
+    s, t = phases["steady"], phases["transfer"]
+    return f"{s['p50']:.1f} / {s['p99']:.1f} ms, {t['p50']:.1f} / {t['p99']:.1f} ms"
+
+
 def gpu_publish(results: Path) -> str:
     paths = files("gpu-publish-*.json", results)
     if not paths:
@@ -312,15 +330,19 @@ def gpu_publish(results: Path) -> str:
         doc = load(p)
         for size in doc["sizes"]:
             base = size.get("baseline") or {}
+            served = [r for r in (size.get("hotswap") or {}).values() if isinstance(r, dict)]
             for strategy, r in (size.get("hotswap") or {}).items():
                 if not isinstance(r, dict) or "publish_to_first_response_s" not in r:
                     continue
+                # the GPU's memory is sampled as a whole: with several models loaded it is not one model's peak
+                peak = num(r.get("peak_memory_over_model"), "x") if len(served) == 1 else \
+                    f"n/a ({len(served)} models loaded)"
                 cache = ", from disk (evicted from the page cache)" if size.get("cold") else ""
                 rows.append([f"{size['model_bytes'] / 1e9:.2f} GB{cache}", strategy,
                              secs(_median(r["publish_to_first_response_s"])), num(r.get("stream_gbps"), " GB/s"),
                              num(size.get("pinned_limit_gbps"), " GB/s"), breakdown(r.get("stages_ms_median") or {}),
                              r["errors"], r["torn"],
-                             num(r.get("p99_during_over_steady"), "x"), num(r.get("peak_memory_over_model"), "x"),
+                             num(r.get("p99_during_over_steady"), "x"), phase_latency(r), peak,
                              secs(_median(base.get("publish_to_first_response_s"))),
                              f"{base['errors']} / {base['torn']}" if base else "n/a",
                              num(base.get("p99_during_over_steady"), "x"), machine(doc), link(p)])
@@ -331,7 +353,8 @@ def gpu_publish(results: Path) -> str:
             "pinned host → device copy rate of the same run.\n\n"
             + table(["model", "strategy", "rename → first response", "stream", "pinned limit",
                      "where the time goes (median ms)", "errors", "torn",
-                     "p99 ratio", "peak memory / model", "Triton reload: rename → first response",
+                     "p99 ratio", "requests p50 / p99: steady, during the transfer", "peak memory / model",
+                     "Triton reload: rename → first response",
                      "reload: errors / torn", "reload: p99 ratio", "machine", "results"], rows)
             + ("\n" + errors(paths) if errors(paths) else "") + "\n" + sources(paths))
 
