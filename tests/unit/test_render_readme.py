@@ -112,8 +112,8 @@ def test_gpu_refit_section_reads_what_bench_gpu_refit_writes(tmp_path: Path) -> 
         a.replace(str(tmp_path), "$OUT") for a in doc["argv"]) and "$OUT/gpu-refit-dry.json" in doc["command"]
     text = rr.gpu_refit(tmp_path)
     run = doc["runs"][0]
-    assert f"| eager | double_buffer | {run['bytes'] / 1e9:.2f} GB | float16 | {rr.secs(run['total_s_median'])} |" \
-        in text
+    assert f"| eager | double_buffer | pinned | {run['bytes'] / 1e9:.2f} GB | float16 | " \
+        f"{rr.secs(run['total_s_median'])} |" in text
     assert "through the host path" in text and f"`{doc['command']}`" in text
 
 
@@ -121,7 +121,9 @@ def test_gpu_publish_section_reads_the_headline_fields(tmp_path: Path) -> None:
     """bench/gpu_publish.py needs CUDA; the document below has the fields its summarize() writes."""
     hot = {"publish_to_first_response_s": {"median": 0.61, "max": 0.9, "all": [0.61]}, "stream_gbps": 27.5,
            "errors": 0, "torn": 0, "p99_during_over_steady": 1.4, "peak_memory_over_model": 2.01,
-           "stages_ms_median": {"hash": 11.0, "transfer": 39.0, "swap": 0.0, "total": 60.0}}
+           "stages_ms_median": {"hash": 11.0, "transfer": 39.0, "swap": 0.0, "total": 60.0},
+           "latency_by_phase_ms": {"steady": {"requests": 900, "p50": 3.0, "p99": 4.8, "max": 7.0},
+                                   "transfer": {"requests": 100, "p50": 7.4, "p99": 20.1, "max": 21.8}}}
     doc = {"command": "python3 -m bench.gpu_publish --json $OUT/gpu-publish-x.json", "environment": {"gpu": "G"},
            "sizes": [{"size_gb": 1.0, "model_bytes": 1_006_649_344, "pinned_limit_gbps": 55.4,
                       "hotswap": {"double_buffer": hot, "server_ready_s": 9.0},
@@ -131,7 +133,11 @@ def test_gpu_publish_section_reads_the_headline_fields(tmp_path: Path) -> None:
            "errors": [{"size_gb": 16.0, "error": "RuntimeError: out of memory\nmore", "traceback": "..."}]}
     (tmp_path / "gpu-publish-x.json").write_text(json.dumps(doc))
     text = rr.gpu_publish(tmp_path)
-    assert ("| 1.01 GB | double_buffer | 610 ms | 27.5 GB/s | 55.4 GB/s | hash 11, transfer 39 | 0 | 0 | 1.4x | 2.01x "
-            "| 4.2 s | 0 / 0 | 1.5x "
+    assert ("| 1.01 GB | double_buffer | 610 ms | 27.5 GB/s | 55.4 GB/s | hash 11, transfer 39 | 0 | 0 | 1.4x "
+            "| 3.0 / 4.8 ms, 7.4 / 20.1 ms | 2.01x | 4.2 s | 0 / 0 | 1.5x "
             "| G |") in text
+    # several models on one GPU: the GPU-wide memory peak is no one model's
+    doc["sizes"][0]["hotswap"]["double_buffer, t8"] = hot
+    (tmp_path / "gpu-publish-x.json").write_text(json.dumps(doc))
+    assert "| 1.4x | 3.0 / 4.8 ms, 7.4 / 20.1 ms | n/a (2 models loaded) |" in rr.gpu_publish(tmp_path)
     assert "16.0 GB: did not complete: `RuntimeError: out of memory`" in text
