@@ -338,6 +338,8 @@ def gpu_publish(results: Path) -> str:
                 peak = num(r.get("peak_memory_over_model"), "x") if len(served) == 1 else \
                     f"n/a ({len(served)} models loaded)"
                 cache = ", from disk (evicted from the page cache)" if size.get("cold") else ""
+                if r.get("swaps_detail") and not any("rename_at" in d for d in r["swaps_detail"]):
+                    cache += " (an earlier bench: the first response seen by an extra probe client)"
                 rows.append([f"{size['model_bytes'] / 1e9:.2f} GB{cache}", strategy,
                              secs(_median(r["publish_to_first_response_s"])), num(r.get("stream_gbps"), " GB/s"),
                              num(size.get("pinned_limit_gbps"), " GB/s"), breakdown(r.get("stages_ms_median") or {}),
@@ -350,7 +352,10 @@ def gpu_publish(results: Path) -> str:
             "`KIND_GPU` instance under client load (float32 MLP, eager engine), beside Triton's own reload "
             "of the same versions (`bench/triton_reload.py`: a plain Python-backend model, a new version directory "
             "and the repository load API); `stream` is the file → device rate of the refit, `pinned limit` the "
-            "pinned host → device copy rate of the same run.\n\n"
+            "pinned host → device copy rate of the same run. The first response is the first answer with the new "
+            "weights that a load client gets; the latency columns group requests by the swap phase they overlapped "
+            "most. A strategy followed by a name is one of several models served side by side with other settings "
+            "(`--variant`: `tN` is `weights_reader_threads=N`, `r64` is `weights_read_bytes` of 64 MiB).\n\n"
             + table(["model", "strategy", "rename → first response", "stream", "pinned limit",
                      "where the time goes (median ms)", "errors", "torn",
                      "p99 ratio", "requests p50 / p99: steady, during the transfer", "peak memory / model",
