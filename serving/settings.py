@@ -256,6 +256,10 @@ def parse_settings(
     if cuda_graphs and not device.startswith("cuda"):
         errors.append(f"cuda_graphs: needs a GPU instance (KIND_GPU); this instance runs on {device!r}")
 
+    read_bytes = values.get("weights_read_bytes")
+    if isinstance(read_bytes, int) and read_bytes % 64:
+        errors.append(f"weights_read_bytes: must be a multiple of 64, found {read_bytes}")
+
     if "weights_dir" in p:
         weights_dir = Path(p["weights_dir"]).expanduser()
     elif "HOTSWAP_WEIGHTS_ROOT" in env:

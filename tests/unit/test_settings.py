@@ -119,3 +119,24 @@ def test_strip_prefix_is_a_comma_separated_list() -> None:
     assert parse_settings(params, model_name="m", env={}).strip_prefix == ("module.", "model.")
     del params["strip_prefix"]
     assert parse_settings(params, model_name="m", env={}).strip_prefix == ()
+
+
+def test_weights_pipeline_settings_reach_the_reader(tmp_path: Path) -> None:
+    from serving.settings import BY_NAME
+    from serving.weights.fastpath import TRANSFERS, FastPathConfig
+
+    assert BY_NAME["weights_transfer"].choices == TRANSFERS
+    base = {"model_factory": FACTORY, "weights_dir": str(tmp_path)}
+    s = parse_settings(base, model_name="m", env={})
+    default = FastPathConfig()  # the table's defaults are the reader's
+    assert (s.weights_transfer, s.weights_reader_threads, s.weights_read_bytes) == \
+        (default.transfer, default.threads, default.read_bytes)
+    s = parse_settings({**base, "weights_transfer": "registered", "weights_reader_threads": "4",
+                        "weights_read_bytes": str(64 << 20)}, model_name="m", env={})
+    assert (s.weights_transfer, s.weights_reader_threads, s.weights_read_bytes) == ("registered", 4, 64 << 20)
+    with pytest.raises(ConfigError) as e:
+        parse_settings({**base, "weights_transfer": "dma", "weights_reader_threads": "0",
+                        "weights_read_bytes": "5000"}, model_name="m", env={})
+    for needle in ("weights_transfer: expected one of pinned, registered", "weights_reader_threads: must be >= 1",
+                   "weights_read_bytes: must be a multiple of 64"):
+        assert needle in str(e.value), needle
