@@ -12,8 +12,6 @@ The engine's own guard is :mod:`serving.engines.aoti_probe` (same child-process 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import sys
 import tempfile
@@ -22,7 +20,10 @@ from pathlib import Path
 
 import torch
 
-from serving.engines.aoti_probe import LOADERS, run_loader
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
+
+from bench.record import command, write_json  # noqa: E402
+from serving.engines.aoti_probe import LOADERS, run_loader  # noqa: E402
 
 RUN = "; out = m(torch.randn(2, 8, device='cuda' if int(sys.argv[2]) >= 0 else 'cpu')); print(out.shape)"
 
@@ -74,10 +75,7 @@ def main() -> int:
             results.append(run_loader(so, device, "torch._export.aot_load(.so)+run", code=SO_VARIANT,
                                       timeout=a.timeout))
     out = {
-        # the output folder of bench/gpu_run.sh as $OUT, like the other benchmarks (no machine's path)
-        "command": " ".join(["python", "bench/aoti_load_probe.py",
-                             *(a.replace(os.environ["OUT"], "$OUT") if os.environ.get("OUT") else a
-                               for a in sys.argv[1:])]),
+        "command": command("python bench/aoti_load_probe.py", sys.argv[1:]),
         "what": "AOTInductor loader variants, each loading a 2-layer MLP package in its own child process",
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
                     "platform": platform.platform(),
@@ -87,11 +85,7 @@ def main() -> int:
                       "seconds": round(r.seconds, 2), "verdict": r.describe(), "output_tail": r.output[-600:]}
                      for r in results],
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n")
+    write_json(out, a.out)
     return 0
 
 

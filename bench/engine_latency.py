@@ -21,7 +21,6 @@ runs after a warm-up, for every batch in ``--batches`` (CUDA: synchronized per r
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -32,10 +31,13 @@ from pathlib import Path
 
 import torch
 
-from serving.engines import build_engine
-from serving.engines.export import export, make_module
-from serving.examples import TRANSFORMER
-from serving.specs import BuildSpec, TensorSpec
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
+
+from bench.record import command, write_json  # noqa: E402
+from serving.engines import build_engine  # noqa: E402
+from serving.engines.export import export, make_module  # noqa: E402
+from serving.examples import TRANSFORMER  # noqa: E402
+from serving.specs import BuildSpec, TensorSpec  # noqa: E402
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
@@ -173,7 +175,7 @@ def main() -> int:
         return {k: round(float(r_num[k]) / float(r_den[k]), 3) for k in r_num}  # type: ignore[arg-type]
 
     out = {
-        "command": " ".join(["python", "bench/engine_latency.py", *sys.argv[1:]]),
+        "command": command("python bench/engine_latency.py", sys.argv[1:]),
         "what": "median inference latency (ms): refittable engines vs the same engines with weights baked in, vs eager",
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": torch.get_num_threads(),
                     "platform": platform.platform(),
@@ -185,11 +187,7 @@ def main() -> int:
                                   "aoti": ratio("aoti", "aoti_baked")},
         "compiled_over_eager": {"inductor": ratio("inductor", "eager"), "aoti": ratio("aoti", "eager")},
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n")
+    write_json(out, a.out)
     return 0
 
 

@@ -44,14 +44,13 @@ from bench.gpu_refit import (
     GB,
     MARKER_STEP,
     BigMLP,
-    command,
-    command_args,
     environment,
     pick_dir,
     pinned_copy_seconds,
     write_safetensors_stream,
 )
 from bench.gpu_serve_swap import ensure_pytriton_findable, make_repository
+from bench.record import command, command_args
 from bench.triton_reload import MemorySampler, measure_reload
 from serving.publisher import staging
 from serving.triton.server import TritonProcess
@@ -417,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     ensure_pytriton_findable()
     given = sys.argv[1:] if argv is None else argv
     device = "cuda" if args.kind == "KIND_GPU" else "cpu"
-    results: dict[str, Any] = {"environment": environment(device), "command": command("bench.gpu_publish", given),
+    results: dict[str, Any] = {"environment": environment(device),
+                               "command": command("python3 -m bench.gpu_publish", given),
                                "argv": command_args(given),
                                "sizes": [], "errors": []}
     x = torch.randn(args.batch, args.width, generator=torch.Generator().manual_seed(7))

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from bench.record import command, command_args
 from serving.engines import build_engine
 from serving.publisher import staging
 from serving.refit import CanaryConfig, RefitCoordinator
@@ -461,17 +462,6 @@ def ballast(device: str, gb: float) -> Iterator[None]:
             torch.cuda.empty_cache()
 
 
-def command_args(argv: list[str]) -> list[str]:
-    """``argv`` with the output folder of ``bench/gpu_run.sh`` written as ``$OUT`` (no machine's path)."""
-    out = os.environ.get("OUT")
-    return [a.replace(out, "$OUT") for a in argv] if out else list(argv)
-
-
-def command(module: str, argv: list[str]) -> str:
-    """The command line that reproduces a run, as recorded in its JSON."""
-    return " ".join(["python3", "-m", module, *command_args(argv)])
-
-
 def environment(device: str) -> dict[str, Any]:
     env: dict[str, Any] = {"torch": torch.__version__, "python": sys.version.split()[0],
                            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpus": os.cpu_count()}
@@ -546,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     transfers = [t for t in args.transfers.split(",") if t]
     base = pick_dir(args.dir, max(sizes + [args.big_in_place]) * GB)
     given = sys.argv[1:] if argv is None else argv
-    results: dict[str, Any] = {"environment": environment(args.device), "command": command("bench.gpu_refit", given),
+    results: dict[str, Any] = {"environment": environment(args.device),
+                               "command": command("python3 -m bench.gpu_refit", given),
                                "argv": command_args(given),
                                "config": {"fast_path": fast.__dict__, "checkpoint_dir": str(base),
                                           "device": args.device}, "runs": [], "errors": []}

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.gpu_refit import BigMLP, command, command_args, environment, write_safetensors_stream
+from bench.gpu_refit import BigMLP, environment, write_safetensors_stream
+from bench.record import command, command_args
 from serving.publisher import publish
 from serving.triton.scrape import scrape, weights_versions
 from serving.triton.server import TritonProcess
@@ -232,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     strategies = [s for s in args.strategies.split(",") if s]
     work = Path(tempfile.mkdtemp(prefix="gpu-serve-swap-"))
     given = sys.argv[1:] if argv is None else argv
-    results: dict[str, Any] = {"environment": environment(device), "command": command("bench.gpu_serve_swap", given),
+    results: dict[str, Any] = {"environment": environment(device),
+                               "command": command("python3 -m bench.gpu_serve_swap", given),
                                "argv": command_args(given),
                                "model": {"factory": "bench.gpu_refit:big_mlp", "width": args.width,
                                          "layers": args.layers, "dtype": "float32", "engine": args.engine,

@@ -23,6 +23,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
+
+from bench.record import command, write_json  # noqa: E402
+
 _CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
@@ -90,18 +94,14 @@ def main() -> int:
     if a.device.startswith("cuda"):
         machine["gpu"] = torch.cuda.get_device_name(0)
     result = {
-        "command": " ".join(["python", "bench/inductor_startup.py", *sys.argv[1:]]),
+        "command": command("python bench/inductor_startup.py", sys.argv[1:]),
         "what": "inductor engine startup in a fresh process: cold build vs cached (stripped-engine cache hit)",
         "machine": machine, "model": {"factory": "tiny_transformer", **kwargs, "dtype": a.dtype,
                                       "max_batch": a.max_batch, "device": a.device, "cuda_graphs": a.cuda_graphs},
         "cold": cold, "cached": cached,
         "build_speedup": round(float(cold["build_s"]) / float(cached["build_s"]), 1),  # type: ignore[arg-type]
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n")
+    write_json(result, a.out)
     return 0
 
 

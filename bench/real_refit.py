@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.record import command  # noqa: E402
 from serving.engines import build_engine  # noqa: E402
 from serving.factory import build_module  # noqa: E402
 from serving.publisher import publish  # noqa: E402
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
     result: dict[str, Any] = {
-        "command": " ".join(["python", "bench/real_refit.py", *given]),
+        "command": command("python bench/real_refit.py", given),
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "cpus": torch.get_num_threads(), "platform": platform.platform(),
                     "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
