@@ -49,7 +49,7 @@ import torch.utils._pytree as pytree
 
 from serving.cache import CacheEntry, EngineCache, cache_key, cache_key_fields, graph_fingerprint
 from serving.engines.aoti_probe import ensure_loadable
-from serving.engines.base import BuildInfo, Engine, WeightSlot
+from serving.engines.base import BuildInfo, Engine, WeightSlot, weight_problems
 from serving.engines.export import EXAMPLE_BATCH, export, input_problems, make_module
 from serving.errors import (
     CacheError,
@@ -248,30 +248,18 @@ def refit_problems(
     *,
     full: bool,
 ) -> list[str]:
-    """Everything wrong with a weight set for a slot (all of it, not only the first problem)."""
-    problems: list[str] = []
-    for name, t in weights.items():
-        spec = specs.get(name)
-        if spec is None:
-            if name not in ignored:
-                problems.append(f"{name!r}: not a weight of this engine")
-            continue
-        if tuple(t.shape) != spec.shape:
-            problems.append(f"{name!r}: shape {tuple(t.shape)}, expected {spec.shape}")
-        if t.dtype != spec.dtype:
-            problems.append(f"{name!r}: dtype {dtype_name(t.dtype)}, expected {dtype_name(spec.dtype)}")
-        if t.device.type != device.type or (device.index is not None and t.device.index != device.index):
-            problems.append(f"{name!r}: on {t.device}, expected {device} (call transfer() first)")
+    """Everything wrong with a weight set for a slot (:func:`~serving.engines.base.weight_problems`), plus
+    what the runner's buffers need: the device's index too, and compact tensors."""
+
+    def runner_needs(name: str, t: torch.Tensor) -> list[str]:
+        out = []
+        if t.device.type == device.type and device.index is not None and t.device.index != device.index:
+            out.append(f"{name!r}: on {t.device}, expected {device} (call transfer() first)")
         if not is_compact(t):
-            problems.append(f"{name!r}: not contiguous or a view into a larger storage (call transfer() first)")
-    if full:
-        missing = [n for n in specs if n not in weights]
-        if missing:
-            problems.append(
-                f"the first refit of a slot must provide every weight; missing {len(missing)}: "
-                + ", ".join(repr(n) for n in missing)
-            )
-    return problems
+            out.append(f"{name!r}: not contiguous or a view into a larger storage (call transfer() first)")
+        return out
+
+    return weight_problems(specs, weights, device, full=full, ignored=ignored, extra=runner_needs)
 
 
 def cached_spec_problems(

@@ -9,12 +9,41 @@ then switch a pointer) or refits a single slot in place under a lock.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from serving.specs import WeightSpec
+from serving.specs import WeightSpec, dtype_name
+
+
+def weight_problems(specs: Mapping[str, WeightSpec], weights: Mapping[str, torch.Tensor], device: torch.device,
+                    *, full: bool, ignored: frozenset[str] = frozenset(),
+                    extra: Callable[[str, torch.Tensor], list[str]] | None = None) -> list[str]:
+    """Everything wrong with a weight set for a slot (all of it, not only the first problem): unknown names
+    (except ``ignored`` ones), shapes, dtypes, device types, what ``extra`` finds in a tensor, and, for a
+    slot's first refit (``full``), missing names. Pure."""
+    problems: list[str] = []
+    for name, t in weights.items():
+        spec = specs.get(name)
+        if spec is None:
+            if name not in ignored:
+                problems.append(f"{name!r}: not a weight of this engine")
+            continue
+        if tuple(t.shape) != spec.shape:
+            problems.append(f"{name!r}: shape {tuple(t.shape)}, expected {spec.shape}")
+        if t.dtype != spec.dtype:
+            problems.append(f"{name!r}: dtype {dtype_name(t.dtype)}, expected {dtype_name(spec.dtype)}")
+        if t.device.type != device.type:
+            problems.append(f"{name!r}: on {t.device}, expected {device} (call transfer() first)")
+        if extra is not None:
+            problems += extra(name, t)
+    if full:
+        missing = [n for n in specs if n not in weights]
+        if missing:
+            problems.append(f"the first refit of a slot must provide every weight; missing {len(missing)}: "
+                            + ", ".join(repr(n) for n in missing))
+    return problems
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from serving.cache import CacheEntry, EngineCache, cache_key, cache_key_fields, graph_fingerprint
-from serving.engines.base import BuildInfo, Engine, WeightSlot
+from serving.engines.base import BuildInfo, Engine, WeightSlot, weight_problems
 from serving.engines.export import input_problems, make_module
 from serving.errors import (
     CacheError,
@@ -67,7 +67,7 @@ from serving.errors import (
     ValidationError,
 )
 from serving.metrics import HotswapMetrics
-from serving.specs import BuildSpec, WeightSpec, dtype_name, specs_with_ties
+from serving.specs import BuildSpec, WeightSpec, specs_with_ties
 
 log = logging.getLogger(__name__)
 
@@ -129,29 +129,6 @@ def probe_weights(state: Mapping[str, torch.Tensor], seed: int) -> dict[str, tor
             new = host + max(scale, 1e-2) * (2 * noise - 1)
         out[name] = new.to(device=t.device, dtype=t.dtype)
     return out
-
-
-def weight_problems(specs: Mapping[str, WeightSpec], weights: Mapping[str, torch.Tensor], device: torch.device,
-                    *, full: bool) -> list[str]:
-    """Everything wrong with a weight set for a slot: unknown names, shapes, dtypes, devices, missing."""
-    problems: list[str] = []
-    for name, t in weights.items():
-        spec = specs.get(name)
-        if spec is None:
-            problems.append(f"{name!r}: not a weight of this engine")
-            continue
-        if tuple(t.shape) != spec.shape:
-            problems.append(f"{name!r}: shape {tuple(t.shape)}, expected {spec.shape}")
-        if t.dtype != spec.dtype:
-            problems.append(f"{name!r}: dtype {dtype_name(t.dtype)}, expected {dtype_name(spec.dtype)}")
-        if t.device.type != device.type:
-            problems.append(f"{name!r}: on {t.device}, expected {device} (call transfer() first)")
-    if full:
-        missing = [n for n in specs if n not in weights]
-        if missing:
-            problems.append(f"the first refit of a slot must provide every weight; missing {len(missing)}: "
-                            + ", ".join(repr(n) for n in missing))
-    return problems
 
 
 def kernel_files(root: Path) -> list[Path]:
