@@ -49,12 +49,11 @@ import torch.utils._pytree as pytree
 
 from serving.cache import CacheEntry, EngineCache, cache_key, cache_key_fields, graph_fingerprint
 from serving.engines.aoti_probe import ensure_loadable
-from serving.engines.base import BuildInfo, Engine, WeightSlot, weight_problems
+from serving.engines.base import BuildInfo, Engine, WeightSlot, build_device, weight_problems
 from serving.engines.export import EXAMPLE_BATCH, export, input_problems, make_module
 from serving.errors import (
     CacheError,
     EngineBuildError,
-    EngineUnavailableError,
     NotReadyError,
     RefitError,
     ValidationError,
@@ -314,19 +313,6 @@ def _kept_detail(detail: str, why: Mapping[str, str]) -> str:
 # --------------------------------------------------------------------------- engine
 
 
-def _device_of(spec: BuildSpec) -> torch.device:
-    try:
-        device = torch.device(spec.device)
-    except RuntimeError as e:
-        raise EngineBuildError(f"AOTI engine: invalid device {spec.device!r}: {e}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EngineUnavailableError(
-            f"AOTI engine: device {spec.device!r} asked for, but this torch has no usable CUDA "
-            f"(torch {torch.__version__}); install a CUDA build of torch or use device 'cpu'"
-        )
-    return device
-
-
 class _Runner:
     """The package loader itself (``torch._C._aoti.AOTIModelPackageLoader``), as
     ``torch._inductor.aoti_load_package`` builds it, without the Python wrapper: importing that
@@ -407,7 +393,7 @@ class AOTIEngine(Engine):
         cache's own metrics.
         """
         t0 = time.perf_counter()
-        device = _device_of(spec)
+        device = build_device(spec, "AOTI engine")
         module = make_module(spec, device, meta=cache is not None)
         if any(b.is_meta for b in nonpersistent_buffers(module).values()):
             module = make_module(spec, device)  # their values are part of the engine (and of the key)

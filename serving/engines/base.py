@@ -14,7 +14,22 @@ from dataclasses import dataclass
 
 import torch
 
-from serving.specs import WeightSpec, dtype_name
+from serving.errors import EngineBuildError, EngineUnavailableError
+from serving.specs import BuildSpec, WeightSpec, dtype_name
+
+
+def build_device(spec: BuildSpec, engine: str) -> torch.device:
+    """The device a build asks for; an invalid one, or CUDA where this torch has none, fails the build naming
+    ``engine`` (e.g. "AOTI engine")."""
+    try:
+        device = torch.device(spec.device)
+    except RuntimeError as e:
+        raise EngineBuildError(f"{engine}: invalid device {spec.device!r}: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineUnavailableError(
+            f"{engine}: device {spec.device!r} asked for, but this torch has no usable CUDA "
+            f"(torch {torch.__version__}); install a CUDA build of torch or use device 'cpu'")
+    return device
 
 
 def weight_problems(specs: Mapping[str, WeightSpec], weights: Mapping[str, torch.Tensor], device: torch.device,

@@ -55,7 +55,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from serving.cache import CacheEntry, EngineCache, cache_key, cache_key_fields, graph_fingerprint
-from serving.engines.base import BuildInfo, Engine, WeightSlot, weight_problems
+from serving.engines.base import BuildInfo, Engine, WeightSlot, build_device, weight_problems
 from serving.engines.export import input_problems, make_module
 from serving.errors import (
     CacheError,
@@ -202,15 +202,8 @@ def _inductor_counters() -> dict[str, int]:
 
 
 def _device_of(spec: BuildSpec) -> torch.device:
-    try:
-        device = torch.device(spec.device)
-    except RuntimeError as e:
-        raise EngineBuildError(f"Inductor engine: invalid device {spec.device!r}: {e}") from e
+    device = build_device(spec, "Inductor engine")
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EngineUnavailableError(
-                f"Inductor engine: device {spec.device!r} asked for, but this torch has no usable CUDA "
-                f"(torch {torch.__version__}); install a CUDA build of torch or use device 'cpu'")
         from torch.utils._triton import has_triton
 
         if not has_triton():
