@@ -173,6 +173,9 @@ COPY_TOOLS = {
 def test_copy_tools_that_keep_mtimes_publish_and_an_old_version_copied_in_is_a_rollback(
         tool: str, folder: Path, rigs: list[Rig], tmp_path: Path) -> None:
     """Tools that keep the source's (old) modification time still publish: publish time is arrival."""
+    program = tool.split()[0]
+    if "." not in program and shutil.which(program) is None:
+        pytest.skip(f"{program} is not installed here (CI installs it)")
     rig = make(rigs, folder, settle_s=0.3)
     rig.publish("v2.safetensors", 2)
     rig.watcher.install_initial()
