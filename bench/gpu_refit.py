@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big-in-place", type=float, default=0.0, metavar="GB",
                     help="also run in_place with a model of this size (0: skip)")
     ap.add_argument("--transfers", default="pinned", help="weights transfers to run, comma separated "
-                    "(pinned, registered: serving.weights.fastpath.TRANSFERS)")
+                    "(pinned, registered: serving.choices.TRANSFERS)")
     ap.add_argument("--window-mb", type=int, default=FastPathConfig.window_bytes >> 20)
     ap.add_argument("--windows-ahead", type=int, default=FastPathConfig.windows_ahead)
     ap.add_argument("--probe-register", default="", metavar="THREADS",

@@ -15,14 +15,19 @@ from types import MappingProxyType
 
 import torch
 
-from serving.engines import ENGINE_CHOICES
+from serving.choices import (
+    CANARY_MODES,
+    CAST_MODES,
+    ENGINE_CHOICES,
+    READ_BYTES,
+    READER_THREADS,
+    STRATEGIES,
+    TRANSFERS,
+    UNEXPECTED_MODES,
+    WATCH_MODES,
+)
 from serving.errors import ConfigError
-from serving.refit.canary import CANARY_MODES
-from serving.refit.strategies import STRATEGIES
 from serving.specs import dtype_from_name
-from serving.watch.observer import WATCH_MODES
-from serving.weights.fastpath import TRANSFERS, FastPathConfig
-from serving.weights.validate import CAST_MODES, UNEXPECTED_MODES
 
 
 @dataclass(frozen=True)
@@ -80,9 +85,9 @@ SETTINGS: tuple[Setting, ...] = (
             "crosses host memory once, but registering is slower than the pinned ring on the hosts measured; see "
             "Measured)", "pinned", choices=TRANSFERS),
     Setting("weights_reader_threads", "int", "threads reading checkpoint files into the pinned ring (fewer leave "
-            "more CPU to requests served during a refit; see Measured)", str(FastPathConfig.threads), minimum=1),
+            "more CPU to requests served during a refit; see Measured)", str(READER_THREADS), minimum=1),
     Setting("weights_read_bytes", "int", "bytes per read call of those threads (a multiple of 64)",
-            str(FastPathConfig.read_bytes), "16 MiB", minimum=4096),
+            str(READ_BYTES), "16 MiB", minimum=4096),
     Setting("dtype", "dtype", "floating dtype of the engine: `float32`, `float16`, `bfloat16`", "float32",
             flag="--dtype"),
     Setting("canary", "choice", "`off`, `finite` (outputs finite, not all zero) or `reference` (also equal to the "

@@ -31,14 +31,11 @@ staged weights device tensors, so a slot's transfer is free:
 
 from __future__ import annotations
 
-from serving.refit.canary import CANARY_MODES, CanaryConfig, canary_inputs, check_canary
+from serving.refit.canary import CanaryConfig, canary_inputs, check_canary
 from serving.refit.coordinator import RefitCoordinator
 from serving.refit.report import RefitReport, StagedWeights
-from serving.refit.strategies import STRATEGIES
 
 __all__ = [
-    "CANARY_MODES",
-    "STRATEGIES",
     "CanaryConfig",
     "RefitCoordinator",
     "RefitReport",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Protocol
 
+from serving.choices import STRATEGIES
 from serving.errors import ConfigError
 from serving.refit.report import RolledBack
 from serving.refit.sources import Written
@@ -71,9 +72,6 @@ class InPlace:
                     raise RolledBack(e) from e
                 raise
         return written
-
-
-STRATEGIES: tuple[str, ...] = (DoubleBuffer.name, InPlace.name)
 
 
 def strategy_named(name: str) -> Strategy:

@@ -7,7 +7,6 @@
 """
 
 from serving.watch.entries import DEFAULT_MAX_FILES, content_hash_file, sha256_file
-from serving.watch.observer import WATCH_MODES
 from serving.watch.watcher import WatchRecord, WeightsWatcher
 
-__all__ = ["DEFAULT_MAX_FILES", "WATCH_MODES", "WatchRecord", "WeightsWatcher", "content_hash_file", "sha256_file"]
+__all__ = ["DEFAULT_MAX_FILES", "WatchRecord", "WeightsWatcher", "content_hash_file", "sha256_file"]

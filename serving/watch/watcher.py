@@ -30,6 +30,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from serving.background import lower_priority
+from serving.choices import DEBOUNCE_BOUNDS, POLL_INTERVAL_BOUNDS, WATCH_MODES, Bounds
 from serving.errors import ConfigError
 from serving.metrics import HotswapMetrics
 from serving.publish import (
@@ -56,7 +57,7 @@ from serving.watch.entries import (
     quick_identity,
 )
 from serving.watch.lineage import Lineage, entry_key
-from serving.watch.observer import WATCH_MODES, FolderObserver, FsEvent
+from serving.watch.observer import FolderObserver, FsEvent
 from serving.weights import CheckpointPolicy
 
 if TYPE_CHECKING:
@@ -115,9 +116,12 @@ class WeightsWatcher:
                  prehash_max_bytes: int = PREHASH_MAX_BYTES) -> None:
         if mode not in WATCH_MODES:
             raise ConfigError(f"watch_mode {mode!r}: choose one of {WATCH_MODES}")
-        if poll_interval_s <= 0 or debounce_s < 0 or settle_s < 0 or max_files < 1:
-            raise ConfigError(f"invalid watcher timing: poll_interval_s={poll_interval_s}, "
-                              f"debounce_s={debounce_s}, settle_s={settle_s}, max_files={max_files}")
+        bounds = ((poll_interval_s, "poll_interval_s", POLL_INTERVAL_BOUNDS),
+                  (debounce_s, "debounce_s", DEBOUNCE_BOUNDS),
+                  (settle_s, "settle_s", Bounds(minimum=0)), (max_files, "max_files", Bounds(minimum=1)))
+        problems = [f"{name}={value} ({p})" for value, name, rule in bounds for p in rule.problems(value)]
+        if problems:
+            raise ConfigError(f"invalid watcher timing: {', '.join(problems)}")
         self.folder = Path(os.path.abspath(folder))
         self._folder_str = str(self.folder)
         self.coordinator = coordinator

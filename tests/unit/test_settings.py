@@ -83,16 +83,29 @@ def test_engine_options_are_parameters_and_reach_the_build_spec(tmp_path: Path) 
     assert options.workspace_size == 1024 and options.weights_validation is False
 
 
-def test_choices_come_from_the_modules_that_implement_them() -> None:
-    from serving.engines import ENGINE_CHOICES, ENGINES
-    from serving.refit import CANARY_MODES, STRATEGIES
+def test_choices_are_the_ones_the_implementing_modules_accept() -> None:
+    from serving import choices
+    from serving.engines import ENGINES
+    from serving.refit.canary import CanaryConfig
+    from serving.refit.strategies import strategy_named
     from serving.settings import BY_NAME
-    from serving.watch import WATCH_MODES
+    from serving.weights.fastpath import FastPathConfig
+    from serving.weights.validate import ValidationPolicy
 
-    assert BY_NAME["engine"].choices == ENGINE_CHOICES == ("auto", *ENGINES)
-    assert BY_NAME["refit_strategy"].choices == STRATEGIES
-    assert BY_NAME["canary"].choices == CANARY_MODES
-    assert BY_NAME["watch_mode"].choices == WATCH_MODES
+    assert BY_NAME["engine"].choices == choices.ENGINE_CHOICES == ("auto", *ENGINES)
+    assert BY_NAME["refit_strategy"].choices == choices.STRATEGIES
+    assert [strategy_named(s).name for s in choices.STRATEGIES] == list(choices.STRATEGIES)
+    assert BY_NAME["canary"].choices == choices.CANARY_MODES
+    assert [CanaryConfig(m).mode for m in choices.CANARY_MODES] == list(choices.CANARY_MODES)
+    assert BY_NAME["watch_mode"].choices == choices.WATCH_MODES
+    assert BY_NAME["weights_transfer"].choices == choices.TRANSFERS
+    assert [FastPathConfig(transfer=t).transfer for t in choices.TRANSFERS] == list(choices.TRANSFERS)
+    assert BY_NAME["unexpected_tensors"].choices == choices.UNEXPECTED_MODES
+    assert BY_NAME["dtype_cast"].choices == choices.CAST_MODES
+    for unexpected, cast in zip(choices.UNEXPECTED_MODES, choices.CAST_MODES, strict=True):
+        ValidationPolicy(unexpected=unexpected, cast=cast)
+    with pytest.raises(ConfigError, match="refit_strategy 'yolo'"):
+        strategy_named("yolo")
 
 
 def test_watch_flags_are_the_table_s_and_parse_like_config() -> None:
@@ -122,10 +135,8 @@ def test_strip_prefix_is_a_comma_separated_list() -> None:
 
 
 def test_weights_pipeline_settings_reach_the_reader(tmp_path: Path) -> None:
-    from serving.settings import BY_NAME
-    from serving.weights.fastpath import TRANSFERS, FastPathConfig
+    from serving.weights.fastpath import FastPathConfig
 
-    assert BY_NAME["weights_transfer"].choices == TRANSFERS
     base = {"model_factory": FACTORY, "weights_dir": str(tmp_path)}
     s = parse_settings(base, model_name="m", env={})
     default = FastPathConfig()  # the table's defaults are the reader's
