@@ -20,7 +20,7 @@ from serving.factory import build_module
 from serving.metrics import HotswapMetrics
 from serving.refit import CanaryConfig, RefitCoordinator, RefitReport
 from serving.settings import ServingSettings
-from serving.specs import BuildSpec, TensorSpec
+from serving.specs import BuildSpec, TensorSpec, dtype_from_name
 from serving.watch import WeightsWatcher
 from serving.weights import CheckpointPolicy, ValidationPolicy
 from serving.weights.fastpath import FastPathConfig
@@ -32,7 +32,8 @@ def build_spec_for(settings: ServingSettings, inputs: Sequence[TensorSpec],
                    outputs: Sequence[TensorSpec], max_batch: int) -> BuildSpec:
     """The engine build of a served model."""
     return BuildSpec(factory=settings.model_factory, inputs=tuple(inputs), outputs=tuple(outputs),
-                     max_batch=max(1, max_batch), device=settings.device, dtype=settings.dtype,
+                     max_batch=max(1, max_batch), device=settings.device,
+                     dtype=dtype_from_name(settings.dtype),
                      factory_kwargs=settings.factory_kwargs,
                      options=settings.engine_options + ((("cuda_graphs", True),) if settings.cuda_graphs else ()))
 
@@ -101,7 +102,7 @@ class HotswapService:
 
     def _reference_module(self) -> torch.nn.Module:
         module = build_module(self.spec.factory, self.spec.kwargs())
-        return module.to(device=self.settings.device, dtype=self.settings.dtype)
+        return module.to(device=self.settings.device, dtype=self.spec.dtype)
 
     def infer(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if self.coordinator is None:
