@@ -52,7 +52,7 @@ from bench.gpu_refit import (
 from bench.gpu_serve_swap import ensure_pytriton_findable, make_repository
 from bench.record import command, command_args
 from bench.triton_reload import MemorySampler, measure_reload
-from serving.publisher import staging
+from serving.publish import staging
 from serving.triton.server import TritonProcess
 from serving.triton.swapload import ClientPool, run_swap_load
 

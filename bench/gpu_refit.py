@@ -42,7 +42,7 @@ import torch
 
 from bench.record import command, command_args
 from serving.engines import build_engine
-from serving.publisher import staging
+from serving.publish import staging
 from serving.refit import CanaryConfig, RefitCoordinator
 from serving.specs import BuildSpec, TensorSpec, dtype_from_name, dtype_name
 from serving.weights.fastpath import FastPathConfig

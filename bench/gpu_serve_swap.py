@@ -33,7 +33,7 @@ import torch
 
 from bench.gpu_refit import BigMLP, environment, write_safetensors_stream
 from bench.record import command, command_args
-from serving.publisher import publish
+from serving.publish import publish
 from serving.triton.scrape import scrape, weights_versions
 from serving.triton.server import TritonProcess
 from serving.triton.swapload import ClientPool, response_version, run_swap_load

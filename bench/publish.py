@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from serving.engines import build_engine  # noqa: E402
 from serving.examples import TRANSFORMER  # noqa: E402
 from serving.factory import build_module  # noqa: E402
-from serving.publisher import staging  # noqa: E402
+from serving.publish import staging  # noqa: E402
 from serving.refit import CanaryConfig, RefitCoordinator  # noqa: E402
 from serving.specs import BuildSpec, TensorSpec  # noqa: E402
 from serving.watch import WatchRecord, WeightsWatcher  # noqa: E402

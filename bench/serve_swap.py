@@ -26,7 +26,7 @@ import tritonclient.http as httpclient
 
 from serving.examples import CNN, TRANSFORMER
 from serving.factory import build_module
-from serving.publisher import publish
+from serving.publish import publish
 from serving.triton.scrape import scrape, weights_versions
 from serving.triton.server import TritonProcess, models_in, seed_weights
 from serving.triton.swapload import ClientPool, response_version, run_swap_load

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from serving.publish import Fingerprint, is_temp_name
+from serving.publish.protocol import is_temp_name
+from serving.watch.ledger import Fingerprint
 from serving.watch.observer import FsEvent
 
 

@@ -19,10 +19,9 @@ from typing import Literal
 
 from serving.errors import CheckpointError, HotswapError, reading
 from serving.hashing import sha256_file
-from serving.publish import (
+from serving.publish.protocol import (
     ADAPTER_CONFIG,
     MANIFEST_NAME,
-    Fingerprint,
     FoundFile,
     Manifest,
     classify_name,
@@ -32,6 +31,7 @@ from serving.publish import (
     tree_hash,
     version_of,
 )
+from serving.watch.ledger import Fingerprint
 from serving.weights import CheckpointPolicy, describe_checkpoint, detect_checkpoint, read_header
 from serving.weights.lora import adapter_weights_file, read_adapter_config
 

@@ -3,7 +3,7 @@
 One :class:`WeightsWatcher` per engine. The observer (:mod:`serving.watch.observer`) only puts
 events on a queue; a single worker thread debounces them, coalesces (of several versions waiting,
 the newest by publish time is installed and the others are counted as ``skipped``), checks
-completeness (:func:`serving.publish.completeness` over :mod:`serving.watch.entries`), hashes the
+completeness (:func:`serving.publish.protocol.completeness` over :mod:`serving.watch.entries`), hashes the
 content, and hands the entry to the lineage (:mod:`serving.watch.lineage`), which reads, merges
 LoRA adapters and calls the coordinator.
 
@@ -33,16 +33,7 @@ from serving.background import lower_priority
 from serving.choices import DEBOUNCE_BOUNDS, POLL_INTERVAL_BOUNDS, WATCH_MODES, Bounds
 from serving.errors import ConfigError
 from serving.metrics import HotswapMetrics
-from serving.publish import (
-    Candidate,
-    Fingerprint,
-    Observation,
-    RejectedLedger,
-    Rejection,
-    completeness,
-    is_temp_name,
-    select_versions,
-)
+from serving.publish.protocol import Observation, completeness, is_temp_name
 from serving.refit import RefitCoordinator, RefitReport
 from serving.watch.debounce import Debouncer, Pending
 from serving.watch.entries import (
@@ -56,8 +47,10 @@ from serving.watch.entries import (
     inspect_entry,
     quick_identity,
 )
+from serving.watch.ledger import Fingerprint, RejectedLedger, Rejection
 from serving.watch.lineage import Lineage, entry_key
 from serving.watch.observer import FolderObserver, FsEvent
+from serving.watch.selection import Candidate, select_versions
 from serving.weights import CheckpointPolicy
 
 if TYPE_CHECKING:

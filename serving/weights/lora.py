@@ -515,7 +515,7 @@ def save_adapter(directory: Path, config: Mapping[str, object], tensors: Mapping
     """Write a PEFT adapter directory atomically: into a hidden temp dir beside it, then rename."""
     from safetensors.torch import save_file
 
-    from serving.publisher import staging
+    from serving.publish import staging
 
     directory = Path(directory)
     if directory.exists():

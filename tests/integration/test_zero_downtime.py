@@ -26,7 +26,7 @@ import torch
 
 from serving.examples import TRANSFORMER
 from serving.factory import build_module
-from serving.publisher import publish, publish_tensors
+from serving.publish import publish, publish_tensors
 from serving.triton.scrape import scrape, weights_versions
 from serving.triton.server import TritonProcess
 from serving.triton.swapload import ClientPool, classify, response_version, run_swap_load

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from serving.publish import MANIFEST_NAME
+from serving.publish.protocol import MANIFEST_NAME
 from serving.watch.entries import Entry, check_complete, content_hash, content_hash_file, inspect_entry, sha256_file
 from serving.weights import CheckpointPolicy
 
