@@ -23,30 +23,19 @@ import queue
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from serving.background import lower_priority
 from serving.choices import DEBOUNCE_BOUNDS, POLL_INTERVAL_BOUNDS, WATCH_MODES, Bounds
 from serving.errors import ConfigError
 from serving.metrics import HotswapMetrics
 from serving.publish.protocol import Observation, completeness, is_temp_name
 from serving.refit import RefitCoordinator, RefitReport
-from serving.watch.debounce import Debouncer, Pending
-from serving.watch.entries import (
-    CONTENT_CHUNK,
-    DEFAULT_MAX_FILES,
-    PREHASH_MAX_BYTES,
-    Entry,
-    age_s,
-    check_complete,
-    content_hash,
-    inspect_entry,
-    quick_identity,
-)
+from serving.watch.debounce import Debouncer
+from serving.watch.entries import DEFAULT_MAX_FILES, Entry, age_s, check_complete, inspect_entry
+from serving.watch.identity import PREHASH_MAX_BYTES, Identities
 from serving.watch.ledger import Fingerprint, RejectedLedger, Rejection
 from serving.watch.lineage import Lineage, entry_key
 from serving.watch.observer import FolderObserver, FsEvent
@@ -123,8 +112,6 @@ class WeightsWatcher:
         self.debounce_s = float(debounce_s)
         self.settle_s = float(settle_s)
         self.max_files = max_files
-        self.prehash_max_bytes = prehash_max_bytes
-        self._quick_ids: collections.OrderedDict[str, str] = collections.OrderedDict()  # quick -> full hash
         self.metrics = metrics or coordinator.metrics
         self.lora_scale = float(lora_scale)
         policy = checkpoint_policy or coordinator.checkpoint_policy
@@ -139,14 +126,12 @@ class WeightsWatcher:
         self._worker: threading.Thread | None = None
         self._busy = False
         self._events = Debouncer(self._folder_str, self.debounce_s)
-        self._pending = self._events.pending  # name -> Pending, shared with the debouncer
-        self._pool: ThreadPoolExecutor | None = None
-        self._after: ThreadPoolExecutor | None = None  # content hashes of weights already live
-        self._identifying = 0
         self._seen: dict[str, Fingerprint] = {}
         self._ignored_logged: set[str] = set()
         self._ledger = RejectedLedger()
         self._lineage = Lineage(coordinator, self.metrics, policy, self.lora_scale, self._rejected)
+        self._identities = Identities(self.folder, self._lock, self.metrics, unchanged=self._on_disk_unchanged,
+                                      went_live_hashed=self._lineage.identify, prehash_max_bytes=prehash_max_bytes)
         self.history: collections.deque[WatchRecord] = collections.deque(maxlen=256)
 
     @classmethod
@@ -172,7 +157,7 @@ class WeightsWatcher:
     @property
     def pending(self) -> tuple[str, ...]:
         """Names with events not handled yet (debouncing, or waiting to be complete)."""
-        return tuple(sorted(list(self._pending)))
+        return self._events.names
 
     @property
     def base_version(self) -> str | None:
@@ -223,13 +208,13 @@ class WeightsWatcher:
                     if again is None:
                         continue
                     if again.fp != entry.fp:  # still being written: the worker takes it from here
-                        self._pending[entry.name] = Pending(now, now)
+                        self._events.look_again(entry.name, now)
                         continue
                 obs = Observation(stable=True, age_s=age_s(entry.fp),
                                   problem=entry.problem or check_complete(entry, self.policy))
                 decision = completeness(obs, debounce_s=self.debounce_s, settle_s=self.settle_s)
                 if decision.action == "wait":
-                    self._pending[entry.name] = Pending(now, now, recheck_at=now + decision.recheck_in_s)
+                    self._events.look_again(entry.name, now, at=now + decision.recheck_in_s)
                     continue
                 self._seen[entry.name] = entry.fp
                 if decision.problem is not None:
@@ -269,19 +254,15 @@ class WeightsWatcher:
                 log.warning("weights watcher: worker still busy after %.1fs (a refit in progress?)", timeout)
         if observer is not None:
             observer.join(max(0.0, deadline - time.monotonic()))
-        if self._after is not None and (worker is None or not worker.is_alive()):
-            self._after.shutdown(wait=True, cancel_futures=True)
-            self._after = None
-        if self._pool is not None and (worker is None or not worker.is_alive()):
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        if worker is None or not worker.is_alive():
+            self._identities.close()
         self._observer = self._worker = None
 
     def wait_idle(self, timeout: float) -> bool:
         """True once nothing is queued, nothing is pending and the worker is not handling anything."""
         deadline = time.monotonic() + timeout
         while True:
-            if self._queue.unfinished_tasks == 0 and not self._pending and not self._busy and not self._identifying:
+            if self._queue.unfinished_tasks == 0 and not self._events and not self._busy and not self._identities.busy:
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -346,14 +327,14 @@ class WeightsWatcher:
             self.metrics.watcher_error()
 
     def _gone(self, name: str) -> None:
-        self._pending.pop(name, None)
+        self._events.forget(name)
         self._seen.pop(name, None)
         self._ledger.forget(str(self.folder / name))
 
     def _rescan(self) -> None:
         now = time.monotonic()
         for name in self._list_names():
-            self._pending.setdefault(name, Pending(now, now))
+            self._events.look_again(name, now)
 
     def _list_names(self) -> list[str]:
         try:
@@ -383,15 +364,10 @@ class WeightsWatcher:
                      "checkpoint directory or a PEFT adapter directory)", self.folder / name)
         return found if isinstance(found, Entry) else None
 
-    def _hash_pool(self, size: int) -> ThreadPoolExecutor | None:
-        """Threads for hashing large files (None for small ones: not worth a thread)."""
-        if size <= CONTENT_CHUNK:
-            return None
-        if self._pool is None:
-            workers = max(1, min(8, (os.cpu_count() or 1)))
-            self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"hotswap-hash-{self.folder.name}",
-                                            initializer=lower_priority)
-        return self._pool
+    def _on_disk_unchanged(self, entry: Entry) -> bool:
+        """The entry in the folder is still the one inspected (no side effect when it is not)."""
+        again = inspect_entry(self.folder, entry.name, self.policy, self.max_files)
+        return isinstance(again, Entry) and again.fp == entry.fp
 
     # ------------------------------------------------------------------ processing
     def _process_due(self) -> None:
@@ -399,49 +375,47 @@ class WeightsWatcher:
         due = self._events.due(now)
         entries: list[Entry] = []
         for name in due:
-            p = self._pending[name]
             try:
-                entry = self._gate(name, p, now)
+                entry = self._gate(name, now)
             except Exception:
                 log.exception("weights watcher: checking %s failed", self.folder / name)
                 self.metrics.watcher_error()
-                self._pending.pop(name, None)
+                self._events.forget(name)
                 continue
             if entry is not None:
                 entries.append(entry)
         if entries:
             self._install_batch(entries, runtime=True)
 
-    def _gate(self, name: str, p: Pending, now: float) -> Entry | None:
+    def _gate(self, name: str, now: float) -> Entry | None:
         """Decide on one due entry: drop it, wait for it, reject it, or return it for installing."""
         entry = self._inspect(name)
         if entry is None:
-            self._pending.pop(name, None)
+            self._events.forget(name)
             return None
         if self._seen.get(name) == entry.fp or self._ledger.lookup(str(entry.path), entry.fp) is not None:
-            self._pending.pop(name, None)  # handled already, unchanged since
+            self._events.forget(name)  # handled already, unchanged since
             return None
         if entry.problem is None:
-            fast = p.renamed_in or p.closed
-            stable = p.fp == entry.fp and now - p.fp_since >= self.debounce_s
-            if p.fp != entry.fp:
-                p.fp, p.fp_since = entry.fp, now
-            if not fast and not stable and age_s(entry.fp) < self.settle_s:
-                p.recheck_at = now + max(self.debounce_s, 0.01)
+            p = self._events.get(name)
+            assert p is not None  # due, so pending
+            stable = self._events.settled(name, entry.fp, now)
+            if not (p.renamed_in or p.closed) and not stable and age_s(entry.fp) < self.settle_s:
+                self._events.recheck(name, now + max(self.debounce_s, 0.01))
                 return None
             obs = Observation(renamed_in=p.renamed_in, closed=p.closed, stable=True,
                               age_s=age_s(entry.fp), problem=check_complete(entry, self.policy))
             decision = completeness(obs, debounce_s=self.debounce_s, settle_s=self.settle_s)
             if decision.action == "wait":
-                p.recheck_at = now + decision.recheck_in_s
+                self._events.recheck(name, now + decision.recheck_in_s)
                 return None
             entry.problem = decision.problem
-        self._pending.pop(name, None)
+        handled = self._events.forget(name)
         self._seen[name] = entry.fp
         if entry.problem is not None:
             self._reject_entry(entry, *entry.problem)
             return None
-        entry.first_event = p.first_event
+        entry.first_event = handled.first_event if handled is not None else None
         return entry
 
     def _install_batch(self, entries: list[Entry], *, runtime: bool) -> list[RefitReport]:
@@ -487,13 +461,8 @@ class WeightsWatcher:
     def _attempt(self, entry: Entry) -> tuple[str, RefitReport | None]:
         started = time.monotonic()
         t0 = time.perf_counter()
-        quick: str | None = None
         try:
-            if entry.content_hash is None and entry.kind == "checkpoint" and \
-                    entry.fp.total_size > self.prehash_max_bytes:
-                quick = quick_identity(entry)
-            if quick is None or self._reusable(entry, quick):
-                entry.content_hash = content_hash(entry, self._hash_pool)
+            quick = self._identities.before_read(entry, self._known_hashes)
         except FileNotFoundError:
             self._gone(entry.name)
             return "rejected", None
@@ -514,10 +483,8 @@ class WeightsWatcher:
         else:
             report = self._lineage.install_checkpoint(entry)
         hashed_after = entry.content_hash is None
-        if hashed_after and report.outcome == "success":
-            self._identify_later(entry, quick)
-        elif hashed_after:  # refused: hashed now, so the ledger knows this content
-            self._identify(entry, report, quick)
+        if hashed_after:
+            self._identities.after_read(entry, went_live=report.outcome == "success", quick=quick)
         record = WatchRecord(str(entry.path), entry.kind, entry.version, entry.first_event, started,
                              time.monotonic(), hash_s, report, hashed_after)
         self.history.append(record)
@@ -530,19 +497,15 @@ class WeightsWatcher:
         self._ledger.record(Rejection(str(entry.path), entry.fp, entry.content_hash, report.reason, report.message))
         return "rejected", report
 
-    def _reusable(self, entry: Entry, quick: str) -> bool:
-        """Whether hashing first can save the read: the quick identity is that of weights the coordinator can
-        switch to without reading (live: a no-op; previous: a pointer switch; the base under an adapter) or of
-        content refused before at this path."""
-        known = self._quick_ids.get(quick)
-        if known is None:
-            return False
+    def _known_hashes(self, entry: Entry) -> set[str | None]:
+        """Content the coordinator can switch to without reading (live: a no-op; previous: a pointer switch;
+        the base under an adapter), and content refused before at this path."""
         coord = self.coordinator
-        reusable = {w.content_hash for w in (coord.live, coord.previous, self._lineage.base) if w is not None}
+        known = {w.content_hash for w in (coord.live, coord.previous, self._lineage.base) if w is not None}
         refused = self._ledger.get(str(entry.path))
         if refused is not None:
-            reusable.add(refused.content_hash)
-        return known in reusable
+            known.add(refused.content_hash)
+        return known
 
     def _unchanged(self, entry: Entry) -> bool:
         """Still what was inspected; if not, it is being written: drop it and look again later."""
@@ -550,56 +513,8 @@ class WeightsWatcher:
         if again is not None and again.fp == entry.fp:
             return True
         self._seen.pop(entry.name, None)
-        now = time.monotonic()
-        self._pending.setdefault(entry.name, Pending(now, now))
+        self._events.look_again(entry.name, time.monotonic())
         return False
-
-    def _identify_later(self, entry: Entry, quick: str | None) -> None:
-        """Hash weights that went live without a hash on a thread of their own: the worker goes on with the
-        next publish meanwhile."""
-        if self._after is None:
-            self._after = ThreadPoolExecutor(1, thread_name_prefix=f"hotswap-identity-{self.folder.name}",
-                                             initializer=lower_priority)
-        self._identifying += 1
-
-        def run() -> None:
-            try:
-                self._identify(entry, None, quick)
-            except Exception:
-                log.exception("weights watcher: hashing %s after it went live failed", entry.path)
-                self.metrics.watcher_error()
-            finally:
-                with self._lock:  # the worker counts up under it too
-                    self._identifying -= 1
-
-        self._after.submit(run)
-
-    def _identify(self, entry: Entry, report: RefitReport | None, quick: str | None) -> None:
-        """The content hash of an entry read without one: the identity later publishes are compared with
-        (no-op, rollback, refused before). Stays unknown when the entry changed meanwhile."""
-        t0 = time.perf_counter()
-        try:
-            h = content_hash(entry, self._hash_pool)
-        except OSError as e:
-            log.info("weights folder: %s could not be hashed after it was read (%s); its identity stays unknown",
-                     entry.path, e)
-            return
-        with self._lock:
-            again = inspect_entry(self.folder, entry.name, self.policy, self.max_files)
-            if not isinstance(again, Entry) or again.fp != entry.fp:
-                return
-            entry.content_hash = h
-            if quick is not None:
-                self._remember(quick, h)
-            if report is None:
-                self._lineage.identify(entry.version, h)
-                log.info("weights folder: %s hashed after it went live (%.0f ms)", entry.version,
-                         1e3 * (time.perf_counter() - t0))
-
-    def _remember(self, quick: str, content: str) -> None:
-        self._quick_ids[quick] = content
-        while len(self._quick_ids) > 64:
-            self._quick_ids.popitem(last=False)
 
     def _reject_entry(self, entry: Entry, reason: str, message: str) -> RefitReport:
         """Refuse an entry without handing it to the coordinator: count, log once, record."""

@@ -20,9 +20,9 @@ from serving.cli import main
 from serving.errors import PublishError
 from serving.examples import TRANSFORMER
 from serving.factory import build_module
+from serving.hashing import sha256_file
 from serving.publish import publish, publish_tensors, staging
 from serving.publish.protocol import MANIFEST_NAME, ManifestEntry, entry_name, parse_manifest, render_manifest
-from serving.watch.entries import sha256_file
 from serving.weights.lora import random_adapter, save_adapter
 
 P = "base_model.model."

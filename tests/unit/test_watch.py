@@ -456,21 +456,6 @@ def test_stop_is_prompt_and_restartable(folder: Path, rigs: list[Rig]) -> None:
     rig.wait_live("v2")
 
 
-def test_content_hash_of_large_files_is_chunked_in_parallel_and_stable(tmp_path: Path) -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
-    path = tmp_path / "big.bin"
-    path.write_bytes(os.urandom(40 << 20) + b"tail")
-    with ThreadPoolExecutor(3) as pool:
-        parallel = content_hash_file(path, pool)
-    assert parallel == content_hash_file(path)
-    with open(path, "r+b") as f:
-        f.seek(20 << 20)
-        f.write(b"X")
-    assert content_hash_file(path) != parallel
-    assert content_hash_file(tmp_path / "big.bin") != content_hash_file(write_atomic(tmp_path / "e", b""))
-
-
 def test_settings_build_a_watcher(tmp_path: Path, rigs: list[Rig]) -> None:
     from serving.settings import parse_settings
 
