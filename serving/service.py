@@ -81,11 +81,7 @@ class HotswapService:
                                                strip_prefix=s.strip_prefix),
         )
         s.weights_dir.mkdir(parents=True, exist_ok=True)
-        self.watcher = WeightsWatcher(
-            s.weights_dir, self.coordinator, mode=s.watch_mode, poll_interval_s=s.poll_interval_s,
-            debounce_s=s.debounce_s, metrics=self.metrics, lora_scale=s.lora_scale,
-            checkpoint_policy=self.coordinator.checkpoint_policy,
-        )
+        self.watcher = WeightsWatcher.from_settings(s, self.coordinator, self.metrics)
         report = self.watcher.install_initial()
         if require_weights and (report is None or not self.coordinator.ready):
             why = "; ".join(f"{p}: {r}" for p, r in sorted(self.watcher.rejected.items())) or "it is empty"

@@ -469,6 +469,18 @@ def test_settings_build_a_watcher(tmp_path: Path, rigs: list[Rig]) -> None:
     assert w.policy.max_bytes == 1000 and w.policy.allow_pickle and w.policy.root == tmp_path
 
 
+def test_the_watcher_checks_its_timing_by_the_settings_bounds(tmp_path: Path, rigs: list[Rig]) -> None:
+    from serving.errors import ConfigError
+
+    rig = make(rigs, tmp_path)
+    with pytest.raises(ConfigError) as e:
+        WeightsWatcher(tmp_path, rig.coord, poll_interval_s=0.001, debounce_s=-1, settle_s=-1, max_files=0)
+    assert str(e.value) == ("invalid watcher timing: poll_interval_s=0.001 (must be >= 0.01), debounce_s=-1 "
+                            "(must be >= 0), settle_s=-1 (must be >= 0), max_files=0 (must be >= 1)")
+    with pytest.raises(ConfigError, match="watch_mode 'fanotify'"):
+        WeightsWatcher(tmp_path, rig.coord, mode="fanotify")
+
+
 def test_cli_watch_installs_what_is_published_while_it_runs(tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     from serving.cli import main
