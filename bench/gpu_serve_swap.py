@@ -35,7 +35,7 @@ from bench.lib.models import FACTORY, mlp_bytes, mlp_output, random_mlp_state
 from bench.lib.swapload import ClientPool, response_version, run_swap_load
 from bench.lib.triton_repo import make_repository
 from bench.record import command, command_args, dumps
-from serving.publisher import publish
+from serving.publish import publish
 from serving.triton.scrape import scrape, weights_versions
 from serving.triton.server import TritonProcess
 

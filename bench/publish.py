@@ -40,7 +40,7 @@ from bench.lib.host import machine  # noqa: E402
 from serving.engines import build_engine  # noqa: E402
 from serving.examples import TRANSFORMER  # noqa: E402
 from serving.factory import build_module  # noqa: E402
-from serving.publisher import staging  # noqa: E402
+from serving.publish import staging  # noqa: E402
 from serving.refit import CanaryConfig, RefitCoordinator  # noqa: E402
 from serving.specs import BuildSpec, TensorSpec  # noqa: E402
 from serving.watch import WatchRecord, WeightsWatcher  # noqa: E402

@@ -11,7 +11,7 @@ model and engine, from one process:
 * ``build_s``: the engine build without a cache (compile, warm up, checks);
 * ``refit_s``: ``RefitCoordinator.refit_from_path`` of a page-cached ``model.safetensors`` to the
   live engine (read, validate, transfer, refit, canary, swap), median of ``--repeats``, with stages;
-* ``publish_to_live_s``: ``serving.publisher.publish(..., link=True)`` of a ``save_pretrained``-like directory
+* ``publish_to_live_s``: ``serving.publish.publish(..., link=True)`` of a ``save_pretrained``-like directory
   into a watched folder (hard links, so no copy is timed: from the rename) until the coordinator serves it
   (watcher events, settle, identity, then as above).
 
@@ -40,7 +40,7 @@ from bench.lib.host import machine  # noqa: E402
 from bench.record import command  # noqa: E402
 from serving.engines import build_engine  # noqa: E402
 from serving.factory import build_module  # noqa: E402
-from serving.publisher import publish  # noqa: E402
+from serving.publish import publish  # noqa: E402
 from serving.refit import RefitCoordinator  # noqa: E402
 from serving.specs import BuildSpec, TensorSpec  # noqa: E402
 from serving.watch import WeightsWatcher  # noqa: E402

@@ -29,7 +29,7 @@ from bench.lib.swapload import ClientPool, SwapLoadResult, response_version, run
 from bench.record import dumps  # noqa: E402
 from serving.examples import CNN, TRANSFORMER  # noqa: E402
 from serving.factory import build_module  # noqa: E402
-from serving.publisher import publish  # noqa: E402
+from serving.publish import publish  # noqa: E402
 from serving.triton.scrape import scrape, weights_versions  # noqa: E402
 from serving.triton.server import TritonProcess, models_in, seed_weights  # noqa: E402
 from serving.weights.random_state import random_state_dict  # noqa: E402

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from bench.lib.models import MARKER_STEP, BigMLP
-from serving.publisher import staging
+from serving.publish import staging
 
 _DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 

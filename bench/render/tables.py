@@ -263,7 +263,7 @@ def real_models(results: Path) -> str:
     return ("**Real architectures** (`bench/real_refit.py`): full-size ResNet-18/50 (transformers' classes on CPU, "
             "torchvision's as `tv-` on the GPU) and BERT-base, random weights; `file → live`: a page-cached "
             "`model.safetensors` to the live engine (read, validate, transfer, refit, canary, swap), median; "
-            "`publish → live`: `serving.publisher.publish(..., link=True)` of a `save_pretrained`-like directory "
+            "`publish → live`: `serving.publish.publish(..., link=True)` of a `save_pretrained`-like directory "
             "into the watched folder (hard links: timed from the rename; its `MANIFEST.json` sha256s are "
             "verified before it goes live) until it serves. Beside them, the refit times Torch-TensorRT documents for "
             "`refit_module_weights` on the same architectures (their hardware, a TensorRT engine: context, not a "

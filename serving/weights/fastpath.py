@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from serving.background import lower_priority
+from serving.choices import READ_BYTES, READ_BYTES_BOUNDS, READER_THREADS, READER_THREADS_BOUNDS, TRANSFERS
 from serving.errors import CheckpointError, ConfigError, RefitError, ValidationError, reading
 from serving.specs import WeightSpec, dtype_name
 from serving.weights.checkpoint import CheckpointCandidate, _baseline, _verify_unchanged
@@ -72,16 +73,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
-
-#: how bytes reach a CUDA destination. ``pinned``: through the ring of pinned buffers. ``registered``: DMA
-#: straight from the checkpoint's page-cache pages, registered with CUDA window by window
-#: (:mod:`serving.weights.registered`; tensors stored in the engine's dtype; a cast, or a file whose pages
-#: cannot be registered, goes the pinned way, logged). On an H200 host registering pages runs at 11 GB/s on one
-#: thread and 19-20 GB/s on 2-16 (the driver serializes it), and while it runs the process's other CUDA calls
-#: wait: registered refits streamed at 7 GB/s against 22-30 GB/s pinned, and requests served meanwhile waited up
-#: to 238 ms instead of 21 ms (bench/results/gpu-refit-transfer-h200.json). Hence ``pinned`` by default.
-TRANSFERS = ("pinned", "registered")
-
 
 @dataclass(frozen=True)
 class FastPathConfig:
@@ -97,14 +88,15 @@ class FastPathConfig:
     """
 
     #: reader threads (each reads ``read_bytes`` at a time with ``os.preadv``)
-    threads: int = 8
+    threads: int = READER_THREADS
     #: pinned buffers in the pool (CUDA): at least 2 so that reading and copying overlap
     buffers: int = 6
     #: size of each pinned buffer, i.e. the most bytes one chunk carries
     buffer_bytes: int = 64 * MiB
     #: bytes per read call
-    read_bytes: int = 16 * MiB
-    #: how bytes reach a CUDA destination (:data:`TRANSFERS`)
+    read_bytes: int = READ_BYTES
+    #: how bytes reach a CUDA destination (:data:`serving.choices.TRANSFERS`: why ``pinned`` by default; a cast,
+    #: or a file whose pages cannot be registered, goes the pinned way, logged)
     transfer: str = "pinned"
     #: registered transfers: bytes of page cache registered at a time (a multiple of the page size)
     window_bytes: int = 64 * MiB
@@ -119,14 +111,12 @@ class FastPathConfig:
             problems.append(f"window_bytes={self.window_bytes} (need >= 1 MiB and a multiple of 64 KiB)")
         if self.windows_ahead < 1:
             problems.append(f"windows_ahead={self.windows_ahead} (need >= 1)")
-        if self.threads < 1:
-            problems.append(f"threads={self.threads} (need >= 1)")
+        problems += [f"threads={self.threads} ({p})" for p in READER_THREADS_BOUNDS.problems(self.threads)]
         if self.buffers < 2:
             problems.append(f"buffers={self.buffers} (need >= 2 to overlap reads and copies)")
         if self.buffer_bytes < MiB or self.buffer_bytes % 64:
             problems.append(f"buffer_bytes={self.buffer_bytes} (need >= 1 MiB and a multiple of 64)")
-        if self.read_bytes < 4096 or self.read_bytes % 64:
-            problems.append(f"read_bytes={self.read_bytes} (need >= 4096 and a multiple of 64)")
+        problems += [f"read_bytes={self.read_bytes} ({p})" for p in READ_BYTES_BOUNDS.problems(self.read_bytes)]
         if problems:
             raise ConfigError("FastPathConfig: " + ", ".join(problems))
 

@@ -15,7 +15,7 @@ import torch
 
 from serving.examples import CNN, TRANSFORMER
 from serving.factory import build_module
-from serving.publisher import publish
+from serving.publish import publish
 from serving.triton.scrape import scrape, weights_versions
 from serving.triton.server import TritonProcess, seed_weights
 from serving.triton.version_output import VERSION_OUTPUT, VERSION_UTF8_OUTPUT, decode_utf8
@@ -104,7 +104,7 @@ class TritonFixture:
         return self.weights_root / model
 
     def publish(self, model: str, src: Path, name: str | None = None) -> Path:
-        """Publish ``src`` into the model's weights folder with :func:`serving.publisher.publish`."""
+        """Publish ``src`` into the model's weights folder with :func:`serving.publish.publish`."""
         return publish(src, self.weights_dir(model), version=name)
 
     def versions(self, model: str) -> dict[str, str]:

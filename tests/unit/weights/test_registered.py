@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from serving.choices import TRANSFERS
 from serving.errors import ConfigError
-from serving.weights.fastpath import TRANSFERS, FastPathConfig, FastReader, TensorSource
+from serving.weights.fastpath import FastPathConfig, FastReader, TensorSource
 from serving.weights.registered import HostRegistry, MappedFile, plan_windows
 
 PAGE = 4096
