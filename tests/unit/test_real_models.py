@@ -119,8 +119,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Saved:
 
 def _serve_from(engine: Engine, folder: Path) -> Any:
     slot = engine.new_slot()
-    loaded = load_weights(folder, engine.weight_specs(), ignored=getattr(engine, "ignored_names", frozenset()),
-                          fixed=getattr(engine, "kept_tensors", None))
+    loaded = load_weights(folder, engine.weight_specs(), ignored=engine.ignored_names, fixed=engine.kept_tensors)
     slot.refit(slot.transfer(loaded.tensors))
     return slot
 
