@@ -13,6 +13,10 @@ import torch
 from serving.engines.base import weight_problems
 from serving.specs import WeightSpec, dtype_name, specs_with_ties
 
+#: the fix named when the compiled model needs a tensor the engine cannot hold
+NOT_HELD_FIX = ("a tensor the model creates while it runs cannot be refitted or kept: switch that off in the factory "
+                "(e.g. a transformers key/value cache: use_cache=False in the config), or use engine 'eager'")
+
 
 def graph_tensor_usage(ep: torch.export.ExportedProgram) -> tuple[set[str], set[str]]:
     """(tensors the graph reads, tensors it lifts but never reads), by state-dict style name."""
@@ -68,7 +72,7 @@ def kept_tensors(
         t = ep.constants.get(name)
         if not isinstance(t, torch.Tensor):
             problems.append(f"the graph reads tensor {name!r}, which is neither in the state dict nor a constant "
-                            "of the exported program: the engine cannot hold it")
+                            f"of the exported program: the engine cannot hold it; {NOT_HELD_FIX}")
             continue
         values[name] = t.detach().clone(memory_format=torch.contiguous_format)
         why[name] = ("non-persistent buffer (not in the state dict)" if name in buffers
@@ -88,8 +92,8 @@ def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
 
 def constant_problems(constant_fqns: Iterable[str], weight_names: Iterable[str],
                       kept: Iterable[str] = ()) -> list[str]:
-    """The compiled model's constants must be exactly the state-dict tensors the graph reads, plus the
-    tensors the engine keeps (:func:`kept_tensors`)."""
+    """The compiled model's constants must be exactly the state-dict tensors the graph reads, plus tensors the
+    engine keeps (:func:`kept_tensors`; Inductor may fold a kept one into the code: it is not a constant then)."""
     fqns, names = set(constant_fqns) - set(kept), set(weight_names)
     problems = [
         f"state-dict tensor {n!r} is read by the graph but is not a constant of the compiled model: "
@@ -98,8 +102,8 @@ def constant_problems(constant_fqns: Iterable[str], weight_names: Iterable[str],
         for n in sorted(names - fqns)
     ]
     problems += [
-        f"the compiled model has constant {n!r}, which is not a state-dict tensor the graph reads: "
-        "no checkpoint can provide it"
+        f"the compiled model has constant {n!r}, which is not a state-dict tensor the graph reads nor a tensor "
+        f"the engine keeps: no checkpoint can provide it; {NOT_HELD_FIX}"
         for n in sorted(fqns - names)
     ]
     return problems
@@ -164,5 +168,5 @@ def cached_spec_problems(
     return problems
 
 
-__all__ = ["cached_spec_problems", "constant_problems", "graph_tensor_usage", "is_compact",
+__all__ = ["NOT_HELD_FIX", "cached_spec_problems", "constant_problems", "graph_tensor_usage", "is_compact",
            "kept_tensors", "package_problems", "refit_problems", "runner_problems", "split_state", "tensors_sha256"]

@@ -25,7 +25,7 @@ from serving.engines.aoti.checks import (
     tensors_sha256,
 )
 from serving.engines.aoti.runner import Runner, load_runner
-from serving.engines.aoti.slot import AOTISlot
+from serving.engines.aoti.slot import AOTISlot, first_refit_check
 from serving.engines.cached_build import EntryUnfit, Made, Recipe, host_cpu_fields
 from serving.engines.export import EXAMPLE_BATCH, export, make_module, nonpersistent_buffers
 from serving.errors import EngineBuildError
@@ -76,8 +76,12 @@ class AOTIParts:
 
 def make_slot(runner: Runner, spec: BuildSpec, device: torch.device, specs: Mapping[str, WeightSpec],
               ignored: frozenset[str], kept: Mapping[str, torch.Tensor]) -> AOTISlot:
-    """A slot of ``runner``, which registers the kept tensors with its weights."""
-    return AOTISlot(runner, spec=spec, device=device, specs=specs, ignored=ignored, constants=kept)
+    """A slot of ``runner``. Of the kept tensors it registers those that are constants of the compiled model:
+    Inductor may fold one into the code (e.g. an empty tensor the model concatenates to), and the runner refuses
+    a constant it does not have."""
+    fqns = set(runner.get_constant_fqns())
+    constants = {n: t for n, t in kept.items() if n in fqns}
+    return AOTISlot(runner, spec=spec, device=device, specs=specs, ignored=ignored, constants=constants)
 
 
 class AOTIRecipe(Recipe[AOTIParts]):
@@ -124,6 +128,7 @@ class AOTIRecipe(Recipe[AOTIParts]):
             if problems:
                 raise EntryUnfit(problems)
             slot = make_slot(runner, self.spec, self.device, specs, ignored, kept)
+            first_refit_check(slot)
         except EngineBuildError as e:
             raise EntryUnfit([str(e)]) from e
         return Made(AOTIParts(specs, ignored, kept, why, package, slot), kept=why)
@@ -144,12 +149,15 @@ class AOTIRecipe(Recipe[AOTIParts]):
             raise EngineBuildError(f"AOTI engine: AOTInductor compile of {self.spec.factory} failed: {e}") from e
         compile_s = time.perf_counter() - t0
         runner = load_runner(package, self.device)
-        problems = package_problems(package) + constant_problems(runner.get_constant_fqns(), specs, kept)
+        fqns = runner.get_constant_fqns()
+        problems = package_problems(package) + constant_problems(fqns, specs, kept)
+        why = {n: w if n in fqns else f"{w}; folded into the compiled code" for n, w in why.items()}
         if problems:
             raise EngineBuildError(
                 f"AOTI engine for {self.spec.factory}: {len(problems)} problem(s), refusing an engine with "
                 "weights baked in:\n" + "\n".join(f"  - {p}" for p in problems))
         slot = make_slot(runner, self.spec, self.device, specs, ignored, kept)
+        first_refit_check(slot)
         return Made(AOTIParts(specs, ignored, kept, why, package, slot), note=f"compiled in {compile_s:.1f}s", kept=why)
 
     def _split(self, ep: torch.export.ExportedProgram, state: Mapping[str, torch.Tensor]) -> tuple[

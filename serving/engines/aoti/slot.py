@@ -20,11 +20,11 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from serving.engines.aoti.checks import is_compact, runner_problems
+from serving.engines.aoti.checks import NOT_HELD_FIX, is_compact, runner_problems
 from serving.engines.aoti.runner import Runner
 from serving.engines.base import CopySlot
 from serving.engines.export import input_problems
-from serving.errors import NotReadyError
+from serving.errors import EngineBuildError, NotReadyError, RefitError
 from serving.specs import BuildSpec, WeightSpec
 
 
@@ -83,4 +83,20 @@ class AOTISlot(CopySlot):
         self.reset()
 
 
-__all__ = ["AOTISlot"]
+def first_refit_check(slot: AOTISlot) -> None:
+    """Refit ``slot`` once through the call serving makes, so that an engine that builds cannot fail at its first
+    refit; the slot then needs a full refit again.
+
+    The slot is refitted with its own buffers (nothing is copied; their values do not matter), which registers
+    them, and the kept tensors, with the runner: the runner checks that every constant it reads is given.
+    """
+    try:
+        slot.refit(slot.buffers())
+    except RefitError as e:
+        raise EngineBuildError(f"AOTI engine for {slot.spec.factory}: the compiled model does not take the weights "
+                               f"and kept tensors as serving installs them ({e.__cause__ or e}); {NOT_HELD_FIX}") from e
+    finally:
+        slot.reset()
+
+
+__all__ = ["AOTISlot", "first_refit_check"]
