@@ -163,7 +163,9 @@ def _entry_point() -> Callable[..., Any]:
         return module(*inputs)
 
     name = f"hotswap_inductor_{next(_names)}"
-    code = call.__code__.replace(co_name=name, co_qualname=name)
+    code = call.__code__.replace(co_name=name)
+    if hasattr(code, "co_qualname"):  # Python 3.11+
+        code = code.replace(co_qualname=name)
     return types.FunctionType(code, call.__globals__, name)
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import shutil
 import tarfile
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path, PurePosixPath
 
 from serving.cache import CacheEntry
 from serving.engines.cached_build import EntryUnfit, weights_from_meta, weights_meta
@@ -23,6 +23,10 @@ ARTIFACTS_FILE = "artifacts.bin"
 KERNELS_FILE = "kernels.tar"
 #: folders of the private Inductor cache that the mega-cache already carries (or that are not code)
 _NOT_KERNELS = ("fxgraph", "aotautograd", "locks")
+#: the largest kernel file, and all kernel files together, accepted from a cache entry (a hostile or damaged
+#: archive must not fill the disk; an engine's kernels are far smaller)
+MAX_KERNEL_FILE_BYTES = 1 << 30
+MAX_KERNELS_BYTES = 8 << 30
 
 
 def kernel_files(root: Path) -> list[Path]:
@@ -44,10 +48,62 @@ def pack_kernels(root: Path, dest: Path) -> int:
     return len(files)
 
 
+def member_problems(members: Sequence[tarfile.TarInfo], root: Path) -> list[str]:
+    """Everything that keeps an archive's members from being unpacked into ``root``: anything but regular files
+    and folders (links, devices, fifos), absolute names, names that lead outside ``root`` or repeat, files over
+    :data:`MAX_KERNEL_FILE_BYTES` or :data:`MAX_KERNELS_BYTES` in all. Pure."""
+    problems: list[str] = []
+    seen: set[PurePosixPath] = set()
+    files = {PurePosixPath(m.name) for m in members if m.isreg()}
+    total = 0
+    for m in members:
+        name = PurePosixPath(m.name)
+        if not (m.isreg() or m.isdir()):
+            problems.append(f"{m.name!r}: not a regular file or folder (a link, device or fifo)")
+        if name.is_absolute():
+            problems.append(f"{m.name!r}: an absolute name")
+        elif not name.parts:
+            problems.append(f"{m.name!r}: an empty name")
+        elif ".." in name.parts or not (root / name).resolve().is_relative_to(root.resolve()):
+            problems.append(f"{m.name!r}: leads outside the folder")
+        if name in seen:
+            problems.append(f"{m.name!r}: in the archive more than once")
+        if files.intersection(name.parents):
+            problems.append(f"{m.name!r}: inside a path the archive also has as a file")
+        seen.add(name)
+        if m.isreg() and m.size > MAX_KERNEL_FILE_BYTES:
+            problems.append(f"{m.name!r}: {m.size} bytes, more than a kernel file may have ({MAX_KERNEL_FILE_BYTES})")
+        total += m.size if m.isreg() else 0
+    if total > MAX_KERNELS_BYTES:
+        problems.append(f"{total} bytes in all, more than the kernels may have ({MAX_KERNELS_BYTES})")
+    return problems
+
+
 def unpack_kernels(archive: Path, root: Path) -> None:
-    """Extract a :func:`pack_kernels` archive into ``root`` (regular files only, nothing outside)."""
+    """Extract a :func:`pack_kernels` archive into ``root``: every member is checked first
+    (:func:`member_problems`), then regular files and folders are written, nothing else and nothing outside.
+
+    ``TarFile.extractall(filter=...)`` would do the checks only on Pythons from 3.10.12 and 3.11.4 (PEP 706);
+    the project accepts 3.10 and 3.11 from their first releases. :class:`EntryUnfit` names every problem;
+    nothing is written then.
+    """
     with tarfile.open(archive) as tar:
-        tar.extractall(root, filter="data")
+        members = tar.getmembers()
+        problems = member_problems(members, root)
+        if problems:
+            raise EntryUnfit([f"{archive}: refusing to unpack: {p}" for p in problems])
+        root.mkdir(parents=True, exist_ok=True)
+        for m in members:
+            dest = root / m.name
+            if m.isdir():
+                dest.mkdir(parents=True, exist_ok=True)
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            src = tar.extractfile(m)
+            assert src is not None  # a regular file
+            with src, open(dest, "xb") as out:
+                shutil.copyfileobj(src, out)
+            dest.chmod((m.mode & 0o755) | 0o600)  # loadable shared objects; nothing set-id, nobody else writes
 
 
 def copy_out(entry: CacheEntry, workdir: Path, compile_dir: Path) -> Mapping[str, object]:
@@ -59,7 +115,7 @@ def copy_out(entry: CacheEntry, workdir: Path, compile_dir: Path) -> Mapping[str
     if KERNELS_FILE in entry.files:
         try:
             unpack_kernels(entry.files[KERNELS_FILE], compile_dir)
-        except tarfile.TarError as e:
+        except tarfile.TarError as e:  # not a readable tar
             raise EntryUnfit([f"{KERNELS_FILE}: {type(e).__name__}: {e}"]) from e
     return entry.meta
 
@@ -93,5 +149,5 @@ def artifact_bytes(entry: CacheEntry) -> Iterator[tuple[str, bytes]]:
             yield name, path.read_bytes()
 
 
-__all__ = ["ARTIFACTS_FILE", "KERNELS_FILE", "artifact_bytes", "copy_out", "entry_meta", "entry_problems",
-           "kernel_files", "pack_kernels", "unpack_kernels"]
+__all__ = ["ARTIFACTS_FILE", "KERNELS_FILE", "MAX_KERNELS_BYTES", "MAX_KERNEL_FILE_BYTES", "artifact_bytes", "copy_out",
+           "entry_meta", "entry_problems", "kernel_files", "member_problems", "pack_kernels", "unpack_kernels"]
