@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from serving.engines.base import weight_problems
 from serving.specs import WeightSpec, dtype_name, specs_with_ties
 
 #: the fix named when the compiled model needs a tensor the engine cannot hold
@@ -145,13 +144,6 @@ def runner_problems(device: torch.device) -> Callable[[str, torch.Tensor], list[
     return problems
 
 
-def refit_problems(specs: Mapping[str, WeightSpec], ignored: frozenset[str], weights: Mapping[str, torch.Tensor],
-                   device: torch.device, *, full: bool) -> list[str]:
-    """Everything wrong with a weight set for a slot: :func:`~serving.engines.base.weight_problems` plus
-    :func:`runner_problems`."""
-    return weight_problems(specs, weights, device, full=full, ignored=ignored, extra=runner_problems(device))
-
-
 def cached_spec_problems(
     state: Mapping[str, torch.Tensor], specs: Mapping[str, WeightSpec], ignored: frozenset[str]
 ) -> list[str]:
@@ -169,4 +161,4 @@ def cached_spec_problems(
 
 
 __all__ = ["NOT_HELD_FIX", "cached_spec_problems", "constant_problems", "graph_tensor_usage", "is_compact",
-           "kept_tensors", "package_problems", "refit_problems", "runner_problems", "split_state", "tensors_sha256"]
+           "kept_tensors", "package_problems", "runner_problems", "split_state", "tensors_sha256"]

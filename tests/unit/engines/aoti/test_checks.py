@@ -16,10 +16,11 @@ from serving.engines.aoti.checks import (
     graph_tensor_usage,
     kept_tensors,
     package_problems,
-    refit_problems,
+    runner_problems,
     split_state,
     tensors_sha256,
 )
+from serving.engines.base import weight_problems
 from serving.engines.export import nonpersistent_buffers
 from serving.specs import WeightSpec
 
@@ -68,16 +69,17 @@ def test_kept_tensors_are_the_non_persistent_buffers_and_traced_constants_the_gr
     assert constant_problems(["lin.weight", "lin.bias", *values], ["lin.weight", "lin.bias"], values) == []
 
 
-def test_refit_problems_first_refit_must_be_complete() -> None:
+def test_runner_problems_add_the_device_index_and_compact_tensors_to_the_weight_checks() -> None:
     specs = {"w": WeightSpec("w", (2,), torch.float32), "b": WeightSpec("b", (1,), torch.float32)}
     cpu = torch.device("cpu")
     ok = {"w": torch.zeros(2)}
-    assert refit_problems(specs, frozenset(), ok, cpu, full=False) == []
-    (problem,) = refit_problems(specs, frozenset(), ok, cpu, full=True)
+    assert weight_problems(specs, ok, cpu, full=False, extra=runner_problems(cpu)) == []
+    (problem,) = weight_problems(specs, ok, cpu, full=True, extra=runner_problems(cpu))
     assert "missing 1: 'b'" in problem
-    assert refit_problems(specs, frozenset({"n"}), {**ok, "n": torch.zeros(3)}, cpu, full=False) == []
-    (wrong_device,) = refit_problems(specs, frozenset(), ok, torch.device("meta"), full=False)
-    assert "on cpu, expected meta" in wrong_device
+    (view,) = weight_problems(specs, {"w": torch.zeros(4)[:2]}, cpu, full=False, extra=runner_problems(cpu))
+    assert "'w': not contiguous or a view into a larger storage" in view
+    assert runner_problems(torch.device("meta", 1))("w", torch.zeros(2, device="meta")) == [
+        "'w': on meta, expected meta:1 (call transfer() first)"]
 
 
 def test_package_problems_spot_packaged_weights(tmp_path: Path) -> None:
