@@ -215,44 +215,6 @@ def page_cache_read_gbps(path: Path, threads: int, read_bytes: int, buffer_bytes
     return best
 
 
-def probe_registration(path: Path, device: str, threads: list[int], window: int = 64 << 20) -> dict[str, Any]:
-    """What registered transfers are made of, on a page-cached file: ``cudaHostRegister`` of its pages with
-    1..n threads at once (does the driver scale?), DMA out of pages registered beforehand (the ceiling),
-    and ``cudaHostUnregister``. Through :mod:`serving.weights.registered`, as the reader does it."""
-    from serving.weights.registered import HostRegistry, MappedFile
-
-    registry, why = HostRegistry.get()
-    if registry is None:
-        raise RuntimeError(why)
-    fd = os.open(path, os.O_RDONLY)
-    m = MappedFile(fd)
-    try:
-        assert m.bytes is not None
-        n = (m.size // window) * window
-        starts = list(range(0, n, window))
-        dst = torch.empty(window, dtype=torch.uint8, device=device)
-        out: dict[str, Any] = {"bytes": n, "window_bytes": window, "register_gbps": {}, "unregister_gbps": {}}
-        for k in threads:
-            with ThreadPoolExecutor(k) as ex:
-                t = time.perf_counter()
-                list(ex.map(lambda a: registry.register(m.address + a, window), starts))
-                out["register_gbps"][str(k)] = n / (time.perf_counter() - t) / GB
-                if k == threads[-1]:  # DMA from registered pages, every window registered beforehand
-                    torch.cuda.synchronize()
-                    t = time.perf_counter()
-                    for a in starts:
-                        dst.copy_(m.bytes[a:a + window], non_blocking=True)
-                    torch.cuda.synchronize()
-                    out["dma_from_registered_gbps"] = n / (time.perf_counter() - t) / GB
-                t = time.perf_counter()
-                list(ex.map(lambda a: registry.unregister(m.address + a), starts))
-                out["unregister_gbps"][str(k)] = n / (time.perf_counter() - t) / GB
-        return out
-    finally:
-        m.close()
-        os.close(fd)
-
-
 # --------------------------------------------------------------------------- clients
 
 
@@ -516,12 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big-in-place", type=float, default=0.0, metavar="GB",
                     help="also run in_place with a model of this size (0: skip)")
     ap.add_argument("--transfers", default="pinned", help="weights transfers to run, comma separated "
-                    "(pinned, registered: serving.weights.fastpath.TRANSFERS)")
-    ap.add_argument("--window-mb", type=int, default=FastPathConfig.window_bytes >> 20)
-    ap.add_argument("--windows-ahead", type=int, default=FastPathConfig.windows_ahead)
-    ap.add_argument("--probe-register", default="", metavar="THREADS",
-                    help="also measure cudaHostRegister of page-cached pages with these thread counts (e.g. 1,4,16), "
-                    "DMA out of registered pages and unregistering")
+                    "(auto, kvikio, pinned: serving.weights.transfer.TRANSFERS)")
+    ap.add_argument("--task-kb", type=int, default=FastPathConfig.task_bytes >> 10, help="KvikIO's task size")
     ap.add_argument("--big-ballast", default="auto", help="GB of GPU memory to take away first (auto: enough that "
                     "the model is more than half of what is left)")
     args = ap.parse_args(argv)
@@ -531,8 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [float(s) for s in args.sizes.split(",") if s]
     aoti_sizes = [float(s) for s in args.aoti_sizes.split(",")] if args.aoti_sizes else sizes
     fast = FastPathConfig(threads=args.threads, buffers=args.buffers, buffer_bytes=args.buffer_mb << 20,
-                          read_bytes=args.read_kb << 10, window_bytes=args.window_mb << 20,
-                          windows_ahead=args.windows_ahead)
+                          read_bytes=args.read_kb << 10, task_bytes=args.task_kb << 10)
     transfers = [t for t in args.transfers.split(",") if t]
     base = pick_dir(args.dir, max(sizes + [args.big_in_place]) * GB)
     given = sys.argv[1:] if argv is None else argv
@@ -557,13 +514,6 @@ def main(argv: list[str] | None = None) -> int:
                                                              args.read_kb << 10)
             results["pinned_h2d_gbps_1gib"] = (1 << 30) / pinned_copy_seconds(1 << 30, args.device) / GB \
                 if args.device.startswith("cuda") else None
-            if args.probe_register:
-                try:
-                    results["registration"] = probe_registration(
-                        probe.root / "layers.safetensors", args.device,
-                        [int(k) for k in args.probe_register.split(",")])
-                except Exception as e:
-                    record_error("probe_register", e)
             shutil.rmtree(probe.root, ignore_errors=True)
         except Exception as e:
             record_error("limits", e)

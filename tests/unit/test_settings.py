@@ -131,12 +131,12 @@ def test_weights_pipeline_settings_reach_the_reader(tmp_path: Path) -> None:
     default = FastPathConfig()  # the table's defaults are the reader's
     assert (s.weights_transfer, s.weights_reader_threads, s.weights_read_bytes) == \
         (default.transfer, default.threads, default.read_bytes)
-    s = parse_settings({**base, "weights_transfer": "registered", "weights_reader_threads": "4",
+    s = parse_settings({**base, "weights_transfer": "kvikio", "weights_reader_threads": "4",
                         "weights_read_bytes": str(64 << 20)}, model_name="m", env={})
-    assert (s.weights_transfer, s.weights_reader_threads, s.weights_read_bytes) == ("registered", 4, 64 << 20)
+    assert (s.weights_transfer, s.weights_reader_threads, s.weights_read_bytes) == ("kvikio", 4, 64 << 20)
     with pytest.raises(ConfigError) as e:
         parse_settings({**base, "weights_transfer": "dma", "weights_reader_threads": "0",
                         "weights_read_bytes": "5000"}, model_name="m", env={})
-    for needle in ("weights_transfer: expected one of pinned, registered", "weights_reader_threads: must be >= 1",
+    for needle in ("weights_transfer: expected one of auto, kvikio, pinned", "weights_reader_threads: must be >= 1",
                    "weights_read_bytes: must be a multiple of 64"):
         assert needle in str(e.value), needle
