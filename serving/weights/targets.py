@@ -71,6 +71,8 @@ class Target:
     def take(self, raw: torch.Tensor, tensor_offset: int) -> torch.Tensor:
         """Put ``raw`` (this tensor's bytes from ``tensor_offset``, in the checkpoint's dtype, on the
         destination's device) where it belongs, cast; returns what to check (the cast values)."""
+        if raw.storage_offset() % self.src.dtype.itemsize:  # a file that does not align its tensors
+            raw = raw.clone()
         src = raw.view(self.src.dtype)
         if self.dest is not None:
             e0 = tensor_offset // self.src.dtype.itemsize

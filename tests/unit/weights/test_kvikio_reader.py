@@ -236,3 +236,46 @@ def test_probe_reads_a_real_file_and_says_why_not(tmp_path: Path, fake: FakeKvik
     fake.in_task = lambda *_: (_ for _ in ()).throw(RuntimeError("cuFile error"))
     status = probe(fake, str(path), torch.device("cpu"))
     assert not status.ok and "failed (RuntimeError: cuFile error)" in status.reason
+
+
+def test_a_scratch_slot_is_refilled_only_once_its_casts_are_done(tmp_path: Path, fake: FakeKvikIO) -> None:
+    """Reads run far ahead (large tasks, several threads); the cast tensors span many chunks of two slots."""
+    config = FastPathConfig(threads=4, buffers=2, buffer_bytes=1 << 20, task_bytes=1 << 20, transfer="kvikio")
+    g = torch.Generator().manual_seed(3)
+    sd = {"a": torch.randn(1_300_000, generator=g), "b": torch.randn(700_000, generator=g)}
+    path = write(tmp_path / "m.safetensors", sd)
+    specs = {k: WeightSpec(k, tuple(v.shape), torch.float16) for k, v in sd.items()}
+    reader = FastReader(config, kvikio_loader=lambda: (fake, "imported"))
+    try:
+        assert reader.config.threads * reader.config.task_bytes * 2 > 4 * config.buffer_bytes
+        loaded = load_weights(path, specs, reader=reader)
+    finally:
+        reader.close()
+    assert loaded.stats is not None and loaded.stats.chunks == 8
+    for k, v in sd.items():
+        assert torch.equal(loaded.tensors[k], v.half()), k
+
+
+@pytest.mark.parametrize("kind", ["threads", "kvikio"])
+def test_tensors_that_the_file_does_not_align_are_cast_and_checked(tmp_path: Path, fake: FakeKvikIO,
+                                                                   kind: str) -> None:
+    """A writer other than safetensors' own may put a float32 tensor at an offset that is not a multiple of 4;
+    two tensors to cast share a scratch chunk."""
+    from .helpers import raw_safetensors
+
+    a = torch.tensor([0.5, 1.5, -2.0], dtype=torch.float16)
+    b = torch.tensor([1.0, 2.0, 3.0, -4.0])
+    header = {"a": {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]},
+              "b": {"dtype": "F32", "shape": [4], "data_offsets": [6, 22]}}
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(raw_safetensors(header, a.numpy().tobytes() + b.numpy().tobytes()))
+    specs = {"a": WeightSpec("a", (3,), torch.float32), "b": WeightSpec("b", (4,), torch.float16)}
+    config = CONFIG if kind == "kvikio" else FastPathConfig(threads=2, buffers=2, buffer_bytes=1 << 20)
+    reader = FastReader(config, kvikio_loader=lambda: (fake, "imported"))
+    try:
+        loaded = load_weights(path, specs, reader=reader)
+        checked = open_checkpoint(path, specs)
+        read_checkpoint_into(checked.candidate, checked.metas, specs, checked.needed, None, reader=reader)
+    finally:
+        reader.close()
+    assert torch.equal(loaded.tensors["a"], a.float()) and torch.equal(loaded.tensors["b"], b.half())
