@@ -150,10 +150,11 @@ class FastReader:
             status = probe(module, file, device) if module is not None else KvikIOStatus(False, why)
         choice = resolve_transfer(self.config.transfer, device, status)
         if choice.kind == "kvikio":
-            self._kvikio = KvikIOReader(self.config, module)
-            how = f"{self.config.threads} threads, {self.config.task_bytes >> 10} KiB tasks"
+            if self._kvikio is None:
+                self._kvikio = KvikIOReader(self.config, module)
+            how = f"{self.config.threads} threads, {_size(self.config.task_bytes)} tasks"
         elif choice.kind == "pinned":
-            how = f"{self.config.threads} threads, {self.config.buffers} x {self.config.buffer_bytes >> 20} MiB buffers"
+            how = f"{self.config.threads} threads, {self.config.buffers} x {_size(self.config.buffer_bytes)} buffers"
         else:
             how = f"{self.config.threads} threads"
         level = logging.WARNING if status is not None and not status.ok and module is not None else logging.INFO
@@ -205,6 +206,10 @@ class FastReader:
             finish_s=timing.get("finish", 0.0), cast=tuple(n for n, t in targets.items() if t.cast), transfer=kind,
             extra={k: v for k, v in timing.items() if k not in ("wait_read", "wait_copy", "finish")},
         )
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes >> 20} MiB" if nbytes % (1 << 20) == 0 else f"{nbytes >> 10} KiB"
 
 
 # --------------------------------------------------------------------------- checkpoints
