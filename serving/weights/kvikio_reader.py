@@ -99,7 +99,7 @@ def read_error(exc: BaseException, step: Step, size_now: int | None) -> Checkpoi
     range (KvikIO reports EOF), otherwise an unreadable file, naming the range and its first tensor. Pure."""
     end = step.offset + step.nbytes
     if size_now is not None and size_now < end:
-        return short_in(step.pieces, step.file, step.offset, max(size_now, step.offset))
+        return short_in(step.pieces, step.file, step.offset, size_now)
     return CheckpointError(f"{step.file}: reading bytes {step.offset}..{end} (tensor {step.first!r}) through "
                            f"KvikIO failed: {exc}", reason="unreadable")
 
@@ -262,7 +262,14 @@ class KvikIOReader:
                             event.synchronize()  # ... and done before the slot is refilled
                             timing["wait_copy"] += time.perf_counter() - t
                         buf = slots[step.slot][:step.nbytes]
-                    pending.append((step, handles[step.file].pread(buffer_of(buf), step.nbytes, step.offset, task)))
+                    try:  # a read below KvikIO's gds_threshold runs in this thread: its errors come from here
+                        fut = handles[step.file].pread(buffer_of(buf), step.nbytes, step.offset, task)
+                    except Exception as e:
+                        failed = read_error(e, step, _size(step.file))
+                        while pending:
+                            dispatch()  # an earlier range that failed too is the one to name
+                        raise failed from e
+                    pending.append((step, fut))
                     ahead += step.nbytes
                     while ahead > self.window and len(pending) > 1:
                         dispatch()

@@ -3,7 +3,8 @@
 It follows KvikIO's documented Python API, host buffers only: ``CuFile(path, "r")``; ``CuFile.pread(buf, size,
 file_offset, task_size)`` cuts the read into tasks of ``task_size`` bytes that a thread pool of
 ``defaults.get("num_threads")`` threads carries out with ``os.pread``, and returns a future whose ``get()``
-is the number of bytes read (or raises what a task raised, as the real library's future does); a read past the
+is the number of bytes read (or raises what a task raised, as the real library's future does); a read smaller
+than ``gds_threshold`` runs in the caller and raises from ``pread`` itself, as the library's does; a read past the
 end of the file fails with the real library's message (``POSIX error on pread: EOF``). ``defaults.set`` with a
 new ``num_threads`` replaces the pool, as the real library does. GPU tests run the real library
 (tests/gpu/test_kvikio_cuda.py).
@@ -74,6 +75,8 @@ class FakeKvikIO:
         self.in_task: Callable[[str, int, int], None] | None = None
         self.freed = 0
         self.opened: list[str] = []
+        #: reads smaller than this run in the caller's thread (the library's default ``gds_threshold``: 1 MiB)
+        self.gds_threshold = 1 << 20
         fake = self
 
         class CuFile:
@@ -119,9 +122,13 @@ class FakeKvikIO:
                 if fake.before_read is not None:
                     fake.before_read(self.path, file_offset, n)
                 fd = self.fileno()
+                if n < fake.gds_threshold:  # as the library does: read in the caller, errors raised from here
+                    done: Future[int] = Future()
+                    done.set_result(fake._task(self.path, fd, view[:n], file_offset))
+                    return FakeIOFuture([done])
                 pool = fake.pool()
                 return FakeIOFuture([pool.submit(fake._task, self.path, fd, view[a:min(a + step, n)], file_offset + a)
-                                     for a in range(0, n, step)] if n else [])
+                                     for a in range(0, n, step)])
 
         self.CuFile = CuFile
 

@@ -130,6 +130,28 @@ def test_a_file_cut_short_during_the_read_names_the_tensor(tmp_path: Path, reade
     assert torch.equal(load_weights(good, specs, reader=reader).tensors["big"], sd["big"])
 
 
+def test_a_small_read_that_fails_in_the_caller_names_the_tensor(tmp_path: Path, reader: FastReader,
+                                                                fake: FakeKvikIO) -> None:
+    """Below KvikIO's gds_threshold the read runs in our thread and pread itself raises."""
+    sd = state()
+    path = write(tmp_path / "m.safetensors", sd)
+    specs = specs_of(sd)
+    sources = tensor_sources(open_checkpoint(path, specs).metas, list(specs))
+    ids = next(s for s in sources if s.name == "ids")
+    assert ids.nbytes < fake.gds_threshold
+
+    def truncate(file: str, offset: int, size: int) -> None:
+        if offset == ids.offset:
+            os.truncate(file, ids.offset + 3)
+
+    fake.before_read = truncate
+    with pytest.raises(CheckpointError) as e:
+        reader.read_into(sources, specs, allocate(specs, "cpu"), source=str(path))
+    assert e.value.reason == "corrupt"
+    assert f"ends at byte {ids.offset + 3} but its header places tensor 'ids' up to byte {ids.offset + ids.nbytes}" \
+        in str(e.value)
+
+
 def test_a_file_rewritten_while_read_is_refused_as_changed(tmp_path: Path, reader: FastReader,
                                                            fake: FakeKvikIO) -> None:
     sd = state()
@@ -175,6 +197,8 @@ def test_read_error_mapping() -> None:
     step = Step("/w/m.safetensors", 100, 300, (Piece("a", 0, 0, 100), Piece("b", 0, 100, 200)), direct=False, slot=0)
     short = read_error(RuntimeError("POSIX error on pread: EOF"), step, 250)
     assert short.reason == "corrupt" and "ends at byte 250" in str(short) and "tensor 'b' up to byte 400" in str(short)
+    before = read_error(RuntimeError("POSIX error on pread: EOF"), step, 50)  # the file ends before the range
+    assert "ends at byte 50" in str(before) and "tensor 'a' up to byte 200" in str(before)
     other = read_error(RuntimeError("boom"), step, 400)
     assert other.reason == "unreadable" and "bytes 100..400 (tensor 'a') through KvikIO failed: boom" in str(other)
     gone = read_error(RuntimeError("boom"), step, None)
