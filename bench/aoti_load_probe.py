@@ -2,17 +2,16 @@
 
     python bench/aoti_load_probe.py [--device cpu|cuda] [--out bench/results/aoti-load-probe-<machine>.json]
 
-Background: on the GPU machine (torch 2.11+cu130) ``aoti_load_package`` segfaulted for every package,
-even a CPU-only one. This builds a 2-layer MLP package (weights inside, so it can also run) and, for
-every loader variant this torch offers, runs a child Python that loads it (and, for the ``+run``
-variants, runs it once). A crash kills only the child; the JSON lists exit code / signal per variant.
-The engine's own guard is :mod:`serving.engines.aoti_probe` (same child-process idea).
+Background: on one GPU machine every loader of its torch crashed, even for a CPU-only package
+(docs/aoti-cuda.md, docs/benchmarks.md). This builds a 2-layer MLP package (weights inside, so it
+can also run) and, for every loader variant this torch offers, runs a child Python that loads it
+(and, for the ``+run`` variants, runs it once). A crash kills only the child; the JSON lists exit
+code / signal per variant. The engine's own guard is :mod:`serving.engines.aoti_probe` (same child-process idea).
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
 
+from bench.lib.host import machine  # noqa: E402
 from bench.record import command, write_json  # noqa: E402
 from serving.engines.aoti_probe import LOADERS, run_loader  # noqa: E402
 
@@ -77,9 +77,8 @@ def main() -> int:
     out = {
         "command": command("python bench/aoti_load_probe.py", sys.argv[1:]),
         "what": "AOTInductor loader variants, each loading a 2-layer MLP package in its own child process",
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                    "platform": platform.platform(),
-                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        # the host's GPU whatever the package's device: a crash is about this torch and CUDA on this host
+        "machine": machine("cuda" if torch.cuda.is_available() else "cpu"),
         "package_device": a.device, "package_build_s": round(build_s, 2), "notes": notes,
         "variants": [{"variant": r.variant, "ok": r.ok, "returncode": r.returncode, "signal": r.signal,
                       "seconds": round(r.seconds, 2), "verdict": r.describe(), "output_tail": r.output[-600:]}

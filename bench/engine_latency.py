@@ -21,7 +21,6 @@ runs after a warm-up, for every batch in ``--batches`` (CUDA: synchronized per r
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
 
+from bench.lib.host import machine  # noqa: E402
 from bench.record import command, write_json  # noqa: E402
 from serving.engines import build_engine  # noqa: E402
 from serving.engines.export import export, make_module  # noqa: E402
@@ -117,7 +117,7 @@ def time_runners(runners: dict[str, Runner], x: torch.Tensor, iters: int, rounds
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
@@ -129,15 +129,31 @@ def main() -> int:
     parser.add_argument("--engines", default="eager,inductor,inductor_frozen,aoti,aoti_baked")
     parser.add_argument("--cuda-graphs", action="store_true", help="the inductor engine with cuda_graphs: true")
     parser.add_argument("--out", type=Path, help="write the JSON here too")
-    a = parser.parse_args()
-    spec = spec_for(a)
+    return parser.parse_args()
+
+
+def make_runner(name: str, spec: BuildSpec, module: torch.nn.Module, state: dict[str, torch.Tensor],
+                folder: Path) -> Runner:
+    if name == "eager":
+        return eager_runner(module)
+    if name in ("inductor", "aoti"):
+        return engine_runner(name, spec, state)
+    if name == "inductor_frozen":
+        return frozen_inductor(spec, module)
+    if name == "aoti_baked":
+        return baked_aoti(spec, module, folder)
+    raise SystemExit(f"unknown engine {name!r}")
+
+
+def measure(a: argparse.Namespace, spec: BuildSpec) -> tuple[dict[str, dict[str, object]], dict[str, float]]:
+    """Build every engine, check it against eager, then time them in turns: latencies (or the build's error)
+    and build times by engine."""
     torch.manual_seed(0)
     module = make_module(spec, torch.device(spec.device)).requires_grad_(False)
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     inputs = {n: torch.randint(0, 1000, (n, 16), device=spec.device) for n in a.batches}
     expected = {n: eager_runner(module)(x) for n, x in inputs.items()}
     tol = 1e-3 if spec.dtype == torch.float32 else 3e-2
-
     results: dict[str, dict[str, object]] = {}
     runners: dict[str, Runner] = {}
     build_s: dict[str, float] = {}
@@ -145,16 +161,7 @@ def main() -> int:
         for name in a.engines.split(","):
             t0 = time.perf_counter()
             try:
-                if name == "eager":
-                    run = eager_runner(module)
-                elif name in ("inductor", "aoti"):
-                    run = engine_runner(name, spec, state)
-                elif name == "inductor_frozen":
-                    run = frozen_inductor(spec, module)
-                elif name == "aoti_baked":
-                    run = baked_aoti(spec, module, Path(tmp))
-                else:
-                    raise SystemExit(f"unknown engine {name!r}")
+                run = make_runner(name, spec, module, state, Path(tmp))
             except Exception as e:  # e.g. aoti refused where its loader crashes: say so, go on
                 results[name] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
                 print(f"{name}: {results[name]}", file=sys.stderr)
@@ -167,25 +174,32 @@ def main() -> int:
         for n, x in inputs.items():
             for name, median in time_runners(runners, x, a.iters, a.rounds).items():
                 results.setdefault(name, {})[f"batch_{n}_ms"] = round(1e3 * median, 4)
+    return results, build_s
 
-    def ratio(num: str, den: str) -> dict[str, float] | None:
-        r_num, r_den = results.get(num), results.get(den)
-        if not isinstance(r_num, dict) or not isinstance(r_den, dict) or "error" in r_num or "error" in r_den:
-            return None
-        return {k: round(float(r_num[k]) / float(r_den[k]), 3) for k in r_num}  # type: ignore[arg-type]
 
+def ratio(results: dict[str, dict[str, object]], num: str, den: str) -> dict[str, float] | None:
+    """``num``'s latencies over ``den``'s, batch by batch (None if either did not build). Pure."""
+    r_num, r_den = results.get(num), results.get(den)
+    if not isinstance(r_num, dict) or not isinstance(r_den, dict) or "error" in r_num or "error" in r_den:
+        return None
+    return {k: round(float(r_num[k]) / float(r_den[k]), 3) for k in r_num}  # type: ignore[arg-type]
+
+
+def main() -> int:
+    a = parse_args()
+    spec = spec_for(a)
+    results, build_s = measure(a, spec)
     out = {
         "command": command("python bench/engine_latency.py", sys.argv[1:]),
         "what": "median inference latency (ms): refittable engines vs the same engines with weights baked in, vs eager",
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": torch.get_num_threads(),
-                    "platform": platform.platform(),
-                    "gpu": torch.cuda.get_device_name(0) if spec.device.startswith("cuda") else None},
+        "machine": machine(spec.device),
         "model": {"factory": "tiny_transformer", **spec.kwargs(), "dtype": a.dtype, "device": a.device,
                   "cuda_graphs": a.cuda_graphs},
         "iters": a.iters, "latency": results, "build_s": build_s,
-        "refittable_over_baked": {"inductor": ratio("inductor", "inductor_frozen"),
-                                  "aoti": ratio("aoti", "aoti_baked")},
-        "compiled_over_eager": {"inductor": ratio("inductor", "eager"), "aoti": ratio("aoti", "eager")},
+        "refittable_over_baked": {"inductor": ratio(results, "inductor", "inductor_frozen"),
+                                  "aoti": ratio(results, "aoti", "aoti_baked")},
+        "compiled_over_eager": {"inductor": ratio(results, "inductor", "eager"),
+                                "aoti": ratio(results, "aoti", "eager")},
     }
     write_json(out, a.out)
     return 0

@@ -2,19 +2,20 @@
 
     python -m bench.gpu_publish --json out.json --sizes 1,4,16 --swaps 20 --baseline-swaps 3
 
-For each size (GB, float32): the benchmark MLP (``bench.gpu_refit:big_mlp``: square Linear layers
+For each size (GB, float32): the benchmark MLP (``bench.lib.models:big_mlp``: square Linear layers
 with tanh, plus a marker bias that identifies the version) is served by hotswap on a ``KIND_GPU``
 Python-backend instance, once per refit strategy, while clients send requests. Each new version
 is a directory renamed into the watched folder (the large layers shard hard-linked between
 versions, a marker shard of its own): what a user does with ``hotswap publish`` or ``mv``. Per
-swap: rename → the first response computed with the new weights (a probe client asks until the
-answer carries the new marker), and the watcher's own breakdown from the server log (settle, hash,
-read, validate, transfer, refit, verify, swap; "other" is the rest: event delivery and the answer
-itself). Then the same model and versions through Triton's own reload (``bench.triton_reload``:
-a plain model.py, explicit model control, a new version directory and the repository load API).
-Reported per size: ``model_bytes``, ``publish_to_first_response_s``, the stage medians, the
-stream rate against the pinned-copy limit of the same run, ``p99_during_over_steady``, ``errors``,
-``torn``, peak GPU memory over the model, and a ``baseline`` entry with the same fields.
+swap: rename → the first answer computed with the new weights that a load client gets, and the
+watcher's own breakdown from the server log (settle, hash, read, validate, transfer, refit, verify,
+swap; "other" is the rest: event delivery and the answer itself). Then the same model and versions
+through Triton's own reload (``bench.lib.reload``: a plain model.py, explicit model control, a new
+version directory and the repository load API). Reported per size: ``model_bytes``,
+``publish_to_first_response_s``, the stage medians, the stream rate against the pinned-copy limit
+of the same run, ``p99_during_over_steady``, ``errors``, ``torn``, peak GPU memory over the model,
+latencies by swap phase, the per-request ``timeline`` (every request's start and latency, every
+swap from rename to first answer), and a ``baseline`` entry with the same fields.
 Targets are reported, not asserted.
 """
 
@@ -26,141 +27,32 @@ import os
 import re
 import shutil
 import signal
-import statistics
 import sys
 import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from bench.gpu_refit import (
-    GB,
-    MARKER_STEP,
-    BigMLP,
-    environment,
-    pick_dir,
-    pinned_copy_seconds,
-    write_safetensors_stream,
-)
-from bench.gpu_serve_swap import ensure_pytriton_findable, make_repository
-from bench.record import command, command_args
-from bench.triton_reload import MemorySampler, measure_reload
-from serving.publisher import staging
+from bench.lib.checkpoints import Sources
+from bench.lib.host import MemorySampler, machine, pick_dir
+from bench.lib.limits import disk_read_gbps, pinned_copy_seconds
+from bench.lib.models import GB
+from bench.lib.phases import latency_by_phase, phases
+from bench.lib.reload import measure_reload
+from bench.lib.serverlog import hashed_after, parse_summaries
+from bench.lib.stats import median
+from bench.lib.swapload import ClientPool, run_swap_load, timeline
+from bench.lib.triton_repo import ensure_pytriton_findable, make_repository
+from bench.record import command, command_args, dumps
 from serving.triton.server import TritonProcess
-from serving.triton.swapload import ClientPool, run_swap_load
 
 WIDTH = 4096
-#: the watcher's log line for one refit (serving.watch.WatchRecord.summary)
-SUMMARY = re.compile(r"refit (?P<version>\S+) -> (?P<outcome>\w+)(?: \([^)]*\))? in (?P<total>\d+) ms from the "
-                     r"first event \((?P<stages>[^)]*)\)")
-
-
-def parse_summaries(log_text: str) -> dict[str, dict[str, float]]:
-    """version -> {"total": ms, stage: ms, ...} of every successful refit in a server log. Pure."""
-    out: dict[str, dict[str, float]] = {}
-    for m in SUMMARY.finditer(log_text):
-        if m.group("outcome") != "success":
-            continue
-        stages = {"total": float(m.group("total"))}
-        for part in m.group("stages").split(", "):
-            name, _, value = part.rpartition(" ")
-            if name and value.replace(".", "", 1).isdigit():  # "hashed after going live" is a note, not a stage
-                stages[name] = float(value)
-        out[m.group("version")] = stages
-    return out
-
-
-class Sources:
-    """The versions of one model size: one shared layers file, one marker file per version."""
-
-    def __init__(self, root: Path, width: int, layers: int, versions: int, device: str) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        self.root, self.width, self.layers = root, width, layers
-        distinct = []
-        for i in range(min(layers, 4)):
-            g = torch.Generator(device=device).manual_seed(i)
-            distinct.append((torch.randn(width, width, generator=g, device=device) / width ** 0.5).cpu())
-        self.layers_file = root / "layers.safetensors"
-        write_safetensors_stream(self.layers_file,
-                                 [(f"layers.{i}.weight", distinct[i % len(distinct)]) for i in range(layers)])
-        self.markers = {}
-        for k in range(versions + 1):
-            self.markers[f"v{k}"] = root / f"marker-v{k}" / "marker.safetensors"
-            self.markers[f"v{k}"].parent.mkdir()
-            write_safetensors_stream(self.markers[f"v{k}"],
-                                     [("marker", torch.full((width,), k * MARKER_STEP))])
-        self.model_bytes = 4 * width * (width * layers + 1)
-        with open(self.layers_file, "rb") as f:  # in the page cache, as a just-copied checkpoint is
-            while f.read(64 << 20):
-                pass
-
-    def expected(self, x: torch.Tensor, device: str) -> dict[str, np.ndarray]:
-        """What each version answers to ``x``: the layers' output (computed once) plus its marker."""
-        from safetensors.torch import load_file
-
-        module = BigMLP(self.width, self.layers, device, torch.float32)
-        module.load_state_dict({**load_file(self.layers_file, device=device),
-                                "marker": torch.zeros(self.width, device=device)})
-        with torch.inference_mode():
-            h = module(x.to(device)).cpu().numpy()
-        del module
-        torch.cuda.empty_cache() if device.startswith("cuda") else None
-        return {v: h + float(v[1:]) * MARKER_STEP for v in self.markers}
-
-    def files(self, version: str) -> list[Path]:
-        return [self.layers_file, self.markers[version]]
-
-    def evict(self) -> None:
-        """Drop the checkpoint's pages from the page cache (a file not read since it was written)."""
-        for f in (self.layers_file, *self.markers.values()):
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-    def disk_read_gbps(self, threads: int = 16) -> float:
-        """The reader threads on the evicted layers file: what the disk gives."""
-        self.evict()
-        size = self.layers_file.stat().st_size
-        fd = os.open(self.layers_file, os.O_RDONLY)
-        step = 16 << 20
-        try:
-            def read(offset: int) -> int:
-                return len(os.pread(fd, step, offset))
-
-            t = time.perf_counter()
-            with ThreadPoolExecutor(threads) as ex:
-                done = sum(ex.map(read, range(0, size, step)))
-            return done / (time.perf_counter() - t) / GB
-        finally:
-            os.close(fd)
-
-    def publish(self, folder: Path, version: str, name: str) -> float:
-        """A sharded checkpoint directory renamed into ``folder``; the time of the rename."""
-        with staging(folder, name, directory=True) as staged:
-            os.link(self.layers_file, staged.temp / "layers.safetensors")
-            os.link(self.markers[version], staged.temp / "marker.safetensors")
-            weight_map = {f"layers.{i}.weight": "layers.safetensors" for i in range(self.layers)}
-            weight_map["marker"] = "marker.safetensors"
-            (staged.temp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {}, "weight_map": weight_map}))
-            staged.seal()
-            t = time.monotonic()
-            staged.commit()
-        return t
-
-
-def median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
 
 
 def first_response(infer: Callable[[], np.ndarray], ref: np.ndarray, since: float, timeout: float,
@@ -249,28 +141,6 @@ class Answers:
             self._want, self._got = (version, since), None
 
 
-def wait_for_log(path: Path, pattern: re.Pattern[str], timeout: float) -> tuple[float, str] | None:
-    """Wait until ``pattern`` appears in the server log: the monotonic time it was seen and the line
-    (None: timed out)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        m = pattern.search(path.read_text(errors="replace"))
-        if m:
-            return time.monotonic(), m.group(0)
-        time.sleep(0.02)
-    return None
-
-
-def hashed_after(path: Path, entry: str, timeout: float) -> float | None:
-    """When the watcher finished hashing ``entry`` after it went live (None: it was hashed before, or timed out)."""
-    summary = wait_for_log(path, re.compile(r"refit " + re.escape(entry) + r" -> [^\n]* from the first event [^\n]*"),
-                           timeout)
-    if summary is None or "hashed after going live" not in summary[1]:
-        return None
-    done = wait_for_log(path, re.compile(re.escape(entry) + r" hashed after it went live"), timeout)
-    return None if done is None else done[0]
-
-
 def run_strategy(server: TritonProcess, name: str, folder: Path, src: Sources, x: torch.Tensor,
                  expected: dict[str, np.ndarray], args: argparse.Namespace, counter: Iterator[int]) -> dict[str, Any]:
     """``args.swaps`` publishes into one served model under client load.
@@ -316,53 +186,8 @@ def run_strategy(server: TritonProcess, name: str, folder: Path, src: Sources, x
         s["stages_ms"] = stages.get(s["entry"], {})
     out = summarize(r.to_json(), swaps, src.model_bytes, mem)
     out["latency_by_phase_ms"] = latency_by_phase(answers.samples, [phases(s) for s in swaps])
-    return out
-
-
-#: stages of the watcher's summary line, in the order they run
-STAGE_ORDER = ("settle", "hash", "read", "validate", "merge", "prescan", "drain", "transfer", "refit", "verify",
-               "swap")
-
-
-def phases(swap: Mapping[str, Any]) -> list[tuple[str, float, float]]:
-    """A swap's timeline, (phase, start, end) in monotonic seconds: the watcher's stages laid end to end from
-    the rename, then until the first answer ("answer"), then the hash after going live ("hash_after"). Pure."""
-    t = float(swap["rename_at"])
-    stages = swap.get("stages_ms") or {}
-    out = []
-    for name in STAGE_ORDER:
-        ms = stages.get(name)
-        if ms:
-            out.append((name, t, t + ms / 1e3))
-            t += ms / 1e3
-    first = float(swap["rename_at"]) + float(swap["publish_to_first_response_s"])
-    if first > t:
-        out.append(("answer", t, first))
-    if swap.get("hashed_after_s") is not None:
-        out.append(("hash_after", first, first + float(swap["hashed_after_s"])))
-    return out
-
-
-def latency_by_phase(samples: list[tuple[float, float]], timelines: list[list[tuple[str, float, float]]],
-                     ) -> dict[str, dict[str, float]]:
-    """Request latencies grouped by the swap phase they overlapped most ("steady": none). Pure."""
-    spans = sorted((a, b, name) for tl in timelines for name, a, b in tl)
-    groups: dict[str, list[float]] = {}
-    for start, latency in samples:
-        end = start + latency
-        best, overlap = "steady", 0.0
-        for a, b, name in spans:
-            if a > end:
-                break
-            o = min(b, end) - max(a, start)
-            if o > overlap:
-                best, overlap = name, o
-        groups.setdefault(best, []).append(latency * 1e3)
-    out = {}
-    for name, values in groups.items():
-        values.sort()
-        out[name] = {"requests": len(values), "p50": values[len(values) // 2],
-                     "p99": values[min(len(values) - 1, int(0.99 * len(values)))], "max": values[-1]}
+    out["timeline"] = timeline(answers.samples, [(s["rename_at"], s["rename_at"] + s["publish_to_first_response_s"])
+                                                 for s in swaps])
     return out
 
 
@@ -386,7 +211,7 @@ def summarize(load: dict[str, Any], swaps: list[dict[str, Any]], model_bytes: in
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--sizes", default="1,4,16", help="model sizes in GB (float32)")
@@ -411,45 +236,58 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", help="where checkpoints are written (default: /dev/shm if it has room)")
     ap.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache before each "
                     "publish (put --dir on a disk: tmpfs cannot be evicted); also reports the disk's read rate")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def measure_size(size: float, x: torch.Tensor, device: str, args: argparse.Namespace,
+                 errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """One model size: hotswap's publishes, then Triton's own reload of the same versions; a failure is
+    appended to ``errors`` (the entry keeps what was measured before it)."""
+    layers = max(1, round(size * GB / (args.width * args.width * 4)))
+    work = Path(tempfile.mkdtemp(prefix="gpu-publish-", dir=pick_dir(args.dir, 2 * size * GB)))
+    entry: dict[str, Any] = {"size_gb": size, "width": args.width, "layers": layers}
+    try:
+        src = Sources(work / "sources", args.width, layers, args.versions, device)
+        entry["model_bytes"] = src.model_bytes
+        entry["pinned_limit_gbps"] = src.model_bytes / pinned_copy_seconds(src.model_bytes, device) / GB
+        expected = src.expected(x, device)
+        if args.cold:
+            entry["cold"] = True
+            src.evict()
+            entry["disk_read_gbps"] = disk_read_gbps(src.layers_file)
+        entry["hotswap"] = run_hotswap(work / "hotswap", src, x, expected, args)
+        if args.baseline_swaps:
+            files = {v: src.files(v) for v in src.markers}
+            entry["baseline"] = measure_reload(
+                work / "reload", width=args.width, layers=layers, kind=args.kind, files=files, expected=expected,
+                x=x, swaps=args.baseline_swaps, clients=args.clients, atol=args.atol,
+                ready_timeout=args.ready_timeout, link=True)
+    except Exception as e:  # the JSON keeps the failure; the next size still runs
+        errors.append({"size_gb": size, "error": f"{type(e).__name__}: {e}",
+                       "traceback": traceback.format_exc()[-4000:]})
+        print(f"!! {size} GB: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout must still stop the servers
     ensure_pytriton_findable()
     given = sys.argv[1:] if argv is None else argv
     device = "cuda" if args.kind == "KIND_GPU" else "cpu"
-    results: dict[str, Any] = {"environment": environment(device),
+    results: dict[str, Any] = {"environment": machine(device),
                                "command": command("python3 -m bench.gpu_publish", given),
                                "argv": command_args(given),
                                "sizes": [], "errors": []}
     x = torch.randn(args.batch, args.width, generator=torch.Generator().manual_seed(7))
     for size in [float(s) for s in args.sizes.split(",") if s]:
-        layers = max(1, round(size * GB / (args.width * args.width * 4)))
-        work = Path(tempfile.mkdtemp(prefix="gpu-publish-", dir=pick_dir(args.dir, 2 * size * GB)))
-        entry: dict[str, Any] = {"size_gb": size, "width": args.width, "layers": layers}
-        try:
-            src = Sources(work / "sources", args.width, layers, args.versions, device)
-            entry["model_bytes"] = src.model_bytes
-            entry["pinned_limit_gbps"] = src.model_bytes / pinned_copy_seconds(src.model_bytes, device) / GB
-            expected = src.expected(x, device)
-            if args.cold:
-                entry["cold"] = True
-                entry["disk_read_gbps"] = src.disk_read_gbps()
-            entry["hotswap"] = run_hotswap(work / "hotswap", src, x, expected, args)
-            if args.baseline_swaps:
-                files = {v: src.files(v) for v in src.markers}
-                entry["baseline"] = measure_reload(
-                    work / "reload", width=args.width, layers=layers, kind=args.kind, files=files, expected=expected,
-                    x=x, swaps=args.baseline_swaps, clients=args.clients, atol=args.atol,
-                    ready_timeout=args.ready_timeout, link=True)
-        except Exception as e:  # the JSON keeps the failure; the next size still runs
-            results["errors"].append({"size_gb": size, "error": f"{type(e).__name__}: {e}",
-                                      "traceback": traceback.format_exc()[-4000:]})
-            print(f"!! {size} GB: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        entry = measure_size(size, x, device, args, results["errors"])
         results["sizes"].append(entry)
-        print(json.dumps(brief(entry)), flush=True)
+        print(json.dumps(brief(entry), default=str), flush=True)
         if args.json:  # after every size: a time limit does not lose the sizes done
-            Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+            Path(args.json).write_text(dumps(results))
     return 1 if results["errors"] else 0
 
 

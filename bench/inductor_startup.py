@@ -14,17 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
 
+from bench.lib.host import machine  # noqa: E402
 from bench.record import command, write_json  # noqa: E402
 
 _CHILD = """
@@ -89,14 +87,10 @@ def main() -> int:
         cold = start(args, root / "torch-cold")
         cached = start(args, root / "torch-cached")
     assert cold["cache"] == "miss" and cached["cache"] == "hit", (cold, cached)
-    machine: dict[str, object] = {"python": platform.python_version(), "torch": torch.__version__,
-                                  "cpus": os.cpu_count(), "platform": platform.platform()}
-    if a.device.startswith("cuda"):
-        machine["gpu"] = torch.cuda.get_device_name(0)
     result = {
         "command": command("python bench/inductor_startup.py", sys.argv[1:]),
         "what": "inductor engine startup in a fresh process: cold build vs cached (stripped-engine cache hit)",
-        "machine": machine, "model": {"factory": "tiny_transformer", **kwargs, "dtype": a.dtype,
+        "machine": machine(a.device), "model": {"factory": "tiny_transformer", **kwargs, "dtype": a.dtype,
                                       "max_batch": a.max_batch, "device": a.device, "cuda_graphs": a.cuda_graphs},
         "cold": cold, "cached": cached,
         "build_speedup": round(float(cold["build_s"]) / float(cached["build_s"]), 1),  # type: ignore[arg-type]

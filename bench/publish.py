@@ -22,24 +22,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.lib.clients import BackToBackClient  # noqa: E402
+from bench.lib.host import machine  # noqa: E402
 from serving.engines import build_engine  # noqa: E402
 from serving.examples import TRANSFORMER  # noqa: E402
 from serving.factory import build_module  # noqa: E402
-from serving.publisher import staging  # noqa: E402
+from serving.publish import staging  # noqa: E402
 from serving.refit import CanaryConfig, RefitCoordinator  # noqa: E402
 from serving.specs import BuildSpec, TensorSpec  # noqa: E402
 from serving.watch import WatchRecord, WeightsWatcher  # noqa: E402
@@ -49,43 +50,13 @@ from serving.weights.random_state import random_state_dict  # noqa: E402
 KWARGS = {"vocab": 1000, "seq_len": 16, "d_model": 512, "n_heads": 8, "d_ff": 2048, "n_layers": 8, "n_classes": 5}
 
 
-class Client:
-    """Sends requests back to back; records when each response returned and what it was."""
-
-    def __init__(self, coord: RefitCoordinator, x: torch.Tensor) -> None:
-        self.coord, self.x = coord, x
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.responses: list[tuple[float, torch.Tensor]] = []
-        self.errors: list[str] = []
-        self.thread = threading.Thread(target=self.run, name="bench-client", daemon=True)
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                out = self.coord.infer([self.x])[0].detach().cpu()
-            except Exception as e:  # reported, not raised
-                self.errors.append(repr(e))
-                return
-            with self.lock:
-                self.responses.append((time.monotonic(), out))
-                del self.responses[:-64]
-
-    def first_matching(self, since: float, ref: torch.Tensor, atol: float) -> float | None:
-        with self.lock:
-            for t, out in self.responses:
-                if t >= since and torch.allclose(out, ref, atol=atol, rtol=0):
-                    return t
-        return None
-
-
 def reference(module: torch.nn.Module, state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         out = torch.func.functional_call(module, {k: v.to(x.device) for k, v in state.items()}, (x,))
     return out.detach().cpu()
 
 
-def trial(watcher: WeightsWatcher, client: Client, module: torch.nn.Module, folder: Path, seed: int,
+def trial(watcher: WeightsWatcher, client: BackToBackClient, module: torch.nn.Module, folder: Path, seed: int,
           x: torch.Tensor, timeout: float) -> dict[str, float]:
     state = random_state_dict(module, seed)
     ref = reference(module, state, x)
@@ -129,7 +100,7 @@ def trial(watcher: WeightsWatcher, client: Client, module: torch.nn.Module, fold
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("--repeats", type=int, default=5)
@@ -143,27 +114,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-layers", type=int, default=KWARGS["n_layers"])
     p.add_argument("--dir", help="where the weights folder goes (default: a temp dir)")
     p.add_argument("--timeout", type=float, default=120.0)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    kwargs = {**KWARGS, "d_model": args.d_model, "n_layers": args.n_layers}
+
+def run_trials(args: argparse.Namespace, kwargs: dict[str, int], folder: Path) -> tuple[list[dict[str, float]],
+                                                                                        BackToBackClient, bool]:
+    """Serve the transformer from ``folder`` through the real watcher; publish and time ``--repeats`` versions.
+    Returns the trials, the client (its errors) and whether the coordinator took the fast path."""
     inputs = (TensorSpec("TOKENS", torch.int64, (kwargs["seq_len"],)),)
     spec = BuildSpec(factory=TRANSFORMER, inputs=inputs, device=args.device,
                      factory_kwargs=tuple(sorted(kwargs.items())))
     module = build_module(TRANSFORMER, kwargs).to(args.device)
     x = torch.randint(0, kwargs["vocab"], (1, kwargs["seq_len"]), generator=torch.Generator().manual_seed(0))
     x = x.to(args.device)
-    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="hotswap-bench-"))
-    folder = base / "weights"
-    folder.mkdir(parents=True, exist_ok=True)
-    engine = build_engine("eager", spec)
-    coord = RefitCoordinator(engine, strategy=args.strategy, canary=CanaryConfig(mode=args.canary),
-                             canary_input_specs=inputs)
+    coord = RefitCoordinator(build_engine("eager", spec), strategy=args.strategy,
+                             canary=CanaryConfig(mode=args.canary), canary_input_specs=inputs)
     watcher = WeightsWatcher(folder, coord, mode=args.mode, poll_interval_s=args.poll_interval,
                              debounce_s=args.debounce)
     save_file(random_state_dict(module, 0), str(folder / "v000.safetensors"))
     initial = watcher.install_initial()
-    assert initial is not None and initial.ok, initial
-    client = Client(coord, x)
+    if initial is None or not initial.ok:
+        raise RuntimeError(f"the first version did not install: {initial}")
+    client = BackToBackClient(coord, x)
     client.thread.start()
     watcher.start()
     trials = []
@@ -171,37 +143,40 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(1, args.repeats + 1):
             trials.append(trial(watcher, client, module, folder, i, x, args.timeout))
             if not args.json:
-                t = trials[-1]
-                print(f"trial {i}: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in t.items()
+                print(f"trial {i}: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in trials[-1].items()
                                                    if k not in ("mb", "tensors_refitted")), flush=True)
     finally:
         client.stop.set()
         client.thread.join(10)
         watcher.stop()
         coord.close()
-        if not args.dir:
-            import shutil
+    return trials, client, coord.fast_path
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    kwargs = {**KWARGS, "d_model": args.d_model, "n_layers": args.n_layers}
+    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="hotswap-bench-"))
+    folder = base / "weights"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        trials, client, fast_path = run_trials(args, kwargs, folder)
+    finally:
+        if not args.dir:
             shutil.rmtree(base, ignore_errors=True)
     keys = [k for k in trials[0] if k not in ("mb", "tensors_refitted")]
-    result = {
+    result: dict[str, Any] = {
         "command": " ".join(["python", "bench/publish.py", *(sys.argv[1:] if argv is None else argv)]),
         "benchmark": "publish: rename of a checkpoint into the weights folder -> first response with it",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "device": args.device,
-                    "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
+        "machine": machine(args.device),
         "config": {"mode": args.mode, "debounce_s": args.debounce, "strategy": args.strategy,
-                   "canary": args.canary, "engine": "eager", "factory_kwargs": kwargs,
-                   "fast_path": coord.fast_path},
+                   "canary": args.canary, "engine": "eager", "factory_kwargs": kwargs, "fast_path": fast_path},
         "checkpoint_mb": round(trials[0]["mb"], 1),
         "median_s": {k: round(statistics.median(t[k] for t in trials), 4) for k in keys},
         "trials_s": [{k: round(v, 4) for k, v in t.items()} for t in trials],
         "client_errors": client.errors,
     }
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(json.dumps(result["median_s"], indent=2))
+    print(json.dumps(result, indent=2) if args.json else json.dumps(result["median_s"], indent=2))
     return 0
 
 

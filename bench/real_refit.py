@@ -11,7 +11,7 @@ model and engine, from one process:
 * ``build_s``: the engine build without a cache (compile, warm up, checks);
 * ``refit_s``: ``RefitCoordinator.refit_from_path`` of a page-cached ``model.safetensors`` to the
   live engine (read, validate, transfer, refit, canary, swap), median of ``--repeats``, with stages;
-* ``publish_to_live_s``: ``serving.publisher.publish(..., link=True)`` of a ``save_pretrained``-like directory
+* ``publish_to_live_s``: ``serving.publish.publish(..., link=True)`` of a ``save_pretrained``-like directory
   into a watched folder (hard links, so no copy is timed: from the rename) until the coordinator serves it
   (watcher events, settle, identity, then as above).
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -37,10 +36,11 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.lib.host import machine  # noqa: E402
 from bench.record import command  # noqa: E402
 from serving.engines import build_engine  # noqa: E402
 from serving.factory import build_module  # noqa: E402
-from serving.publisher import publish  # noqa: E402
+from serving.publish import publish  # noqa: E402
 from serving.refit import RefitCoordinator  # noqa: E402
 from serving.specs import BuildSpec, TensorSpec  # noqa: E402
 from serving.watch import WeightsWatcher  # noqa: E402
@@ -156,9 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     result: dict[str, Any] = {
         "command": command("python bench/real_refit.py", given),
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "cpus": torch.get_num_threads(), "platform": platform.platform(),
-                    "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
+        "machine": machine(args.device),
         "torch_tensorrt_source": TORCH_TENSORRT_SOURCE, "runs": [], "errors": []}
     with tempfile.TemporaryDirectory(prefix="real-refit-") as tmp:
         for key in [m for m in args.models.split(",") if m]:

@@ -23,9 +23,27 @@ def command(entry: str, argv: list[str]) -> str:
     return " ".join([entry, *command_args(argv)])
 
 
+def dumps(doc: Any) -> str:
+    """``doc`` as JSON indented by two spaces, each list of plain values on one line (a timeline of
+    thousands of requests stays a few lines long); values JSON does not know are written with ``str``."""
+    return _dumps(doc, 0)
+
+
+def _dumps(v: Any, depth: int) -> str:
+    pad, inner = "  " * depth, "  " * (depth + 1)
+    if isinstance(v, dict) and v:
+        items = [f"{inner}{json.dumps(str(k))}: {_dumps(x, depth + 1)}" for k, x in v.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(v, (list, tuple)) and v:
+        if all(not isinstance(x, (dict, list, tuple)) for x in v):
+            return json.dumps(list(v), default=str)
+        return "[\n" + ",\n".join(inner + _dumps(x, depth + 1) for x in v) + "\n" + pad + "]"
+    return json.dumps(v, default=str)
+
+
 def write_json(doc: dict[str, Any], path: Path | None) -> None:
     """Print a result and, given a path, write it there too."""
-    text = json.dumps(doc, indent=2)
+    text = dumps(doc)
     print(text)
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)

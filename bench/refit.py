@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,29 +20,20 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from serving.cache import EngineCache
-from serving.engines import build_engine
-from serving.examples import TRANSFORMER
-from serving.factory import build_module
-from serving.refit import RefitCoordinator
-from serving.specs import BuildSpec, TensorSpec
-from serving.weights.random_state import random_state_dict
-from serving.weights.writer import write_safetensors
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: the repository root
+
+from bench.lib.host import machine  # noqa: E402
+from bench.lib.models import transformer_kwargs, transformer_spec  # noqa: E402
+from serving.cache import EngineCache  # noqa: E402
+from serving.engines import build_engine  # noqa: E402
+from serving.examples import TRANSFORMER  # noqa: E402
+from serving.factory import build_module  # noqa: E402
+from serving.refit import RefitCoordinator  # noqa: E402
+from serving.weights.random_state import random_state_dict  # noqa: E402
+from serving.weights.writer import write_safetensors  # noqa: E402
 
 FAST_PATH: bool | None = None  # the coordinator's default: the fast path on CUDA, host reads on CPU
-
-
-def model_kwargs(target_mb: float) -> dict[str, int]:
-    """Transformer sizes whose float32 weights reach about ``target_mb``."""
-    d, ff = 512, 2048
-    per_layer_mb = (4 * d * d + 2 * d * ff) * 4 / 1e6
-    layers = max(1, round(target_mb / per_layer_mb))
-    return {"d_model": d, "n_heads": 8, "d_ff": ff, "n_layers": layers, "vocab": 1000, "seq_len": 16}
-
-
-def spec_for(kwargs: dict[str, int]) -> BuildSpec:
-    return BuildSpec(factory=TRANSFORMER, inputs=(TensorSpec("TOKENS", torch.int64, (16,)),), max_batch=4,
-                     factory_kwargs=tuple(sorted(kwargs.items())))
 
 
 def copy_limit(path: Path, targets: dict[str, torch.Tensor]) -> float:
@@ -55,8 +46,8 @@ def copy_limit(path: Path, targets: dict[str, torch.Tensor]) -> float:
 
 
 def bench_refit(engine_kind: str, target_mb: float, repeats: int, cache_dir: Path) -> dict[str, object]:
-    kwargs = model_kwargs(target_mb)
-    spec = spec_for(kwargs)
+    kwargs = transformer_kwargs(target_mb)
+    spec = transformer_spec(kwargs)
     engine = build_engine(engine_kind, spec, cache=EngineCache(cache_dir))
     coord = RefitCoordinator(engine, fast_path=FAST_PATH)
     module = build_module(TRANSFORMER, kwargs)
@@ -89,12 +80,12 @@ def bench_refit(engine_kind: str, target_mb: float, repeats: int, cache_dir: Pat
 _HIT_SCRIPT = """
 import json, sys, time
 from pathlib import Path
-sys.path.insert(0, {bench!r})
-import refit as b
+sys.path.insert(0, {root!r})
+from bench.lib.models import transformer_spec
 from serving.cache import EngineCache
 from serving.engines import build_engine
 t0 = time.perf_counter()
-engine = build_engine("aoti", b.spec_for({kwargs!r}), cache=EngineCache(Path({cache!r})))
+engine = build_engine("aoti", transformer_spec({kwargs!r}), cache=EngineCache(Path({cache!r})))
 print(json.dumps({{"s": time.perf_counter() - t0, "cache": engine.build_info.cache}}))
 """
 
@@ -105,16 +96,14 @@ def bench_startup(cache_dir: Path) -> dict[str, object]:
     Both are timed around ``build_engine`` (the interpreter and ``import torch`` are not counted in
     either); the hit runs in a new process so nothing compiled or imported by the cold build helps it.
     """
-    import subprocess
-
     kwargs = {"d_model": 64, "n_heads": 4, "d_ff": 128, "n_layers": 2, "vocab": 1000, "seq_len": 16}
-    spec = spec_for(kwargs)
+    spec = transformer_spec(kwargs)
     cold_dir = cache_dir / "startup"
     t0 = time.perf_counter()
     cold = build_engine("aoti", spec, cache=EngineCache(cold_dir))
     cold_s = time.perf_counter() - t0
     assert cold.build_info.cache == "miss", cold.build_info
-    script = _HIT_SCRIPT.format(bench=str(Path(__file__).parent), kwargs=kwargs, cache=str(cold_dir))
+    script = _HIT_SCRIPT.format(root=str(ROOT), kwargs=kwargs, cache=str(cold_dir))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     hit = json.loads(out.stdout.strip().splitlines()[-1])
     assert hit["cache"] == "hit", hit
@@ -134,8 +123,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         result: dict[str, object] = {
             "command": " ".join(["python", "bench/refit.py", *sys.argv[1:]]),
-            "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                        "cpus": torch.get_num_threads(), "platform": platform.platform()},
+            "machine": machine("cpu"),
             "refit": [bench_refit(e, args.mb, args.repeats, Path(tmp)) for e in args.engines.split(",")],
         }
         if not args.no_startup:

@@ -1,469 +1,35 @@
-"""Render the README's generated blocks; the measured figures come from ``bench/results/*.json``.
+"""Render the generated blocks of the README and docs/benchmarks.md, and their pictures, from
+``bench/results/*.json`` and the tables of the code (settings, refit stages).
 
-    python -m bench.render_readme            # rewrite the generated blocks of README.md
-    python -m bench.render_readme --check    # exit 1, naming the blocks, if README.md is out of date
+    python -m bench.render_readme                  # rewrite what is out of date
+    python -m bench.render_readme --check          # change nothing; exit 1, naming what is out of date
+    python -m bench.render_readme --png DIR        # also draw every picture as PNG into DIR, to look at
 
-A generated block is the text between two marker lines::
-
-    <!-- BEGIN generated:NAME -->
-    ...
-    <!-- END generated:NAME -->
-
-:data:`GENERATORS` maps each NAME to a function returning the block's Markdown; a block in the
-README without a generator, or a generator without its block, is an error. Everything else in the
-README is left as it is. Each table names the JSON file it shows and the command that wrote it
-(the JSON's ``command``), and every JSON in ``bench/results/`` appears in some table.
+A generated block is the text between ``<!-- BEGIN generated:NAME -->`` and ``<!-- END generated:NAME -->``
+(:mod:`bench.render.blocks`); :data:`DOCUMENTS` maps each document to the generator of each of its blocks.
+The measurement tables are in docs/benchmarks.md (:mod:`bench.render.tables`: every JSON in
+``bench/results/`` appears in one, with the command that wrote it), the headline figures in the README
+(:mod:`bench.render.glance`), the pictures in ``docs/figures/`` (:mod:`bench.render.figures`, SVG drawn the
+same way on every run). Everything else in the documents is written by hand.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+from bench.render.blocks import block_names, read_block, render, replace_block, stale_blocks  # noqa: F401
+from bench.render.figures import FIGURES, Picture, pictures
+from bench.render.glance import glance
+from bench.render.tables import RESULTS, measured
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-RESULTS = ROOT / "bench" / "results"
-
-_BLOCK = re.compile(r"^<!-- (BEGIN|END) generated:([A-Za-z0-9_.-]+) -->$", re.M)
-
-
-# ---------------------------------------------------------------- blocks
-
-
-def markers(name: str) -> tuple[str, str]:
-    """The BEGIN and END marker lines of block ``name``."""
-    return f"<!-- BEGIN generated:{name} -->", f"<!-- END generated:{name} -->"
-
-
-def block_names(text: str) -> list[str]:
-    """Names of the generated blocks in ``text``, in order; ValueError if the markers do not pair up."""
-    names: list[str] = []
-    open_name: str | None = None
-    for m in _BLOCK.finditer(text):
-        kind, name = m.groups()
-        if kind == "BEGIN":
-            if open_name is not None:
-                raise ValueError(f"generated block {name!r} begins inside block {open_name!r}")
-            if name in names:
-                raise ValueError(f"generated block {name!r} appears twice")
-            open_name = name
-        else:
-            if open_name != name:
-                raise ValueError(f"END of generated block {name!r} without its BEGIN")
-            names.append(name)
-            open_name = None
-    if open_name is not None:
-        raise ValueError(f"generated block {open_name!r} has no END marker")
-    return names
-
-
-def read_block(text: str, name: str) -> str:
-    """The current body of block ``name`` (between the marker lines)."""
-    begin, end = markers(name)
-    if name not in block_names(text):
-        raise ValueError(f"no generated block {name!r} (expected the lines {begin!r} ... {end!r})")
-    start = text.index(begin + "\n") + len(begin) + 1
-    return text[start:text.index("\n" + end, start - 1) + 1]
-
-
-def replace_block(text: str, name: str, body: str) -> str:
-    """``text`` with the body of block ``name`` replaced by ``body`` (the marker lines stay)."""
-    old = read_block(text, name)
-    begin, _ = markers(name)
-    start = text.index(begin + "\n") + len(begin) + 1
-    body = body if not body or body.endswith("\n") else body + "\n"
-    return text[:start] + body + text[start + len(old):]
-
-
-def render(text: str, generators: Mapping[str, Callable[[], str]]) -> str:
-    """``text`` with every generated block rendered by its generator."""
-    names = block_names(text)
-    problems = [f"block {n!r} has no generator" for n in names if n not in generators]
-    problems += [f"generator {n!r} has no block in the README" for n in generators if n not in names]
-    if problems:
-        raise ValueError("; ".join(problems))
-    for name in names:
-        text = replace_block(text, name, generators[name]())
-    return text
-
-
-def stale_blocks(text: str, generators: Mapping[str, Callable[[], str]]) -> list[str]:
-    """Names of the blocks whose body differs from what their generator makes now."""
-    rendered = render(text, generators)
-    return [n for n in block_names(text) if read_block(text, n) != read_block(rendered, n)]
-
-
-# ---------------------------------------------------------------- formatting
-
-
-def secs(s: float | None) -> str:
-    """A duration with three significant digits, in µs, ms or s."""
-    if s is None:
-        return "n/a"
-    if s < 1e-3:
-        return f"{s * 1e6:.3g} µs"
-    if s < 1:
-        return f"{s * 1e3:.3g} ms"
-    return f"{s:.3g} s"
-
-
-def ms(v: float | None) -> str:
-    return "n/a" if v is None else secs(v / 1e3)
-
-
-def num(v: float | None, unit: str = "") -> str:
-    return "n/a" if v is None or v != v else f"{v:.3g}{unit}"
-
-
-def table(header: Iterable[str], rows: Iterable[Iterable[object]]) -> str:
-    head = list(header)
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def load(path: Path) -> dict[str, Any]:
-    doc = json.loads(path.read_text())
-    if not isinstance(doc, dict) or not doc.get("command"):
-        raise ValueError(f"{path}: a result needs its 'command' (the command line that wrote it)")
-    return doc
-
-
-def link(path: Path) -> str:
-    return f"[`{path.name}`](bench/results/{path.name})"
-
-
-def sources(paths: Iterable[Path]) -> str:
-    """One line per JSON: the file and the command that wrote it."""
-    return "".join(f"* {link(p)}: `{load(p)['command']}`\n" for p in paths)
-
-
-def machine(doc: Mapping[str, Any]) -> str:
-    env = doc.get("machine") or doc.get("environment") or {}
-    gpu = env.get("gpu")
-    cpus = env.get("cpus")
-    torch = env.get("torch")
-    return ", ".join(x for x in (gpu, f"{cpus} CPUs" if cpus else None, f"torch {torch}" if torch else None) if x)
-
-
-def files(pattern: str, results: Path) -> list[Path]:
-    return sorted(results.glob(pattern))
-
-
-def errors(paths: Iterable[Path]) -> str:
-    """The failures a run recorded (a size or configuration that did not complete), one line each."""
-    lines = []
-    for p in paths:
-        for e in load(p).get("errors") or []:
-            what = e.get("what") or (f"{e['size_gb']} GB" if "size_gb" in e else "run")
-            lines.append(f"* {link(p)}, {what}: did not complete: `{str(e.get('error', '')).splitlines()[0][:200]}`\n")
-    return "".join(lines)
-
-
-def to_measure(what: str, *commands: str) -> str:
-    run = " and ".join(f"`{c}`" for c in commands)
-    return (f"{what}: no results in `bench/results/` yet; {run} {'writes' if len(commands) == 1 else 'write'} "
-            f"them.\n")
-
-
-# ---------------------------------------------------------------- sections
-
-
-def refit_cpu(results: Path) -> str:
-    paths = files("refit-*.json", results)
-    if not paths:
-        return to_measure("**Refit, CPU**", "python bench/refit.py --json")
-    out = ["**Refit, CPU**: a new checkpoint file (page-cached) to the live engine, median of the "
-           "repeats; the limit is reading the same file's tensors and copying the bytes into "
-           "preallocated tensors, in the same run.\n\n"]
-    rows, startup = [], []
-    for p in paths:
-        doc = load(p)
-        for r in doc["refit"]:
-            st = r["stages_s"]
-            rows.append([r["engine"], f"{r['model_mb']:.1f} MB", r["repeats"], secs(r["refit_s"]),
-                         secs(r["copy_limit_s"]), f"{r['ratio']:.2f}x", secs(st.get("read")), secs(st.get("validate")),
-                         secs(st.get("refit")), secs(st.get("swap")), machine(doc), link(p)])
-        s = doc.get("startup")
-        if s:
-            startup.append(f"AOTInductor cold build of the example transformer {secs(s['cold_build_s'])}; cache hit "
-                           f"in {s['hit_in']} {secs(s['cache_hit_s'])} ({s['speedup']:.0f}x) ({link(p)})")
-    out.append(table(["engine", "model", "repeats", "file → live", "read + copy limit", "ratio", "read", "validate",
-                      "refit", "swap", "machine", "results"], rows))
-    if startup:
-        out.append("\n**Engine startup**: " + "; ".join(startup) + ".\n")
-    out.append("\n" + sources(paths))
-    return "".join(out)
-
-
-def publish(results: Path) -> str:
-    paths = files("publish-*.json", results)
-    if not paths:
-        return to_measure("**Publish**", "python bench/publish.py --json")
-    rows = []
-    for p in paths:
-        doc = load(p)
-        m, c, med = doc["machine"], doc["config"], doc["median_s"]
-        rows.append([f"{m['device']}, {c['strategy']}" + (", fast path" if c.get("fast_path") else ""),
-                     f"{doc['checkpoint_mb']:.0f} MB", len(doc["trials_s"]), secs(med["first_response"]),
-                     secs(med["event"]), secs(med["detect"]), secs(med["hash"]), secs(med["read"]),
-                     secs(med["refit"]), machine(doc), link(p)])
-    return ("**Publish → first response** through the real watcher (`bench/publish.py`): a new version renamed "
-            "into the watched folder while a client sends requests back to back; medians over the trials. "
-            "`event`: the inotify event; `detect`: until the worker starts on it; `hash`: the version's "
-            "content hash; `read`: read and validate; `refit`: transfer, refit, canary, swap.\n\n"
-            + table(["device, strategy", "checkpoint", "trials", "rename → first response", "event", "detect",
-                     "hash", "read", "refit", "machine", "results"], rows)
-            + "\n" + sources(paths))
-
-
-def _swap_row(label: str, strategy: str, r: Mapping[str, Any], doc: Mapping[str, Any], p: Path) -> list[object]:
-    live = r.get("publish_to_live_s")
-    return [label, strategy, r["swaps"], r["requests"], r["errors"], r["torn"],
-            f"{ms(r['steady_p50_ms'])} / {ms(r['steady_p99_ms'])}", f"{ms(r['swap_p50_ms'])} / {ms(r['swap_p99_ms'])}",
-            f"{r['swap_p99_ms'] / r['steady_p99_ms']:.2f}x",
-            f"{secs(live['median'])} / {secs(live['max'])}" if live else "n/a", machine(doc), link(p)]
-
-
-def zero_downtime(results: Path) -> str:
-    cpu, gpu = files("serve-swap-*.json", results), files("gpu-serve-swap-*.json", results)
-    rows = []
-    for p in cpu:
-        doc = load(p)
-        rows.append(_swap_row(f"`{doc['model']}`, {doc['clients']} HTTP clients", "`model_repository/`'s",
-                              doc, doc, p))
-    for p in gpu:
-        doc = load(p)
-        m = doc["model"]
-        label = (f"`{m['factory']}` {m['bytes'] / 1e9:.2f} GB {m['dtype']}, {m['engine']}, {m['instance']}, "
-                 f"4 gRPC clients")
-        if m.get("version_output") is False:
-            label += " (no version output: responses matched by their values only)"
-        rows.extend(_swap_row(label, s, r, doc, p) for s, r in doc["strategies"].items())
-    if not rows:
-        return to_measure("**Zero downtime**", "python bench/serve_swap.py --json")
-    return ("**Zero downtime on a real Triton** (`bench/serve_swap.py`, `bench/gpu_serve_swap.py`): clients send "
-            "requests throughout while new versions are published; every response is compared with each "
-            "version's expected output, and a torn response is one that matches none. Target: 0 errors, 0 torn, "
-            "p99 during swaps ≤ 1.5x steady.\n\n"
-            + table(["model, clients", "strategy", "swaps", "requests", "errors", "torn", "steady p50 / p99",
-                     "during swaps p50 / p99", "p99 ratio", "publish → live median / max", "machine", "results"],
-                    rows)
-            + "\n" + sources(cpu + gpu))
-
-
-def gpu_refit(results: Path) -> str:
-    paths = files("gpu-refit-*.json", results)
-    if not paths:
-        return to_measure("**GPU fast path** (file → live by size, swap pause, the host path beside it, an fp32 "
-                          "checkpoint into a bf16 engine, in place for a model larger than half the GPU)",
-                          "bash bench/gpu_run.sh refit", "bash bench/gpu_run.sh big")
-    rows, host = [], []
-    for p in paths:
-        doc = load(p)
-        runs = list(doc["runs"]) + ([doc["big_in_place"]] if "runs" in doc.get("big_in_place", {}) else [])
-        for r in runs:
-            cast = f"{r['checkpoint_dtype']} → {r['dtype']}" if r.get("checkpoint_dtype") != r.get("dtype") else r.get(
-                "dtype")
-            rows.append([r["engine"], r["strategy"], r.get("transfer", "pinned"), f"{r['bytes'] / 1e9:.2f} GB", cast,
-                         secs(r["total_s_median"]), num(r["effective_gbps"], " GB/s"), secs(r.get("pinned_limit_s")),
-                         num(r.get("ratio_to_pinned_limit"), "x"), ms(r["pause_ms_median"]),
-                         ms((r.get("client") or {}).get("during_refit_max_ms")),
-                         num(r.get("peak_over_model"), "x"), machine(doc), link(p)])
-        reg = doc.get("registration")
-        if reg:
-            rates = ", ".join(f"{k} thread(s) {v:.1f}" for k, v in reg["register_gbps"].items())
-            host.append(f"Registering page-cached pages with CUDA (`cudaHostRegister`, {reg['window_bytes'] >> 20} "
-                        f"MiB at a time) runs at {rates} GB/s; DMA out of pages registered beforehand "
-                        f"{num(reg.get('dma_from_registered_gbps'), ' GB/s')}; unregistering "
-                        f"{num(max(reg['unregister_gbps'].values()), ' GB/s')} ({link(p)})")
-        b = doc.get("baseline")
-        if b and b.get("host_path_total_s") is not None:
-            host.append(f"{b['bytes'] / 1e9:.2f} GB through the host path (read to host memory, then `.to(device)`): "
-                        f"{secs(b['host_path_total_s'])} ({num(b['host_path_gbps'], ' GB/s')}) ({link(p)})")
-    out = ("**GPU fast path** (`bench/gpu_refit.py`): a checkpoint directory renamed in, to the first response "
-           "served with it, median over the repeats; the limit is the same bytes copied from pinned host memory "
-           "to the device in the same run. Targets: ≥ 40 GB/s for 4 GB and more, within 1.4x of the limit; swap "
-           "pause ≤ 1 ms double-buffered.\n\n"
-           + table(["engine", "strategy", "transfer", "size", "dtype", "file → first response", "effective",
-                    "pinned limit", "x limit", "swap pause", "slowest request during a refit", "peak memory / model",
-                    "machine", "results"], rows))
-    if host:
-        out += "\n" + "".join(f"* {h}\n" for h in host)
-    failed = errors(paths)
-    return out + ("\n" + failed if failed else "") + "\n" + sources(paths)
-
-
-def _median(v: float | Mapping[str, Any] | None) -> float | None:
-    """A figure recorded either as a number or as ``{"median": ...}``."""
-    return v.get("median") if isinstance(v, Mapping) else v
-
-
-def breakdown(stages_ms: dict[str, float]) -> str:
-    """The stages that took a millisecond or more, in pipeline order ("other": event delivery, the answer)."""
-    order = ("settle", "hash", "read", "validate", "merge", "prescan", "drain", "transfer", "refit", "verify",
-             "swap", "other")
-    return ", ".join(f"{k} {stages_ms[k]:.0f}" for k in order if stages_ms.get(k) is not None and stages_ms[k] >= 1)
-
-
-def phase_latency(r: Mapping[str, Any]) -> str:
-    """Request latencies outside swaps and while the checkpoint streams (``latency_by_phase_ms``)."""
-    phases = r.get("latency_by_phase_ms") or {}
-    if "steady" not in phases or "transfer" not in phases:
-        return "n/a"
-    s, t = phases["steady"], phases["transfer"]
-    return f"{s['p50']:.1f} / {s['p99']:.1f} ms, {t['p50']:.1f} / {t['p99']:.1f} ms"
-
-
-def gpu_publish(results: Path) -> str:
-    paths = files("gpu-publish-*.json", results)
-    if not paths:
-        return to_measure("**Publish through Triton by model size, beside Triton's own reload**",
-                          "bash bench/gpu_run.sh publish")
-    rows = []
-    for p in paths:
-        doc = load(p)
-        for size in doc["sizes"]:
-            base = size.get("baseline") or {}
-            served = [r for r in (size.get("hotswap") or {}).values() if isinstance(r, dict)]
-            for strategy, r in (size.get("hotswap") or {}).items():
-                if not isinstance(r, dict) or "publish_to_first_response_s" not in r:
-                    continue
-                # the GPU's memory is sampled as a whole: with several models loaded it is not one model's peak
-                peak = num(r.get("peak_memory_over_model"), "x") if len(served) == 1 else \
-                    f"n/a ({len(served)} models loaded)"
-                cache = ", from disk (evicted from the page cache)" if size.get("cold") else ""
-                if r.get("swaps_detail") and not any("rename_at" in d for d in r["swaps_detail"]):
-                    cache += " (an earlier bench: the first response seen by an extra probe client)"
-                rows.append([f"{size['model_bytes'] / 1e9:.2f} GB{cache}", strategy,
-                             secs(_median(r["publish_to_first_response_s"])), num(r.get("stream_gbps"), " GB/s"),
-                             num(size.get("pinned_limit_gbps"), " GB/s"), breakdown(r.get("stages_ms_median") or {}),
-                             r["errors"], r["torn"],
-                             num(r.get("p99_during_over_steady"), "x"), phase_latency(r), peak,
-                             secs(_median(base.get("publish_to_first_response_s"))),
-                             f"{base['errors']} / {base['torn']}" if base else "n/a",
-                             num(base.get("p99_during_over_steady"), "x"), machine(doc), link(p)])
-    return ("**Publish through Triton by model size** (`bench/gpu_publish.py`): rename → first response on a "
-            "`KIND_GPU` instance under client load (float32 MLP, eager engine), beside Triton's own reload "
-            "of the same versions (`bench/triton_reload.py`: a plain Python-backend model, a new version directory "
-            "and the repository load API); `stream` is the file → device rate of the refit, `pinned limit` the "
-            "pinned host → device copy rate of the same run. The first response is the first answer with the new "
-            "weights that a load client gets; the latency columns group requests by the swap phase they overlapped "
-            "most. A strategy followed by a name is one of several models served side by side with other settings "
-            "(`--variant`: `tN` is `weights_reader_threads=N`, `r64` is `weights_read_bytes` of 64 MiB).\n\n"
-            + table(["model", "strategy", "rename → first response", "stream", "pinned limit",
-                     "where the time goes (median ms)", "errors", "torn",
-                     "p99 ratio", "requests p50 / p99: steady, during the transfer", "peak memory / model",
-                     "Triton reload: rename → first response",
-                     "reload: errors / torn", "reload: p99 ratio", "machine", "results"], rows)
-            + ("\n" + errors(paths) if errors(paths) else "") + "\n" + sources(paths))
-
-
-def _model_label(m: Mapping[str, Any]) -> str:
-    graphs = ", CUDA graphs" if m.get("cuda_graphs") else ""
-    return (f"`{m['factory']}` d_model {m['d_model']}, {m['n_layers']} layers, {m['dtype']}, {m['device']}"
-            f"{graphs}")
-
-
-def compiled_engines(results: Path) -> str:
-    starts, lats = files("inductor-startup-*.json", results), files("engine-latency-*.json", results)
-    if not starts and not lats:
-        return to_measure("**Compiled engines**", "python bench/inductor_startup.py", "python bench/engine_latency.py")
-    out = []
-    if starts:
-        rows = []
-        for p in starts:
-            doc = load(p)
-            cold, hit = doc["cold"], doc["cached"]
-            rows.append([_model_label(doc["model"]), secs(cold["build_s"]), secs(hit["build_s"]),
-                         f"{cold['build_s'] / hit['build_s']:.1f}x", hit["detail"], machine(doc), link(p)])
-        out.append("**Inductor engine startup**: the engine build in a fresh process with an empty compile cache, "
-                   "cold (trace, generate and compile code, warm up every graph, refit check, store the entry) and "
-                   "from the stripped-engine cache (the compiler's artifacts, no weights).\n\n"
-                   + table(["model", "cold build", "from the cache", "speed-up", "cache hit", "machine", "results"],
-                           rows))
-    if lats:
-        rows = []
-        for p in lats:
-            doc = load(p)
-            lat, ratio = doc["latency"], doc.get("refittable_over_baked") or {}
-            for engine, v in lat.items():
-                r = ratio.get(engine) or {}
-                versus = " (baked in without CUDA graphs)" if r and doc["model"].get("cuda_graphs") else ""
-                rows.append([_model_label(doc["model"]), f"`{engine}`", ms(v["batch_1_ms"]), ms(v["batch_8_ms"]),
-                             ", ".join(f"{r[k]:.2f}x" for k in ("batch_1_ms", "batch_8_ms") if k in r) + versus,
-                             machine(doc), link(p)])
-        out.append("**What refittability costs**: median latency of the refittable engines (`inductor`: weights "
-                   "as graph inputs; `aoti`: a package without weights) against the same engines with the weights "
-                   "baked in (`inductor_frozen`: `freezing` on; `aoti_baked`: constants in the `.so`), and eager; "
-                   "one process, same weights and inputs, engines timed in turns. Goal: refittable within 1.1x of "
-                   "baked in; compiled faster than eager on the GPU.\n\n"
-                   + table(["model", "engine", "batch 1", "batch 8", "refittable / baked in (1, 8)", "machine",
-                            "results"], rows))
-    return "\n".join(out) + "\n" + sources(starts + lats)
-
-
-def real_models(results: Path) -> str:
-    paths = files("real-refit-*.json", results)
-    if not paths:
-        return to_measure("**Real architectures**", "python bench/real_refit.py --json real-refit.json")
-    rows = []
-    for p in paths:
-        doc = load(p)
-        copied = "copy" in str(doc.get("publish_mode", ""))
-        for r in doc["runs"]:
-            trt = r.get("torch_tensorrt_refit_s")
-            rows.append([r["model"], f"`{r['engine']}`", r["device"], f"{r['checkpoint_bytes'] / 1e6:.0f} MB",
-                         secs(r["build_s"]), secs(r["refit_s"]),
-                         secs(r["publish_to_live_s"]) + (" (with the copy)" if copied else ""),
-                         secs(trt) if trt else "n/a", machine(doc), link(p)])
-    return ("**Real architectures** (`bench/real_refit.py`): full-size ResNet-18/50 (transformers' classes on CPU, "
-            "torchvision's as `tv-` on the GPU) and BERT-base, random weights; `file → live`: a page-cached "
-            "`model.safetensors` to the live engine (read, validate, transfer, refit, canary, swap), median; "
-            "`publish → live`: `serving.publisher.publish(..., link=True)` of a `save_pretrained`-like directory "
-            "into the watched folder (hard links: timed from the rename; its `MANIFEST.json` sha256s are "
-            "verified before it goes live) until it serves. Beside them, the refit times Torch-TensorRT documents for "
-            "`refit_module_weights` on the same architectures (their hardware, a TensorRT engine: context, not a "
-            "measurement here).\n\n"
-            + table(["model", "engine", "device", "checkpoint", "engine build", "file → live", "publish → live",
-                     "Torch-TensorRT refit (documented)", "machine", "results"], rows)
-            + ("\n" + errors(paths) if errors(paths) else "") + "\n" + sources(paths))
-
-
-def aoti_loader(results: Path) -> str:
-    paths = files("aoti-load-probe-*.json", results)
-    if not paths:
-        return ""
-    lines = []
-    for p in paths:
-        doc = load(p)
-        verdicts = "; ".join(v["verdict"] for v in doc["variants"])
-        lines.append(f"* {machine(doc)}, {doc['package_device']} package: {verdicts} ({link(p)})\n")
-    return ("**AOTInductor package loaders** (`bench/aoti_load_probe.py`, each variant in a child process):\n\n"
-            + "".join(lines) + "\n" + sources(paths))
-
-
-SECTIONS: tuple[Callable[[Path], str], ...] = (refit_cpu, publish, zero_downtime, gpu_refit, gpu_publish,
-                                               compiled_engines, real_models, aoti_loader)
-#: the result files each section shows (every JSON in bench/results/ must match one)
-SECTION_FILES = ("refit-*.json", "publish-*.json", "serve-swap-*.json", "gpu-serve-swap-*.json",
-                 "gpu-refit-*.json", "gpu-publish-*.json", "inductor-startup-*.json", "engine-latency-*.json",
-                 "real-refit-*.json", "aoti-load-probe-*.json")
-
-
-def measured(results: Path = RESULTS) -> str:
-    """The README's measured figures: every section, from the JSON files in ``results``."""
-    shown = {p for pattern in SECTION_FILES for p in results.glob(pattern)}
-    unshown = sorted(p.name for p in results.glob("*.json") if p not in shown)
-    if unshown:
-        raise ValueError(f"{', '.join(unshown)}: no README section shows these results; name them like one of "
-                         f"{', '.join(SECTION_FILES)} or add a section to bench/render_readme.py")
-    return "\n".join(section(results) for section in SECTIONS)
+BENCHMARKS = ROOT / "docs" / "benchmarks.md"
+#: pictures the README shows beside its headlines (the others are in docs/benchmarks.md)
+README_PICTURES = ("publish-by-size", "timeline-serve-swap-timeline-cpu2")
 
 
 def settings() -> str:
@@ -481,28 +47,79 @@ def stages() -> str:
                       *(f"| `{name}` | {doc} |" for name, doc in STAGES.items())])
 
 
-#: block name -> generator; other generators of README blocks register here
-GENERATORS: dict[str, Callable[[], str]] = {"measured": measured, "settings": settings, "stages": stages}
+def readme_glance(results: Path = RESULTS) -> str:
+    """The README's headlines and its pictures."""
+    shown = {p.name: p for p in pictures(results)}
+    missing = [n for n in README_PICTURES if n not in shown]
+    if missing:
+        raise ValueError(f"the README shows the pictures {', '.join(missing)}, which no result file makes")
+    return glance(results) + "".join("\n" + shown[n].markdown("", "docs/figures") for n in README_PICTURES)
+
+
+def figures_block(results: Path = RESULTS) -> str:
+    """docs/benchmarks.md's pictures, each with its caption."""
+    return "\n".join(p.markdown("../", "figures") for p in pictures(results))
+
+
+#: document -> block name -> generator
+DOCUMENTS: dict[Path, dict[str, Callable[[], str]]] = {
+    README: {"glance": readme_glance, "settings": settings, "stages": stages},
+    BENCHMARKS: {"figures": figures_block, "measured": measured},
+}
+
+
+def stale_pictures(drawn: list[Picture], folder: Path = FIGURES) -> list[str]:
+    """Pictures whose file differs from what is drawn now, or is missing, and SVG files no picture makes."""
+    names = {p.name for p in drawn}
+    stale = [f"{p.name}.svg" for p in drawn
+             if not (folder / f"{p.name}.svg").exists() or (folder / f"{p.name}.svg").read_bytes() != p.svg()]
+    return stale + sorted(f.name for f in folder.glob("*.svg") if f.stem not in names)
+
+
+def write_pictures(drawn: list[Picture], folder: Path = FIGURES) -> list[str]:
+    """Write the pictures that changed, remove the SVG files no picture makes; what changed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    changed = stale_pictures(drawn, folder)
+    for p in drawn:
+        if f"{p.name}.svg" in changed:
+            (folder / f"{p.name}.svg").write_bytes(p.svg())
+    for f in folder.glob("*.svg"):
+        if f.stem not in {p.name for p in drawn}:
+            f.unlink()
+    return changed
+
+
+def run(documents: dict[Path, dict[str, Callable[[], str]]], folder: Path, drawn: list[Picture],
+        check: bool) -> list[str]:
+    """What is out of date among ``documents``' blocks and the pictures in ``folder``; unless ``check``,
+    rewritten."""
+    out_of_date = [f"{doc.name}: {', '.join(names)}" for doc, generators in documents.items()
+                   if (names := stale_blocks(doc.read_text(), generators))]
+    stale = stale_pictures(drawn, folder) if check else write_pictures(drawn, folder)
+    out_of_date += [f"{folder.name}: {', '.join(stale)}"] if stale else []
+    if not check:
+        for doc, generators in documents.items():
+            text = doc.read_text()
+            if stale_blocks(text, generators):
+                doc.write_text(render(text, generators))
+    return out_of_date
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block is out of date")
-    ap.add_argument("--readme", type=Path, default=README)
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block or picture is out of date")
+    ap.add_argument("--png", type=Path, metavar="DIR", help="also write every picture as PNG into DIR")
     args = ap.parse_args(argv)
-    text = args.readme.read_text()
-    if args.check:
-        stale = stale_blocks(text, GENERATORS)
-        if stale:
-            print(f"{args.readme}: generated blocks out of date: {', '.join(stale)}; run python -m bench.render_readme",
-                  file=sys.stderr)
-            return 1
-        return 0
-    stale = stale_blocks(text, GENERATORS)
-    if stale:
-        args.readme.write_text(render(text, GENERATORS))
-        print(f"{args.readme}: rewrote {', '.join(stale)}")
-    return 0
+    drawn = pictures(RESULTS)
+    out_of_date = run(DOCUMENTS, FIGURES, drawn, args.check)
+    for line in out_of_date:
+        print(f"out of date: {line}; run python -m bench.render_readme" if args.check else f"rewrote {line}",
+              file=sys.stderr if args.check else sys.stdout)
+    if args.png:
+        args.png.mkdir(parents=True, exist_ok=True)
+        for p in drawn:
+            (args.png / f"{p.name}.png").write_bytes(p.png())
+    return 1 if args.check and out_of_date else 0
 
 
 if __name__ == "__main__":

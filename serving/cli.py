@@ -289,10 +289,10 @@ def _add_watch_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
 
 
 def _add_publish_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """``hotswap publish SRC --to FOLDER [--version V]`` (serving.publisher.publish)."""
+    """``hotswap publish SRC --to FOLDER [--version V]`` (serving.publish.publish)."""
 
     def cmd_publish(args: argparse.Namespace) -> int:
-        from serving.publisher import publish
+        from serving.publish import publish
 
         dest = publish(args.src, args.to, version=args.version, manifest=not args.no_manifest)
         print(f"published {args.src} as {dest}")

@@ -20,7 +20,7 @@ from serving.factory import build_module
 from serving.metrics import HotswapMetrics
 from serving.refit import CanaryConfig, RefitCoordinator, RefitReport
 from serving.settings import ServingSettings
-from serving.specs import BuildSpec, TensorSpec
+from serving.specs import BuildSpec, TensorSpec, dtype_from_name
 from serving.watch import WeightsWatcher
 from serving.weights import CheckpointPolicy, ValidationPolicy
 from serving.weights.fastpath import FastPathConfig
@@ -32,9 +32,16 @@ def build_spec_for(settings: ServingSettings, inputs: Sequence[TensorSpec],
                    outputs: Sequence[TensorSpec], max_batch: int) -> BuildSpec:
     """The engine build of a served model."""
     return BuildSpec(factory=settings.model_factory, inputs=tuple(inputs), outputs=tuple(outputs),
-                     max_batch=max(1, max_batch), device=settings.device, dtype=settings.dtype,
+                     max_batch=max(1, max_batch), device=settings.device,
+                     dtype=dtype_from_name(settings.dtype),
                      factory_kwargs=settings.factory_kwargs,
                      options=settings.engine_options + ((("cuda_graphs", True),) if settings.cuda_graphs else ()))
+
+
+def fast_path_config_for(settings: ServingSettings) -> FastPathConfig:
+    """The fast path's readers of a served model (settings ``weights_*``)."""
+    return FastPathConfig(transfer=settings.weights_transfer, threads=settings.weights_reader_threads,
+                          read_bytes=settings.weights_read_bytes, task_bytes=settings.weights_task_bytes)
 
 
 class HotswapService:
@@ -72,19 +79,14 @@ class HotswapService:
         self.coordinator = RefitCoordinator(
             self.engine, strategy=s.refit_strategy, canary=canary, canary_input_specs=self.spec.inputs,
             reference_factory=reference, metrics=self.metrics,
-            fast_path_config=FastPathConfig(transfer=s.weights_transfer, threads=s.weights_reader_threads,
-                                            read_bytes=s.weights_read_bytes),
+            fast_path_config=fast_path_config_for(s),
             checkpoint_policy=CheckpointPolicy(allow_pickle=s.allow_pickle, max_bytes=s.max_file_bytes,
                                                root=s.weights_dir),
             validation_policy=ValidationPolicy(unexpected=s.unexpected_tensors, cast=s.dtype_cast,
                                                strip_prefix=s.strip_prefix),
         )
         s.weights_dir.mkdir(parents=True, exist_ok=True)
-        self.watcher = WeightsWatcher(
-            s.weights_dir, self.coordinator, mode=s.watch_mode, poll_interval_s=s.poll_interval_s,
-            debounce_s=s.debounce_s, metrics=self.metrics, lora_scale=s.lora_scale,
-            checkpoint_policy=self.coordinator.checkpoint_policy,
-        )
+        self.watcher = WeightsWatcher.from_settings(s, self.coordinator, self.metrics)
         report = self.watcher.install_initial()
         if require_weights and (report is None or not self.coordinator.ready):
             why = "; ".join(f"{p}: {r}" for p, r in sorted(self.watcher.rejected.items())) or "it is empty"
@@ -101,7 +103,7 @@ class HotswapService:
 
     def _reference_module(self) -> torch.nn.Module:
         module = build_module(self.spec.factory, self.spec.kwargs())
-        return module.to(device=self.settings.device, dtype=self.settings.dtype)
+        return module.to(device=self.settings.device, dtype=self.spec.dtype)
 
     def infer(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if self.coordinator is None:

@@ -7,30 +7,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from serving.choices import DTYPE_NAMES, dtype_key
 from serving.errors import ConfigError
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
+_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def dtype_from_name(name: str) -> torch.dtype:
-    """``"float16"`` or ``"torch.float16"`` -> ``torch.float16``; a clear error otherwise."""
-    key = name.removeprefix("torch.").lower()
-    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16",
-               "float": "float32", "long": "int64", "int": "int32"}
-    key = aliases.get(key, key)
-    if key not in _DTYPES:
-        raise ConfigError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+    """``"float16"``, ``"torch.float16"`` or ``"fp16"`` -> ``torch.float16``; a clear error otherwise."""
+    key = dtype_key(name)
+    if key is None:
+        raise ConfigError(f"unknown dtype {name!r}; expected one of {sorted(DTYPE_NAMES)}")
     return _DTYPES[key]
 
 

@@ -12,6 +12,7 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from serving.choices import ENGINE_CHOICES
 from serving.engines.base import BuildInfo, Engine, WeightSlot
 from serving.errors import ConfigError, EngineUnavailableError
 
@@ -20,15 +21,14 @@ if TYPE_CHECKING:
     from serving.metrics import HotswapMetrics
     from serving.specs import BuildSpec
 
-#: engine kind -> (module, class); modules are imported only when that engine is chosen
+#: engine kind (:data:`serving.choices.ENGINE_KINDS`) -> (module, class); modules are imported only when that
+#: engine is chosen
 ENGINES: dict[str, tuple[str, str]] = {
     "eager": ("serving.engines.eager", "EagerEngine"),
     "aoti": ("serving.engines.aoti", "AOTIEngine"),
     "inductor": ("serving.engines.inductor", "InductorEngine"),
     "tensorrt": ("serving.engines.tensorrt", "TensorRTEngine"),
 }
-#: what the ``engine`` setting accepts
-ENGINE_CHOICES: tuple[str, ...] = ("auto", *ENGINES)
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,11 @@ from dataclasses import dataclass
 import torch
 import torch.utils._pytree as pytree
 
+from serving.choices import CANARY_MODES
 from serving.engines.base import WeightSlot
 from serving.errors import CanaryError, ConfigError
 from serving.refit.report import StagedWeights
 from serving.specs import TensorSpec
-
-CANARY_MODES = ("off", "finite", "reference")
 
 
 @dataclass(frozen=True)

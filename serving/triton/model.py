@@ -21,7 +21,8 @@ from serving.service import HotswapService
 from serving.settings import parse_settings
 from serving.triton.batching import split_batches
 from serving.triton.metrics import TritonMetricsBackend
-from serving.triton.model_config import VERSION_OUTPUT, ModelIO, parse_model_io
+from serving.triton.model_config import ModelIO, parse_model_io
+from serving.triton.version_output import VERSION_OUTPUT, VERSION_UTF8_OUTPUT, encode_utf8, string_output_problem
 
 log = logging.getLogger("hotswap.triton")
 
@@ -59,23 +60,6 @@ def response_parameters_supported(pb: Any) -> bool:
     return True
 
 
-def string_output_warning(numpy_version: str) -> str:
-    """A warning for the version output under numpy 2, else ''.
-
-    The version output is the one tensor that cannot go through DLPack: the stub serializes a numpy
-    object array. Triton 2.51's stub is built for numpy 1; under numpy 2 it sent that output as zero
-    bytes, and every client failed to decode the response (measured on a GPU machine). A round trip
-    inside the stub does not show it (``as_numpy`` gives back the array it was built from), and a
-    stub built for numpy 2 would be fine, so this warns rather than refuses.
-    """
-    if int(numpy_version.split(".")[0]) < 2:
-        return ""
-    return (f"numpy {numpy_version}: Triton 2.51's Python stub (built for numpy 1) sends the "
-            f"{VERSION_OUTPUT} output as zero bytes, which clients cannot decode. If they fail to, install "
-            "numpy<2 where the stub runs, or remove the output from config.pbtxt (the version stays in the "
-            "metrics and the log)")
-
-
 class TritonPythonModel:
     """Triton calls ``initialize``, then ``execute`` per batch of requests, then ``finalize``."""
 
@@ -95,8 +79,12 @@ class TritonPythonModel:
         add_search_paths(args["model_repository"])  # factories in the model folder (the version folder is there)
         settings = parse_settings(self.io.parameters, model_name=model_name, device=device,
                                   model_repository=repository)
-        if self.io.version_output and (warning := string_output_warning(np.__version__)):
-            log.warning("model %s: %s", model_name, warning)
+        self._string_version = self.io.version_output
+        if self.io.version_output and (problem := string_output_problem(
+                np.__version__, utf8_declared=bool(self.io.version_utf8_width))):
+            log.warning("model %s: %s", model_name, problem)
+            self._string_version = not self.io.version_utf8_width
+        self._cut_versions: set[str] = set()
         self._backend = TritonMetricsBackend(pb, {"model": model_name,
                                                   "instance": args.get("model_instance_name", "")})
         self.service = HotswapService(settings, self.io.inputs, self.io.outputs, self.io.max_batch,
@@ -109,10 +97,11 @@ class TritonPythonModel:
             raise pb.TritonModelException(f"hotswap: {e}") from e
         self._device = torch.device(device)
         self._parameters = response_parameters_supported(pb)
+        forms = [f"output {VERSION_OUTPUT}" if self._string_version else "",
+                 f"output {VERSION_UTF8_OUTPUT}" if self.io.version_utf8_width else "",
+                 "response parameter hotswap_weights_version" if self._parameters else ""]
         log.info("model %s: weights version on every response as %s", model_name,
-                 " and ".join(filter(None, [f"output {VERSION_OUTPUT}" if self.io.version_output else "",
-                                            "response parameter hotswap_weights_version" if self._parameters
-                                            else ""])) or "nothing (declare the output to get it)")
+                 " and ".join(filter(None, forms)) or "nothing (declare an output to get it)")
 
     def _input(self, request: Any, name: str) -> torch.Tensor:
         t = _pb().get_input_tensor_by_name(request, name)
@@ -129,6 +118,22 @@ class TritonPythonModel:
         own = tensor.detach().clone(memory_format=torch.contiguous_format)
         capsule = torch.to_dlpack(own)  # type: ignore[attr-defined]
         return _pb().Tensor.from_dlpack(name, capsule)
+
+    def _version_outputs(self, version: str, n: int) -> list[Any]:
+        """The declared version outputs for ``n`` rows (:mod:`serving.triton.version_output`)."""
+        out = []
+        if self._string_version:
+            out.append(_pb().Tensor(VERSION_OUTPUT, np.array([[version.encode()]] * n, dtype=np.object_)))
+        if width := self.io.version_utf8_width:
+            data, cut = encode_utf8(version, width)
+            if cut and version not in self._cut_versions:
+                self._cut_versions.add(version)
+                log.warning("version %r is longer than the %d bytes of output %s: responses carry its first %d "
+                            "bytes; declare a larger width (dims) in config.pbtxt", version, width,
+                            VERSION_UTF8_OUTPUT, width)
+            row = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            out.append(self._output(VERSION_UTF8_OUTPUT, row.expand(n, width)))
+        return out
 
     def execute(self, requests: list[Any]) -> list[Any]:
         """Batch the requests through the engine; a failure answers its requests with an error."""
@@ -156,8 +161,7 @@ class TritonPythonModel:
                     n = inputs[i][0].shape[0]  # type: ignore[index]
                     tensors = [self._output(spec.name, out[offset:offset + n])
                                for spec, out in zip(self.io.outputs, outputs, strict=True)]
-                    if self.io.version_output:
-                        tensors.append(pb.Tensor(VERSION_OUTPUT, np.array([[version.encode()]] * n, dtype=np.object_)))
+                    tensors += self._version_outputs(version, n)
                     responses[i] = (pb.InferenceResponse(output_tensors=tensors,
                                                          parameters={"hotswap_weights_version": version})
                                     if self._parameters else pb.InferenceResponse(output_tensors=tensors))

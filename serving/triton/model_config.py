@@ -10,6 +10,7 @@ import torch
 
 from serving.errors import ConfigError
 from serving.specs import TensorSpec
+from serving.triton.version_output import MAX_UTF8_WIDTH, MIN_UTF8_WIDTH, VERSION_OUTPUT, VERSION_UTF8_OUTPUT
 
 #: Triton data types we serve -> torch dtypes
 TRITON_DTYPES: dict[str, torch.dtype] = {
@@ -19,16 +20,13 @@ TRITON_DTYPES: dict[str, torch.dtype] = {
 }
 
 
-#: the optional output naming the weights version that computed each response (BYTES, one string per row)
-VERSION_OUTPUT = "HOTSWAP_WEIGHTS_VERSION"
-
-
 @dataclass(frozen=True)
 class ModelIO:
     """Inputs, outputs (without the batch dimension) and the batch range of a Triton model.
 
     ``outputs`` are the engine's; ``version_output`` says whether the config also declares
-    :data:`VERSION_OUTPUT` (filled by the backend, not the engine).
+    :data:`VERSION_OUTPUT`, ``version_utf8_width`` the width of :data:`VERSION_UTF8_OUTPUT` (0: not declared);
+    both are filled by the backend, not the engine (:mod:`serving.triton.version_output`).
     """
 
     inputs: tuple[TensorSpec, ...]
@@ -36,6 +34,7 @@ class ModelIO:
     max_batch: int
     parameters: Mapping[str, str]
     version_output: bool = False
+    version_utf8_width: int = 0
 
 
 def _specs(entries: list[dict[str, Any]], what: str, errors: list[str]) -> tuple[TensorSpec, ...]:
@@ -67,7 +66,9 @@ def parse_model_io(config: Mapping[str, Any]) -> ModelIO:
         if e.get("data_type") != "TYPE_STRING" or [int(d) for d in e.get("dims", [])] != [1]:
             errors.append(f"output {VERSION_OUTPUT!r}: declare it as data_type: TYPE_STRING, dims: [ 1 ] "
                           f"(found {e.get('data_type')!r}, dims {e.get('dims')})")
-    outputs = _specs([e for e in declared if e.get("name") != VERSION_OUTPUT], "output", errors)
+    utf8_width = _utf8_width([e for e in declared if e.get("name") == VERSION_UTF8_OUTPUT], errors)
+    outputs = _specs([e for e in declared if e.get("name") not in (VERSION_OUTPUT, VERSION_UTF8_OUTPUT)],
+                     "output", errors)
     if not inputs:
         errors.append("the config declares no input")
     if not outputs:
@@ -75,4 +76,18 @@ def parse_model_io(config: Mapping[str, Any]) -> ModelIO:
     params = {k: str(v.get("string_value", "")) for k, v in dict(config.get("parameters", {})).items()}
     if errors:
         raise ConfigError(f"model {name!r}: config.pbtxt:\n" + "\n".join(f"  - {e}" for e in errors))
-    return ModelIO(inputs, outputs, max_batch, params, version_output=bool(version))
+    return ModelIO(inputs, outputs, max_batch, params, version_output=bool(version), version_utf8_width=utf8_width)
+
+
+def _utf8_width(entries: list[dict[str, Any]], errors: list[str]) -> int:
+    """The declared width of :data:`VERSION_UTF8_OUTPUT` (0 when not declared)."""
+    for e in entries:
+        dims = [int(d) for d in e.get("dims", [])]
+        if (e.get("data_type") != "TYPE_UINT8" or len(dims) != 1
+                or not MIN_UTF8_WIDTH <= dims[0] <= MAX_UTF8_WIDTH):
+            errors.append(f"output {VERSION_UTF8_OUTPUT!r}: declare it as data_type: TYPE_UINT8, dims: [ N ] with "
+                          f"{MIN_UTF8_WIDTH} <= N <= {MAX_UTF8_WIDTH}, e.g. [ 64 ] (found {e.get('data_type')!r}, "
+                          f"dims {e.get('dims')})")
+            return 0
+        return dims[0]
+    return 0

@@ -1,50 +1,39 @@
-"""What one top-level name in the weights folder is: inspection, completeness and identity.
+"""What one top-level name in the weights folder is: inspection and completeness.
 
 Functions of the folder's contents and the :class:`~serving.weights.CheckpointPolicy`; no threads,
-no state. Files are only stat'ed and read, never modified. A version's identity (its content
-hash) and its publish time (:func:`publish_time_ns`) are decided here and nowhere else.
+no state. Files are only stat'ed and read, never modified. A version's publish time
+(:func:`publish_time_ns`) is decided here and nowhere else; its identity (content hash) in
+:mod:`serving.watch.identity`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from serving.errors import CheckpointError, HotswapError, reading
 from serving.hashing import sha256_file
-from serving.publish import (
+from serving.publish.protocol import (
     ADAPTER_CONFIG,
     MANIFEST_NAME,
-    Fingerprint,
     FoundFile,
     Manifest,
     classify_name,
     is_temp_name,
     manifest_problems,
     parse_manifest,
-    tree_hash,
     version_of,
 )
+from serving.watch.ledger import Fingerprint
 from serving.weights import CheckpointPolicy, describe_checkpoint, detect_checkpoint, read_header
 from serving.weights.lora import adapter_weights_file, read_adapter_config
 
 #: a version directory with more files than this is refused without reading it
 DEFAULT_MAX_FILES = 1000
-HASH_READ_BYTES = 4 << 20
-#: content hashes are computed over chunks of this size, in parallel
-CONTENT_CHUNK = 16 << 20
-#: checkpoints up to this size are hashed before they are read; larger ones, whose content the watcher has
-#: not seen before (by :func:`quick_identity`), are hashed after they went live (read once on the critical path)
-PREHASH_MAX_BYTES = 256 << 20
-#: bytes read per sample of :func:`quick_identity`
-QUICK_BLOCK = 1 << 20
 
 Problem = tuple[str, str]  # (reason, message)
 Row = tuple[str, int, int, int, int]  # (relative path, size, mtime_ns, inode, mode)
@@ -251,12 +240,6 @@ def check_complete(entry: Entry, policy: CheckpointPolicy) -> Problem | None:
         return (e.reason, str(e))
 
 
-def _files(entry: Entry) -> list[tuple[str, int]]:
-    """(relative path, size) of the regular files of a directory entry, temp names left out."""
-    return [(r[0], r[1]) for r in entry.fp.rows
-            if r[0] and not r[0].endswith("/") and not any(is_temp_name(p) for p in r[0].split("/"))]
-
-
 def verify_manifest(entry: Entry) -> Problem | None:
     manifest = entry.manifest
     assert manifest is not None
@@ -282,60 +265,3 @@ def verify_manifest(entry: Entry) -> Problem | None:
                                      f"stale manifest): " + "; ".join(problems[:10]))
     entry.content_hash = manifest.content_hash()
     return None
-
-
-def content_hash_file(path: Path, pool: ThreadPoolExecutor | None = None) -> str:
-    """A file's content identity: sha256 over its size and the sha256 of each 16 MiB chunk.
-
-    The chunks are hashed in parallel (hashlib releases the GIL), so a large checkpoint costs a
-    fraction of a serial sha256 on the path from publish to serving.
-    """
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        fd = f.fileno()
-
-        def chunk(i: int) -> bytes:
-            h = hashlib.sha256()
-            pos, end = i * CONTENT_CHUNK, min(size, (i + 1) * CONTENT_CHUNK)
-            while pos < end:
-                data = os.pread(fd, min(HASH_READ_BYTES, end - pos), pos)
-                if not data:
-                    raise OSError(f"{path}: shorter than its size while hashing (truncated meanwhile?)")
-                h.update(data)
-                pos += len(data)
-            return h.digest()
-
-        n = max(1, -(-size // CONTENT_CHUNK))
-        digests = list(pool.map(chunk, range(n))) if pool is not None and n > 1 else [chunk(i) for i in range(n)]
-    top = hashlib.sha256(f"chunks:{CONTENT_CHUNK}:{size}\n".encode())
-    for d in digests:
-        top.update(d)
-    return top.hexdigest()
-
-
-def quick_identity(entry: Entry) -> str:
-    """A cheap fingerprint of the entry's content (names, sizes, and nine 1 MiB samples of each file).
-
-    Equal content always has an equal quick identity; different content almost always has a
-    different one. The watcher uses it only to decide whether the full hash is needed before a
-    checkpoint is read (content it has seen: a no-op or a rollback) or can wait until after.
-    """
-    h = hashlib.sha256(f"quick:{QUICK_BLOCK}\n".encode())
-    files = _files(entry) if entry.is_dir else [("", entry.fp.total_size)]
-    for rel, size in files:
-        h.update(f"{rel}:{size}\n".encode())
-        with open(entry.path / rel if rel else entry.path, "rb") as f:
-            for i in range(9):
-                offset = min(max(0, size - QUICK_BLOCK), size * i // 8)
-                h.update(os.pread(f.fileno(), QUICK_BLOCK, offset))
-    return h.hexdigest()
-
-
-def content_hash(entry: Entry, pool_for: Callable[[int], ThreadPoolExecutor | None]) -> str:
-    """The entry's identity: the verified manifest's, else the hash of its file (or of its tree).
-    ``pool_for(size)`` gives the threads to hash a file of ``size`` bytes with (None: serially)."""
-    if entry.content_hash is not None:
-        return entry.content_hash
-    if not entry.is_dir:
-        return content_hash_file(entry.path, pool_for(entry.fp.total_size))
-    return tree_hash([(rel, content_hash_file(entry.path / rel, pool_for(size))) for rel, size in _files(entry)])

@@ -17,9 +17,10 @@ import torch
 
 from serving.errors import HotswapError
 from serving.metrics import HotswapMetrics
-from serving.publish import merged_hash, publish_key
+from serving.publish.protocol import publish_key
 from serving.refit import RefitCoordinator, RefitReport, StagedWeights
 from serving.watch.entries import Entry, publish_time_ns
+from serving.watch.identity import merged_hash
 from serving.weights import CheckpointPolicy
 from serving.weights.lora import merge_lora, read_adapter
 
@@ -34,7 +35,7 @@ class ActiveAdapter:
 
 
 def entry_key(entry: Entry) -> tuple[int, str]:
-    """The order of publication (see :func:`serving.publish.publish_key`)."""
+    """The order of publication (see :func:`serving.publish.protocol.publish_key`)."""
     return publish_key(publish_time_ns(entry), entry.name)
 
 

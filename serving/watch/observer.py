@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("serving.watch")
 
-WATCH_MODES = ("inotify", "polling")
 EVENT_FILTER: list[type[FileSystemEvent]] = [
     FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, FileAttribEvent, DirAttribEvent,
     FileMovedEvent, DirMovedEvent, FileDeletedEvent, DirDeletedEvent, FileClosedEvent,

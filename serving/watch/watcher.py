@@ -1,16 +1,15 @@
-"""The weights watcher: queue, debounce, completeness gate and install order.
+"""The weights watcher: the queue and the worker that ties the watch package together.
 
 One :class:`WeightsWatcher` per engine. The observer (:mod:`serving.watch.observer`) only puts
-events on a queue; a single worker thread debounces them, coalesces (of several versions waiting,
-the newest by publish time is installed and the others are counted as ``skipped``), checks
-completeness (:func:`serving.publish.completeness` over :mod:`serving.watch.entries`), hashes the
-content, and hands the entry to the lineage (:mod:`serving.watch.lineage`), which reads, merges
-LoRA adapters and calls the coordinator.
+events on a queue; a single worker thread debounces them (:mod:`serving.watch.debounce`), inspects
+each entry due (:mod:`serving.watch.entries`), lets the completeness gate (:mod:`serving.watch.gate`)
+decide whether it is read now, and hands the complete ones to the installer
+(:mod:`serving.watch.install`), which installs the newest (the others are counted as ``skipped``)
+and accounts for every outcome.
 
 Nothing here deletes or modifies a file in the folder. Every error inside the worker or the event
 handler is caught, logged and counted (``hotswap_watcher_errors_total``); it never stops the
-watcher. Refused entries are counted as ``hotswap_refits_total{outcome="rejected",reason=...}``,
-logged once, and recorded in a ledger so they are not read again until they change.
+watcher.
 """
 
 from __future__ import annotations
@@ -23,40 +22,22 @@ import queue
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from serving.background import lower_priority
+from serving.choices import DEBOUNCE_BOUNDS, POLL_INTERVAL_BOUNDS, WATCH_MODES, Bounds
 from serving.errors import ConfigError
 from serving.metrics import HotswapMetrics
-from serving.publish import (
-    Candidate,
-    Fingerprint,
-    Observation,
-    RejectedLedger,
-    Rejection,
-    completeness,
-    is_temp_name,
-    select_versions,
-)
+from serving.publish.protocol import is_temp_name
 from serving.refit import RefitCoordinator, RefitReport
-from serving.watch.debounce import Debouncer, Pending
-from serving.watch.entries import (
-    CONTENT_CHUNK,
-    DEFAULT_MAX_FILES,
-    PREHASH_MAX_BYTES,
-    Entry,
-    age_s,
-    check_complete,
-    content_hash,
-    inspect_entry,
-    quick_identity,
-)
-from serving.watch.lineage import Lineage, entry_key
-from serving.watch.observer import WATCH_MODES, FolderObserver, FsEvent
+from serving.watch.debounce import Debouncer
+from serving.watch.entries import DEFAULT_MAX_FILES, Entry, age_s, inspect_entry
+from serving.watch.gate import Gate
+from serving.watch.identity import PREHASH_MAX_BYTES
+from serving.watch.install import Installer, WatchRecord
+from serving.watch.ledger import Rejection
+from serving.watch.observer import FolderObserver, FsEvent
 from serving.weights import CheckpointPolicy
 
 if TYPE_CHECKING:
@@ -65,40 +46,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("serving.watch")
 
 _STOP = object()
-_LOG_CHARS = 800  # longer messages are cut in the log (the ledger keeps them whole)
-
-
-@dataclass(frozen=True)
-class WatchRecord:
-    """One entry the worker tried to install, with its timings (``time.monotonic()`` clock)."""
-
-    path: str
-    kind: str
-    version: str
-    #: the first filesystem event of this publish (None: found by a scan)
-    first_event: float | None
-    #: when the worker started on it (after debounce and completeness checks)
-    started: float
-    finished: float
-    hash_s: float
-    report: RefitReport
-    #: the content hash is computed after the weights went live, off the worker (large, new content)
-    hashed_after: bool = False
-
-    def summary(self) -> str:
-        """One line for the log: the outcome, the time from the first event, and where it went (ms)."""
-        r = self.report
-        parts = []
-        if self.first_event is not None:
-            parts.append(f"settle {1e3 * max(0.0, self.started - self.first_event):.0f}")
-        parts.append(f"hash {1e3 * self.hash_s:.0f}")
-        parts += [f"{k} {1e3 * v:.0f}" for k, v in r.stages.items() if k != "total"]
-        if self.hashed_after:
-            parts.append("hashed after going live")
-        since = self.first_event if self.first_event is not None else self.started
-        return (f"refit {self.version} -> {r.outcome}{f' ({r.reason})' if r.reason else ''} in "
-                f"{1e3 * (self.finished - since):.0f} ms from the first event "
-                f"({', '.join(parts)})")
 
 
 class WeightsWatcher:
@@ -115,9 +62,12 @@ class WeightsWatcher:
                  prehash_max_bytes: int = PREHASH_MAX_BYTES) -> None:
         if mode not in WATCH_MODES:
             raise ConfigError(f"watch_mode {mode!r}: choose one of {WATCH_MODES}")
-        if poll_interval_s <= 0 or debounce_s < 0 or settle_s < 0 or max_files < 1:
-            raise ConfigError(f"invalid watcher timing: poll_interval_s={poll_interval_s}, "
-                              f"debounce_s={debounce_s}, settle_s={settle_s}, max_files={max_files}")
+        bounds = ((poll_interval_s, "poll_interval_s", POLL_INTERVAL_BOUNDS),
+                  (debounce_s, "debounce_s", DEBOUNCE_BOUNDS),
+                  (settle_s, "settle_s", Bounds(minimum=0)), (max_files, "max_files", Bounds(minimum=1)))
+        problems = [f"{name}={value} ({p})" for value, name, rule in bounds for p in rule.problems(value)]
+        if problems:
+            raise ConfigError(f"invalid watcher timing: {', '.join(problems)}")
         self.folder = Path(os.path.abspath(folder))
         self._folder_str = str(self.folder)
         self.coordinator = coordinator
@@ -126,8 +76,6 @@ class WeightsWatcher:
         self.debounce_s = float(debounce_s)
         self.settle_s = float(settle_s)
         self.max_files = max_files
-        self.prehash_max_bytes = prehash_max_bytes
-        self._quick_ids: collections.OrderedDict[str, str] = collections.OrderedDict()  # quick -> full hash
         self.metrics = metrics or coordinator.metrics
         self.lora_scale = float(lora_scale)
         policy = checkpoint_policy or coordinator.checkpoint_policy
@@ -142,15 +90,13 @@ class WeightsWatcher:
         self._worker: threading.Thread | None = None
         self._busy = False
         self._events = Debouncer(self._folder_str, self.debounce_s)
-        self._pending = self._events.pending  # name -> Pending, shared with the debouncer
-        self._pool: ThreadPoolExecutor | None = None
-        self._after: ThreadPoolExecutor | None = None  # content hashes of weights already live
-        self._identifying = 0
-        self._seen: dict[str, Fingerprint] = {}
         self._ignored_logged: set[str] = set()
-        self._ledger = RejectedLedger()
-        self._lineage = Lineage(coordinator, self.metrics, policy, self.lora_scale, self._rejected)
-        self.history: collections.deque[WatchRecord] = collections.deque(maxlen=256)
+        self._installer = Installer(self.folder, coordinator, self.metrics, policy, self.lora_scale, self._lock,
+                                    max_files=max_files, prehash_max_bytes=prehash_max_bytes,
+                                    unchanged=self._unchanged)
+        self._completeness = Gate(self._events, self._installer, policy, self.debounce_s, self.settle_s)
+        #: every entry the worker tried to install, newest last
+        self.history: collections.deque[WatchRecord] = self._installer.history
 
     @classmethod
     def from_settings(cls, settings: ServingSettings, coordinator: RefitCoordinator,
@@ -166,26 +112,28 @@ class WeightsWatcher:
     @property
     def rejected(self) -> Mapping[str, str]:
         """Entries refused and not changed since: path -> reason."""
-        return MappingProxyType(self._ledger.reasons())
+        return MappingProxyType(self._installer.ledger.reasons())
 
     def rejection(self, path: str | Path) -> Rejection | None:
         """The full record (reason, message, fingerprint) of a refused entry."""
-        return self._ledger.get(str(path))
+        return self._installer.ledger.get(str(path))
 
     @property
     def pending(self) -> tuple[str, ...]:
         """Names with events not handled yet (debouncing, or waiting to be complete)."""
-        return tuple(sorted(list(self._pending)))
+        return self._events.names
 
     @property
     def base_version(self) -> str | None:
         """The full checkpoint LoRA adapters are merged into."""
-        return self._lineage.base.version if self._lineage.base is not None else None
+        base = self._installer.lineage.base
+        return base.version if base is not None else None
 
     @property
     def adapter_version(self) -> str | None:
         """The adapter merged into the live weights, if any."""
-        return self._lineage.adapter.version if self._lineage.adapter is not None else None
+        adapter = self._installer.lineage.adapter
+        return adapter.version if adapter is not None else None
 
     def status(self) -> dict[str, object]:
         """A summary for status pages."""
@@ -194,7 +142,7 @@ class WeightsWatcher:
             "watching": self._observer is not None and self._observer.watching,
             "live": self.coordinator.live_version, "base": self.base_version,
             "adapter": self.adapter_version, "pending": list(self.pending),
-            "rejected": self._ledger.reasons(),
+            "rejected": self._installer.ledger.reasons(),
         }
 
     def install_initial(self) -> RefitReport | None:
@@ -208,39 +156,29 @@ class WeightsWatcher:
             if not self.folder.is_dir():
                 log.warning("weights folder %s does not exist (yet); nothing to install", self.folder)
                 return None
-            found: list[Entry] = []
-            for name in self._list_names():
-                entry = self._inspect_safely(name)
-                if entry is not None and self._ledger.lookup(str(entry.path), entry.fp) is None:
-                    found.append(entry)
-            # entries written less than a debounce interval ago: look again once, they must not change
-            young = [e for e in found if e.problem is None and age_s(e.fp) < self.debounce_s]
-            young_ids = {id(e) for e in young}
-            if young:
-                time.sleep(max(0.0, self.debounce_s - min(age_s(e.fp) for e in young)))
+            found = self._initial_entries()
             now = time.monotonic()
-            entries: list[Entry] = []
-            for entry in found:
-                if id(entry) in young_ids:
-                    again = self._inspect_safely(entry.name)
-                    if again is None:
-                        continue
-                    if again.fp != entry.fp:  # still being written: the worker takes it from here
-                        self._pending[entry.name] = Pending(now, now)
-                        continue
-                obs = Observation(stable=True, age_s=age_s(entry.fp),
-                                  problem=entry.problem or check_complete(entry, self.policy))
-                decision = completeness(obs, debounce_s=self.debounce_s, settle_s=self.settle_s)
-                if decision.action == "wait":
-                    self._pending[entry.name] = Pending(now, now, recheck_at=now + decision.recheck_in_s)
-                    continue
-                self._seen[entry.name] = entry.fp
-                if decision.problem is not None:
-                    self._reject_entry(entry, *decision.problem)
-                    continue
-                entries.append(entry)
-            installed = [r for r in self._install_batch(entries, runtime=False) if r.ok]
+            entries = [e for e in found if self._completeness.initial(e, now)]
+            installed = [r for r in self._installer.install(entries, runtime=False) if r.ok]
             return installed[-1] if installed else None
+
+    def _initial_entries(self) -> list[Entry]:
+        """The entries in the folder not refused before, unchanged over a debounce interval (entries written less
+        than one ago are looked at once more; one that changed meanwhile is left to the worker)."""
+        found = [e for e in map(self._inspect_safely, self._list_names())
+                 if e is not None and not self._installer.refused(e)]
+        young = [e for e in found if e.problem is None and age_s(e.fp) < self.debounce_s]
+        if young:
+            time.sleep(max(0.0, self.debounce_s - min(age_s(e.fp) for e in young)))
+        now = time.monotonic()
+        dropped = set()
+        for entry in young:
+            again = self._inspect_safely(entry.name)
+            if again is None or again.fp != entry.fp:
+                dropped.add(id(entry))
+            if again is not None and again.fp != entry.fp:  # still being written: the worker takes it from here
+                self._events.look_again(entry.name, now)
+        return [e for e in found if id(e) not in dropped]
 
     def start(self) -> None:
         """Start the observer and the worker; entries published since install_initial() are picked up."""
@@ -272,19 +210,16 @@ class WeightsWatcher:
                 log.warning("weights watcher: worker still busy after %.1fs (a refit in progress?)", timeout)
         if observer is not None:
             observer.join(max(0.0, deadline - time.monotonic()))
-        if self._after is not None and (worker is None or not worker.is_alive()):
-            self._after.shutdown(wait=True, cancel_futures=True)
-            self._after = None
-        if self._pool is not None and (worker is None or not worker.is_alive()):
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        if worker is None or not worker.is_alive():
+            self._installer.identities.close()
         self._observer = self._worker = None
 
     def wait_idle(self, timeout: float) -> bool:
         """True once nothing is queued, nothing is pending and the worker is not handling anything."""
         deadline = time.monotonic() + timeout
         while True:
-            if self._queue.unfinished_tasks == 0 and not self._pending and not self._busy and not self._identifying:
+            if self._queue.unfinished_tasks == 0 and not self._events and not self._busy and \
+                    not self._installer.identities.busy:
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -293,7 +228,7 @@ class WeightsWatcher:
     def clear_adapter(self) -> RefitReport | None:
         """Remove the live LoRA adapter: reinstall the pristine base weights (None if no adapter)."""
         with self._lock:
-            return self._lineage.clear_adapter()
+            return self._installer.lineage.clear_adapter()
 
     # ------------------------------------------------------------------ worker
     def _run(self) -> None:
@@ -349,14 +284,13 @@ class WeightsWatcher:
             self.metrics.watcher_error()
 
     def _gone(self, name: str) -> None:
-        self._pending.pop(name, None)
-        self._seen.pop(name, None)
-        self._ledger.forget(str(self.folder / name))
+        self._events.forget(name)
+        self._installer.forget(name)
 
     def _rescan(self) -> None:
         now = time.monotonic()
         for name in self._list_names():
-            self._pending.setdefault(name, Pending(now, now))
+            self._events.look_again(name, now)
 
     def _list_names(self) -> list[str]:
         try:
@@ -386,15 +320,14 @@ class WeightsWatcher:
                      "checkpoint directory or a PEFT adapter directory)", self.folder / name)
         return found if isinstance(found, Entry) else None
 
-    def _hash_pool(self, size: int) -> ThreadPoolExecutor | None:
-        """Threads for hashing large files (None for small ones: not worth a thread)."""
-        if size <= CONTENT_CHUNK:
-            return None
-        if self._pool is None:
-            workers = max(1, min(8, (os.cpu_count() or 1)))
-            self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"hotswap-hash-{self.folder.name}",
-                                            initializer=lower_priority)
-        return self._pool
+    def _unchanged(self, entry: Entry) -> bool:
+        """Still what was inspected; if not, it is being written: drop it and look again later."""
+        again = self._inspect(entry.name)
+        if again is not None and again.fp == entry.fp:
+            return True
+        self._installer.retry(entry.name)
+        self._events.look_again(entry.name, time.monotonic())
+        return False
 
     # ------------------------------------------------------------------ processing
     def _process_due(self) -> None:
@@ -402,217 +335,22 @@ class WeightsWatcher:
         due = self._events.due(now)
         entries: list[Entry] = []
         for name in due:
-            p = self._pending[name]
             try:
-                entry = self._gate(name, p, now)
+                entry = self._check_due(name, now)
             except Exception:
                 log.exception("weights watcher: checking %s failed", self.folder / name)
                 self.metrics.watcher_error()
-                self._pending.pop(name, None)
+                self._events.forget(name)
                 continue
             if entry is not None:
                 entries.append(entry)
         if entries:
-            self._install_batch(entries, runtime=True)
+            self._installer.install(entries, runtime=True)
 
-    def _gate(self, name: str, p: Pending, now: float) -> Entry | None:
+    def _check_due(self, name: str, now: float) -> Entry | None:
         """Decide on one due entry: drop it, wait for it, reject it, or return it for installing."""
         entry = self._inspect(name)
-        if entry is None:
-            self._pending.pop(name, None)
+        if entry is None or self._installer.handled(entry):
+            self._events.forget(name)  # gone, or handled already and unchanged since
             return None
-        if self._seen.get(name) == entry.fp or self._ledger.lookup(str(entry.path), entry.fp) is not None:
-            self._pending.pop(name, None)  # handled already, unchanged since
-            return None
-        if entry.problem is None:
-            fast = p.renamed_in or p.closed
-            stable = p.fp == entry.fp and now - p.fp_since >= self.debounce_s
-            if p.fp != entry.fp:
-                p.fp, p.fp_since = entry.fp, now
-            if not fast and not stable and age_s(entry.fp) < self.settle_s:
-                p.recheck_at = now + max(self.debounce_s, 0.01)
-                return None
-            obs = Observation(renamed_in=p.renamed_in, closed=p.closed, stable=True,
-                              age_s=age_s(entry.fp), problem=check_complete(entry, self.policy))
-            decision = completeness(obs, debounce_s=self.debounce_s, settle_s=self.settle_s)
-            if decision.action == "wait":
-                p.recheck_at = now + decision.recheck_in_s
-                return None
-            entry.problem = decision.problem
-        self._pending.pop(name, None)
-        self._seen[name] = entry.fp
-        if entry.problem is not None:
-            self._reject_entry(entry, *entry.problem)
-            return None
-        entry.first_event = p.first_event
-        return entry
-
-    def _install_batch(self, entries: list[Entry], *, runtime: bool) -> list[RefitReport]:
-        """Install the newest of ``entries`` (see :func:`select_versions`); at runtime, never an entry
-        published before the live base (or adapter): the restart rule must pick the same version."""
-        reports: list[RefitReport] = []
-        adapters_enabled = self.lora_scale != 0.0
-        if not adapters_enabled:
-            for e in entries:
-                if e.kind == "adapter":
-                    log.info("weights folder: adapter %s ignored (lora_scale is 0: adapters are off)", e.path)
-        if runtime:
-            older = [e for e in entries if self._lineage.older_than_live(e)]
-            if older:
-                self.metrics.count_refit("skipped", "older_than_live", len(older))
-                log.info("weights folder: not installing %s: it arrived before the live %s; to publish an "
-                         "older version again, copy it in anew or touch it", ", ".join(e.name for e in older),
-                         self.coordinator.live_version)
-                entries = [e for e in entries if e not in older]
-        by_name = {e.name: e for e in entries}
-
-        def attempt(c: Candidate) -> str:
-            entry = by_name[c.name]
-            try:
-                result, report = self._attempt(entry)
-            except Exception:
-                log.exception("weights watcher: installing %s failed unexpectedly", entry.path)
-                self.metrics.watcher_error()
-                self._seen.pop(entry.name, None)
-                return "stop"
-            if report is not None:
-                reports.append(report)
-            return result
-
-        candidates = [Candidate(e.name, e.kind, entry_key(e)) for e in entries]
-        selection = select_versions(candidates, attempt, adapters_enabled=adapters_enabled)
-        if runtime and selection.skipped:
-            self.metrics.count_refit("skipped", "superseded", len(selection.skipped))
-            log.info("weights folder: skipped %d older version(s) published in the same burst: %s",
-                     len(selection.skipped), ", ".join(sorted(c.name for c in selection.skipped)[:10]))
-        return reports
-
-    def _attempt(self, entry: Entry) -> tuple[str, RefitReport | None]:
-        started = time.monotonic()
-        t0 = time.perf_counter()
-        quick: str | None = None
-        try:
-            if entry.content_hash is None and entry.kind == "checkpoint" and \
-                    entry.fp.total_size > self.prehash_max_bytes:
-                quick = quick_identity(entry)
-            if quick is None or self._reusable(entry, quick):
-                entry.content_hash = content_hash(entry, self._hash_pool)
-        except FileNotFoundError:
-            self._gone(entry.name)
-            return "rejected", None
-        except OSError as e:
-            report = self._reject_entry(entry, "unreadable", f"{entry.path}: cannot read: {e}")
-            return "rejected", report
-        hash_s = time.perf_counter() - t0
-        # the entry must still be what was hashed (a write during hashing means: not complete)
-        if not self._unchanged(entry):
-            return "rejected", None
-        if entry.content_hash is not None and \
-                self._ledger.lookup_hash(str(entry.path), entry.fp, entry.content_hash) is not None:
-            log.debug("weights folder: %s has content refused before; not read again", entry.path)
-            return "rejected", None
-        self._ledger.forget(str(entry.path))  # changed since it was refused: judged afresh
-        if entry.kind == "adapter":
-            report = self._lineage.apply_adapter(entry)
-        else:
-            report = self._lineage.install_checkpoint(entry)
-        hashed_after = entry.content_hash is None
-        if hashed_after and report.outcome == "success":
-            self._identify_later(entry, quick)
-        elif hashed_after:  # refused: hashed now, so the ledger knows this content
-            self._identify(entry, report, quick)
-        record = WatchRecord(str(entry.path), entry.kind, entry.version, entry.first_event, started,
-                             time.monotonic(), hash_s, report, hashed_after)
-        self.history.append(record)
-        log.info("%s", record.summary())
-        if report.outcome in ("success", "noop"):
-            return "ok", report
-        if report.outcome == "failed":  # the engine's fault, not the file's: retry when it changes
-            self._seen.pop(entry.name, None)
-            return "stop", report
-        self._ledger.record(Rejection(str(entry.path), entry.fp, entry.content_hash, report.reason, report.message))
-        return "rejected", report
-
-    def _reusable(self, entry: Entry, quick: str) -> bool:
-        """Whether hashing first can save the read: the quick identity is that of weights the coordinator can
-        switch to without reading (live: a no-op; previous: a pointer switch; the base under an adapter) or of
-        content refused before at this path."""
-        known = self._quick_ids.get(quick)
-        if known is None:
-            return False
-        coord = self.coordinator
-        reusable = {w.content_hash for w in (coord.live, coord.previous, self._lineage.base) if w is not None}
-        refused = self._ledger.get(str(entry.path))
-        if refused is not None:
-            reusable.add(refused.content_hash)
-        return known in reusable
-
-    def _unchanged(self, entry: Entry) -> bool:
-        """Still what was inspected; if not, it is being written: drop it and look again later."""
-        again = self._inspect(entry.name)
-        if again is not None and again.fp == entry.fp:
-            return True
-        self._seen.pop(entry.name, None)
-        now = time.monotonic()
-        self._pending.setdefault(entry.name, Pending(now, now))
-        return False
-
-    def _identify_later(self, entry: Entry, quick: str | None) -> None:
-        """Hash weights that went live without a hash on a thread of their own: the worker goes on with the
-        next publish meanwhile."""
-        if self._after is None:
-            self._after = ThreadPoolExecutor(1, thread_name_prefix=f"hotswap-identity-{self.folder.name}",
-                                             initializer=lower_priority)
-        self._identifying += 1
-
-        def run() -> None:
-            try:
-                self._identify(entry, None, quick)
-            except Exception:
-                log.exception("weights watcher: hashing %s after it went live failed", entry.path)
-                self.metrics.watcher_error()
-            finally:
-                with self._lock:  # the worker counts up under it too
-                    self._identifying -= 1
-
-        self._after.submit(run)
-
-    def _identify(self, entry: Entry, report: RefitReport | None, quick: str | None) -> None:
-        """The content hash of an entry read without one: the identity later publishes are compared with
-        (no-op, rollback, refused before). Stays unknown when the entry changed meanwhile."""
-        t0 = time.perf_counter()
-        try:
-            h = content_hash(entry, self._hash_pool)
-        except OSError as e:
-            log.info("weights folder: %s could not be hashed after it was read (%s); its identity stays unknown",
-                     entry.path, e)
-            return
-        with self._lock:
-            again = inspect_entry(self.folder, entry.name, self.policy, self.max_files)
-            if not isinstance(again, Entry) or again.fp != entry.fp:
-                return
-            entry.content_hash = h
-            if quick is not None:
-                self._remember(quick, h)
-            if report is None:
-                self._lineage.identify(entry.version, h)
-                log.info("weights folder: %s hashed after it went live (%.0f ms)", entry.version,
-                         1e3 * (time.perf_counter() - t0))
-
-    def _remember(self, quick: str, content: str) -> None:
-        self._quick_ids[quick] = content
-        while len(self._quick_ids) > 64:
-            self._quick_ids.popitem(last=False)
-
-    def _reject_entry(self, entry: Entry, reason: str, message: str) -> RefitReport:
-        """Refuse an entry without handing it to the coordinator: count, log once, record."""
-        self._ledger.record(Rejection(str(entry.path), entry.fp, entry.content_hash, reason, message))
-        return self._rejected(entry.version, reason, message)
-
-    def _rejected(self, version: str, reason: str, message: str) -> RefitReport:
-        live = self.coordinator.live_version
-        self.metrics.count_refit("rejected", reason)
-        shown = message if len(message) <= _LOG_CHARS else message[:_LOG_CHARS] + " ..."
-        log.warning("weights folder: rejected %s (%s): %s -- serving continues on %s; not retried until it "
-                    "changes", version, reason, shown, live)
-        return RefitReport("rejected", version, live, {}, reason, message)
+        return entry if self._completeness.due(entry, now) else None

@@ -11,24 +11,8 @@ resolve_transfer`, logged with the reason and whether GPUDirect Storage is used)
 * ``pinned`` (:mod:`serving.weights.ring`): our threads fill a ring of pinned buffers copied on a side stream;
 * CPU destinations: our threads read straight into their memory.
 
-Memory, and the trade-off behind the coordinator's two strategies on a GPU
-(``serving/refit/`` decides; this module only fills the tensors it is given):
-
-* ``double_buffer`` holds two device copies of the model: the live one and the standby one.
-  A refit writes the new checkpoint into the standby slot's tensors (allocated once, then reused),
-  so the peak is two model copies plus the reader's scratch; the swap is a pointer switch, and a
-  rollback to the previous version is a pointer switch too (its tensors are still in the standby
-  slot until the next refit overwrites them).
-* ``in_place`` holds one device copy, so a model larger than half the GPU fits. The new weights
-  are first read and checked (NaN/Inf, cast overflow) off the serving path through the bounded scratch,
-  without being kept (``scan``: one extra pass over the bytes, no memory); then requests are held,
-  the checkpoint is read again straight into the live tensors, and serving resumes. The pause
-  is one file-to-device pass, not a device-side copy. The alternative, staging the whole checkpoint in
-  pinned host memory first, would shorten the pause to a pinned copy but cost a pinned buffer as large as
-  the model (tens of GB of host memory that cannot be paged, and seconds to pin); we chose the extra read
-  instead. When the new weights fail after they were written (the canary), the last good ones are read back
-  from their own checkpoint file, so in-place mode keeps no second copy anywhere: ``previous`` is a
-  reference to a file, re-read on rollback.
+This module only fills the tensors it is given: which tensors those are (a standby slot's, or the live ones
+after a read that only checks), what memory each refit strategy holds and why: ``serving/refit/strategies.py``.
 """
 
 from __future__ import annotations
@@ -60,7 +44,6 @@ from serving.weights.ring import RingReader
 from serving.weights.safetensors_header import TensorMeta
 from serving.weights.targets import ReadStats, describe_nonfinite, make_targets
 from serving.weights.transfer import (
-    TRANSFERS,
     FastPathConfig,
     KvikIOStatus,
     TransferChoice,
@@ -71,7 +54,7 @@ from serving.weights.transfer import (
 log = logging.getLogger(__name__)
 
 __all__ = [  # the fast path's public names, wherever they are defined
-    "TRANSFERS", "Chunk", "FastPathConfig", "FastReader", "Piece", "ReadStats", "TensorSource", "allocate",
+    "Chunk", "FastPathConfig", "FastReader", "Piece", "ReadStats", "TensorSource", "allocate",
     "data_start", "destination_problems", "plan_chunks", "read_checkpoint_into", "tensor_sources",
 ]
 

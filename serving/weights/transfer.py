@@ -1,5 +1,5 @@
 """How checkpoint bytes reach the destination tensors: the fast path's settings and the choice of transfer.
-Pure (a leaf of the weights package: the settings table reads :data:`TRANSFERS` and the defaults here).
+Pure. The choices, defaults and bounds are :mod:`serving.choices`'s, which the settings table reads too.
 
 * ``kvikio``: KvikIO's C++ threads ``pread`` each tensor's byte range straight into its destination tensor
   (through their own pinned bounce buffers in compat mode, disk to GPU with GPUDirect Storage where the host
@@ -10,7 +10,7 @@ Pure (a leaf of the weights package: the settings table reads :data:`TRANSFERS` 
 
 CPU destinations are read by the reader threads straight into their memory (through KvikIO only when
 ``kvikio`` is asked for by name).
-Why KvikIO first, and how the defaults were chosen: docs/gpu.md ("The weight path").
+Why KvikIO first, and how the defaults are compared: docs/gpu.md ("The weight path").
 """
 
 from __future__ import annotations
@@ -19,50 +19,55 @@ from dataclasses import dataclass
 
 import torch
 
+from serving.choices import (
+    READ_BYTES,
+    READ_BYTES_BOUNDS,
+    READER_THREADS,
+    READER_THREADS_BOUNDS,
+    TASK_BYTES,
+    TASK_BYTES_BOUNDS,
+    TRANSFER,
+    TRANSFERS,
+)
 from serving.errors import ConfigError
 
 MiB = 1 << 20
-
-#: values of the ``weights_transfer`` setting
-TRANSFERS = ("auto", "kvikio", "pinned")
 
 
 @dataclass(frozen=True)
 class FastPathConfig:
     """Sizes of the fast path's readers.
 
-    The defaults put serving first: among the settings measured side by side (``bench/loaders.py``,
-    docs/gpu.md), the one whose requests served during a load stayed closest to their steady latency, then
-    the fastest of those; 8 threads leave a 16-CPU host half of its CPUs for requests.
+    The defaults are meant to put serving first (requests served during a load close to their steady
+    latency, then speed); ``bench/loaders.py`` compares them with other settings (docs/gpu.md; figures in
+    docs/benchmarks.md). Threads, read and task sizes are settings, with defaults and bounds from
+    :mod:`serving.choices`.
     """
 
     #: reader threads: KvikIO's thread pool, or the pinned ring's threads (setting ``weights_reader_threads``)
-    threads: int = 8
+    threads: int = READER_THREADS
     #: pinned ring: buffers in the pool (CUDA), at least 2 so that reading and copying overlap
     buffers: int = 6
     #: pinned ring: size of each pinned buffer; both transfers: the device scratch chunk for casts and scans
     buffer_bytes: int = 64 * MiB
     #: pinned ring and CPU: bytes per ``os.preadv`` call (setting ``weights_read_bytes``)
-    read_bytes: int = 16 * MiB
+    read_bytes: int = READ_BYTES
     #: KvikIO: bytes per task, the unit its threads read (setting ``weights_task_bytes``)
-    task_bytes: int = 4 * MiB
-    #: how bytes reach a CUDA destination (:data:`TRANSFERS`; setting ``weights_transfer``)
-    transfer: str = "pinned"
+    task_bytes: int = TASK_BYTES
+    #: how bytes reach a CUDA destination (:data:`serving.choices.TRANSFERS`; setting ``weights_transfer``)
+    transfer: str = TRANSFER
 
     def __post_init__(self) -> None:
         problems = []
         if self.transfer not in TRANSFERS:
             problems.append(f"transfer={self.transfer!r} (one of {', '.join(TRANSFERS)})")
-        if self.threads < 1:
-            problems.append(f"threads={self.threads} (need >= 1)")
+        problems += [f"threads={self.threads} ({p})" for p in READER_THREADS_BOUNDS.problems(self.threads)]
         if self.buffers < 2:
             problems.append(f"buffers={self.buffers} (need >= 2 to overlap reads and copies)")
         if self.buffer_bytes < MiB or self.buffer_bytes % 64:
             problems.append(f"buffer_bytes={self.buffer_bytes} (need >= 1 MiB and a multiple of 64)")
-        if self.read_bytes < 4096 or self.read_bytes % 64:
-            problems.append(f"read_bytes={self.read_bytes} (need >= 4096 and a multiple of 64)")
-        if self.task_bytes < 4096 or self.task_bytes % 4096:
-            problems.append(f"task_bytes={self.task_bytes} (need >= 4096 and a multiple of 4096)")
+        problems += [f"read_bytes={self.read_bytes} ({p})" for p in READ_BYTES_BOUNDS.problems(self.read_bytes)]
+        problems += [f"task_bytes={self.task_bytes} ({p})" for p in TASK_BYTES_BOUNDS.problems(self.task_bytes)]
         if problems:
             raise ConfigError("FastPathConfig: " + ", ".join(problems))
 

@@ -36,18 +36,17 @@ from types import MappingProxyType
 
 import torch
 
+from serving.choices import CAST_MODES, UNEXPECTED_MODES
 from serving.errors import ConfigError, ValidationError
 from serving.specs import WeightSpec, dtype_name
 from serving.weights.safetensors_header import TensorMeta
 
-UNEXPECTED_MODES = ("error", "ignore")
 #: prefixes that common wrappers add to every state-dict name, and the wrapper (for the rejection's hint)
 WRAPPER_PREFIXES: Mapping[str, str] = MappingProxyType({
     "module.": "DistributedDataParallel or DataParallel",
     "model.": "a Lightning module",
     "_orig_mod.": "torch.compile",
 })
-CAST_MODES = ("strict", "same_kind")
 
 #: floating-point dtypes that ``cast="same_kind"`` converts between
 CASTABLE_FLOATS: frozenset[torch.dtype] = frozenset({torch.float32, torch.float16, torch.bfloat16,

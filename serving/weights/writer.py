@@ -1,4 +1,4 @@
-"""Write a checkpoint file the way the publish protocol recommends (see :mod:`serving.publisher`)."""
+"""Write a checkpoint file the way the publish protocol recommends (see :mod:`serving.publish.writer`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], out: Path,
     hidden temporary name beside it, flushed, then renamed."""
     from safetensors.torch import save_file
 
-    from serving.publisher import staging
+    from serving.publish import staging
 
     with staging(out.parent, out.name) as staged:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(staged.temp), metadata=dict(metadata or {}))

@@ -10,8 +10,9 @@ One server, three copies of ``model_repository/tiny_transformer`` on ``KIND_GPU`
 * ``aoti``: either it loads and serves the same answers, or its load fails with the reason (the loader
   probe's verdict) while the server and the other models go on: a stub never segfaults.
 
-Under numpy 2, Triton 2.51's stub cannot send a string output (docs/gpu.md), so the copies leave
-``HOTSWAP_WEIGHTS_VERSION`` out there; the answers are matched by value.
+The copies keep the example's version outputs. Under numpy 2, Triton 2.51's stub cannot send a string output
+(:mod:`serving.triton.version_output`): the model leaves ``HOTSWAP_WEIGHTS_VERSION`` out and the version travels in
+``HOTSWAP_WEIGHTS_VERSION_UTF8``, which every answer here must carry, naming the version published.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from serving.examples import TRANSFORMER
 from serving.factory import build_module
 from serving.triton.server import TritonProcess
+from serving.triton.version_output import VERSION_OUTPUT, VERSION_UTF8_OUTPUT, decode_utf8, string_output_problem
 from serving.weights.random_state import random_state_dict
 from serving.weights.writer import write_safetensors
 
@@ -50,7 +52,6 @@ def reference(seed: int) -> np.ndarray:
 
 def repository(dest: Path) -> list[str]:
     names = []
-    version_output = int(np.__version__.split(".")[0]) < 2
     for engine in ENGINES:
         name = f"transformer_{engine}"
         shutil.copytree(REPOSITORY / "tiny_transformer", dest / name)
@@ -60,25 +61,36 @@ def repository(dest: Path) -> list[str]:
         assert n == 1, "the example config no longer names engine 'aoti'"
         text, n = re.subn(r"kind: KIND_CPU", "kind: KIND_GPU, gpus: [ 0 ]", text)
         assert n == 1
-        if not version_output:
-            text, n = re.subn(r',\s*\{ name: "HOTSWAP_WEIGHTS_VERSION"[^}]*\}', "", text)
-            assert n == 1
         config.write_text(text)
         names.append(name)
     return names
 
 
-def infer(url: str, model: str) -> np.ndarray:
+def infer_versioned(url: str, model: str) -> tuple[np.ndarray, list[str]]:
+    """The logits, and the version each row names in ``HOTSWAP_WEIGHTS_VERSION_UTF8`` (and in the string output,
+    where this numpy lets the stub send it: then both must agree)."""
     import tritonclient.grpc as grpcclient  # the GPU image's tritonclient has no HTTP extra
 
     client = grpcclient.InferenceServerClient(url)
     try:
         inp = grpcclient.InferInput("TOKENS", list(X.shape), "INT64")
         inp.set_data_from_numpy(X.numpy())
-        return np.asarray(client.infer(model, [inp], outputs=[grpcclient.InferRequestedOutput("LOGITS")])
-                          .as_numpy("LOGITS"))
+        result = client.infer(model, [inp])
+        rows = np.asarray(result.as_numpy(VERSION_UTF8_OUTPUT))
+        assert rows.shape == (X.shape[0], 64), rows.shape
+        versions = [decode_utf8(row) for row in rows]
+        strings = result.as_numpy(VERSION_OUTPUT)
+        if string_output_problem(np.__version__, utf8_declared=True):
+            assert strings is None, "the string output was sent although this stub cannot send it"
+        else:
+            assert [v.decode() for v in np.asarray(strings).reshape(-1)] == versions
+        return np.asarray(result.as_numpy("LOGITS")), versions
     finally:
         client.close()
+
+
+def infer(url: str, model: str) -> np.ndarray:
+    return infer_versioned(url, model)[0]
 
 
 def wait_until(predicate: object, timeout: float, what: str, server: TritonProcess) -> None:
@@ -115,13 +127,18 @@ def test_inductor_serves_the_example_transformer_and_swaps_exactly(server: tuple
     srv, weights = server
     log = srv.log_tail(400_000)
     assert "transformer_inductor: engine inductor on cuda:0 (set in the configuration)" in log, log[-4000:]
-    np.testing.assert_allclose(infer(srv.grpc_url, "transformer_inductor"), reference(0), atol=1e-3, rtol=1e-3)
+    logits, versions = infer_versioned(srv.grpc_url, "transformer_inductor")
+    np.testing.assert_allclose(logits, reference(0), atol=1e-3, rtol=1e-3)
+    assert versions == ["v0"] * X.shape[0]
     dest = weights / "transformer_inductor" / "v31.safetensors"
     write_safetensors(random_state_dict(build_module(TRANSFORMER), 31), dest)
     want = reference(31)
     wait_until(lambda: np.allclose(infer(srv.grpc_url, "transformer_inductor"), want, atol=1e-3, rtol=1e-3), 120,
                "v31 not served", srv)
     assert np.abs(want - reference(0)).max() > 1e-2  # the swap changed the answers
+    logits, versions = infer_versioned(srv.grpc_url, "transformer_inductor")
+    np.testing.assert_allclose(logits, want, atol=1e-3, rtol=1e-3)
+    assert versions == ["v31"] * X.shape[0]  # the version that computed them, under this numpy
 
 
 def test_auto_says_which_engine_it_chose_on_the_gpu_and_why(server: tuple[TritonProcess, Path]) -> None:

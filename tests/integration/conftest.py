@@ -15,9 +15,10 @@ import torch
 
 from serving.examples import CNN, TRANSFORMER
 from serving.factory import build_module
-from serving.publisher import publish
+from serving.publish import publish
 from serving.triton.scrape import scrape, weights_versions
 from serving.triton.server import TritonProcess, seed_weights
+from serving.triton.version_output import VERSION_OUTPUT, VERSION_UTF8_OUTPUT, decode_utf8
 from serving.weights.random_state import random_state_dict
 from serving.weights.writer import write_safetensors
 
@@ -50,7 +51,7 @@ WIRE = {"tiny_transformer": ("TOKENS", "INT64"), "tiny_cnn": ("IMAGE", "FP32")}
 
 def infer_versioned(url: str, model: str, x: torch.Tensor, *, protocol: str = "http") -> tuple[np.ndarray, list[str]]:
     """One request through tritonclient's HTTP (or gRPC) client: the logits, and the weights version each row
-    names (the ``HOTSWAP_WEIGHTS_VERSION`` output)."""
+    names (the ``HOTSWAP_WEIGHTS_VERSION`` output, which must agree with ``HOTSWAP_WEIGHTS_VERSION_UTF8``)."""
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 
@@ -61,7 +62,9 @@ def infer_versioned(url: str, model: str, x: torch.Tensor, *, protocol: str = "h
         inp = api.InferInput(name, list(x.shape), dtype)
         inp.set_data_from_numpy(x.numpy())
         result = client.infer(model, [inp])
-        versions = [v.decode() for v in np.asarray(result.as_numpy("HOTSWAP_WEIGHTS_VERSION")).reshape(-1)]
+        versions = [v.decode() for v in np.asarray(result.as_numpy(VERSION_OUTPUT)).reshape(-1)]
+        utf8 = [decode_utf8(row) for row in np.asarray(result.as_numpy(VERSION_UTF8_OUTPUT))]
+        assert utf8 == versions, f"{VERSION_UTF8_OUTPUT} says {utf8}, {VERSION_OUTPUT} says {versions}"
         return np.asarray(result.as_numpy("LOGITS")), versions
     finally:
         client.close()
@@ -101,7 +104,7 @@ class TritonFixture:
         return self.weights_root / model
 
     def publish(self, model: str, src: Path, name: str | None = None) -> Path:
-        """Publish ``src`` into the model's weights folder with :func:`serving.publisher.publish`."""
+        """Publish ``src`` into the model's weights folder with :func:`serving.publish.publish`."""
         return publish(src, self.weights_dir(model), version=name)
 
     def versions(self, model: str) -> dict[str, str]:

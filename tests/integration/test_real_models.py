@@ -1,6 +1,6 @@
 """Models written by others (transformers BERT, GPT-2, ResNet), each on eager and aoti, served by a real Triton
 from a repository the way a user lays it out: the factory module sits next to ``model.py``; weights are
-``save_pretrained`` directories published with ``serving.publisher.publish`` and copied in with ``cp -a``,
+``save_pretrained`` directories published with ``serving.publish.publish`` and copied in with ``cp -a``,
 ``rsync -a`` and ``tar -x``; every answer equals the library's own ``from_pretrained`` model on the same files
 (atol 1e-4)."""
 
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from serving.publisher import publish
+from serving.publish import publish
 from serving.triton.scrape import scrape, weights_versions
 from serving.triton.server import TritonProcess, seed_weights
 

@@ -108,5 +108,6 @@ def test_status_command_and_the_version_output_against_the_real_server(triton_se
             assert any(line.split()[:3] == [model, instance, version] for line in lines[1:]), out.stdout
     # Triton 2.51's Python backend takes no response parameters: the version travels as an output
     log = triton_server.server.log_tail(1_000_000)
-    assert "weights version on every response as output HOTSWAP_WEIGHTS_VERSION" in log
+    assert ("weights version on every response as output HOTSWAP_WEIGHTS_VERSION and output "
+            "HOTSWAP_WEIGHTS_VERSION_UTF8") in log
     assert "response parameter hotswap_weights_version" not in log  # InferenceResponse(parameters=) -> TypeError

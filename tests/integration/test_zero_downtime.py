@@ -24,12 +24,12 @@ import numpy as np
 import pytest
 import torch
 
+from bench.lib.swapload import ClientPool, classify, response_version, run_swap_load
 from serving.examples import TRANSFORMER
 from serving.factory import build_module
-from serving.publisher import publish, publish_tensors
+from serving.publish import publish, publish_tensors
 from serving.triton.scrape import scrape, weights_versions
 from serving.triton.server import TritonProcess
-from serving.triton.swapload import ClientPool, classify, response_version, run_swap_load
 from serving.weights.random_state import random_state_dict
 
 from .conftest import REPOSITORY

@@ -1,4 +1,5 @@
-"""bench/gpu_publish.py's pure parts: variants, a swap's timeline, latencies by phase, reading the server log."""
+"""bench/gpu_publish.py's pure parts and the library parts it reads the server with: variants, a swap's timeline
+(bench.lib.phases), latencies by phase, reading the server log (bench.lib.serverlog)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.gpu_publish import hashed_after, latency_by_phase, parse_variant, phases
+from bench.gpu_publish import parse_variant
+from bench.lib.phases import latency_by_phase, phases
+from bench.lib.serverlog import hashed_after
 
 
 def test_variants_name_a_model_and_its_parameters() -> None:
@@ -36,7 +39,8 @@ def test_each_request_counts_for_the_phase_it_overlapped_most() -> None:
                (12.0, 0.005)]
     by = latency_by_phase(samples, [timeline])
     assert by["steady"]["requests"] == 2 and by["steady"]["max"] == pytest.approx(6.0)
-    assert by["transfer"]["requests"] == 2 and by["transfer"]["p50"] == pytest.approx(150.0)
+    # bench.lib.stats.percentile: halfway between 30 and 150 ms
+    assert by["transfer"]["requests"] == 2 and by["transfer"]["p50"] == pytest.approx(90.0)
     assert by["verify"]["requests"] == 1 and by["hash_after"]["requests"] == 1
     assert sum(v["requests"] for v in by.values()) == len(samples)
 

@@ -23,7 +23,7 @@ from serving.engines import Engine, build_engine
 from serving.errors import ValidationError
 from serving.factory import build_module
 from serving.metrics import prometheus_metrics
-from serving.publisher import publish
+from serving.publish import publish
 from serving.refit import RefitCoordinator
 from serving.refit.canary import CanaryConfig
 from serving.specs import BuildSpec, TensorSpec
@@ -245,7 +245,7 @@ def test_gpt2_tie_is_one_weight_given_under_either_name(saved: Saved, tmp_path: 
 
 
 def _serve_folder(engine: Engine, model: Model, folder: Path, saved: tuple[Path, Path], tmp: Path) -> None:
-    """v1 by ``hotswap publish`` (serving.publisher.publish), v2 by ``cp -a`` of a save_pretrained directory
+    """v1 by ``hotswap publish`` (serving.publish.publish), v2 by ``cp -a`` of a save_pretrained directory
     older than v1: each goes live with from_pretrained's outputs on the same files."""
     registry = CollectorRegistry()
     # the reference canary, as the service runs it on compiled engines: the library's module with the same weights

@@ -1,6 +1,7 @@
-"""bench/render_readme.py: the README's generated blocks are what their generators make from bench/results/,
-markers are checked, every result file is shown with its command, and the GPU sections read what the GPU
-benchmarks write."""
+"""bench/render_readme.py: the generated blocks of the README and docs/benchmarks.md and the pictures in
+docs/figures/ are what their generators make from bench/results/, markers are checked, every result file is
+shown with its command, the GPU sections read what the GPU benchmarks write, and the pictures are drawn
+the same way every time."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import render_readme as rr  # noqa: E402
+from bench.render import figures, glance, tables  # noqa: E402
 
 TEXT = """# title
 intro
@@ -29,18 +31,32 @@ end
 """
 
 
-def test_readme_is_what_the_generators_make_from_the_results() -> None:
-    text = rr.README.read_text()
-    assert "measured" in rr.block_names(text)
-    assert rr.stale_blocks(text, rr.GENERATORS) == [], "README.md is out of date: run python -m bench.render_readme"
+@pytest.mark.parametrize("doc", list(rr.DOCUMENTS), ids=lambda p: p.name)
+def test_documents_are_what_the_generators_make_from_the_results(doc: Path) -> None:
+    text = doc.read_text()
+    assert rr.block_names(text) == list(rr.DOCUMENTS[doc])
+    assert rr.stale_blocks(text, rr.DOCUMENTS[doc]) == [], \
+        f"{doc.name} is out of date: run python -m bench.render_readme"
 
 
-def test_every_result_file_has_its_command_and_appears_in_the_readme() -> None:
-    body = rr.read_block(rr.README.read_text(), "measured")
+def test_pictures_are_what_the_renderer_draws_from_the_results() -> None:
+    drawn = figures.pictures(rr.RESULTS)
+    assert {"publish-by-size", "timeline-serve-swap-timeline-cpu2", "loaders-gpu-refit-transfer-h200"} <= {
+        p.name for p in drawn}
+    assert rr.stale_pictures(drawn) == [], "docs/figures is out of date: run python -m bench.render_readme"
+    shown = rr.BENCHMARKS.read_text()
+    for p in drawn:
+        assert f"(figures/{p.name}.svg)" in shown
+        for src in p.sources:
+            assert f"(../bench/results/{src.name})" in shown and f"`{json.loads(src.read_text())['command']}`" in shown
+
+
+def test_every_result_file_has_its_command_and_appears_in_the_benchmarks() -> None:
+    body = rr.read_block(rr.BENCHMARKS.read_text(), "measured")
     for path in sorted(rr.RESULTS.glob("*.json")):
         doc = json.loads(path.read_text())
         assert doc.get("command"), f"{path.name}: no 'command'"
-        assert f"(bench/results/{path.name})" in body and f"`{doc['command']}`" in body, path.name
+        assert f"(../bench/results/{path.name})" in body and f"`{doc['command']}`" in body, path.name
 
 
 def test_replace_block_changes_only_that_block() -> None:
@@ -76,20 +92,26 @@ def test_blocks_and_generators_must_match() -> None:
         rr.replace_block(TEXT, "c", "x")
 
 
-def test_check_command_fails_on_a_stale_readme(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    readme = tmp_path / "README.md"
-    readme.write_text(rr.README.read_text().replace("| eager |", "| eager (edited) |", 1))
-    assert rr.main(["--check", "--readme", str(readme)]) == 1
-    assert "measured" in capsys.readouterr().err
-    assert rr.main(["--readme", str(readme)]) == 0
-    assert readme.read_text() == rr.README.read_text()
-    assert rr.main(["--check", "--readme", str(readme)]) == 0
+def test_the_check_names_a_stale_block_and_a_stale_picture_and_a_rewrite_mends_both(tmp_path: Path) -> None:
+    docs = {tmp_path / "benchmarks.md": rr.DOCUMENTS[rr.BENCHMARKS]}
+    (tmp_path / "benchmarks.md").write_text(rr.BENCHMARKS.read_text().replace("| eager |", "| eager (edited) |", 1))
+    folder = tmp_path / "figures"
+    folder.mkdir()
+    drawn = [p for p in figures.pictures(rr.RESULTS) if p.name == "loaders-gpu-refit-transfer-h200"]
+    (folder / f"{drawn[0].name}.svg").write_bytes(drawn[0].svg().replace(b"GB/s", b"MB/s", 1))
+    (folder / "gone.svg").write_text("<svg/>")
+    assert rr.run(docs, folder, drawn, check=True) == [
+        "benchmarks.md: measured", f"figures: {drawn[0].name}.svg, gone.svg"]
+    assert rr.run(docs, folder, drawn, check=False) != []
+    assert (tmp_path / "benchmarks.md").read_text() == rr.BENCHMARKS.read_text()
+    assert sorted(f.name for f in folder.iterdir()) == [f"{drawn[0].name}.svg"]
+    assert rr.run(docs, folder, drawn, check=True) == []
 
 
 def test_a_result_file_no_section_shows_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "mystery.json").write_text(json.dumps({"command": "python bench/x.py"}))
-    with pytest.raises(ValueError, match="mystery.json: no README section shows"):
-        rr.measured(tmp_path)
+    with pytest.raises(ValueError, match="mystery.json: no section of docs/benchmarks.md shows"):
+        tables.measured(tmp_path)
 
 
 def test_a_result_without_its_command_is_an_error(tmp_path: Path) -> None:
@@ -97,7 +119,7 @@ def test_a_result_without_its_command_is_an_error(tmp_path: Path) -> None:
     del doc["command"]
     (tmp_path / "serve-swap-x.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="needs its 'command'"):
-        rr.measured(tmp_path)
+        tables.measured(tmp_path)
 
 
 def test_gpu_refit_section_reads_what_bench_gpu_refit_writes(tmp_path: Path) -> None:
@@ -110,10 +132,10 @@ def test_gpu_refit_section_reads_what_bench_gpu_refit_writes(tmp_path: Path) -> 
     doc = json.loads(out.read_text())
     assert doc["command"] == "python3 -m bench.gpu_refit " + " ".join(
         a.replace(str(tmp_path), "$OUT") for a in doc["argv"]) and "$OUT/gpu-refit-dry.json" in doc["command"]
-    text = rr.gpu_refit(tmp_path)
+    text = tables.gpu_refit(tmp_path)
     run = doc["runs"][0]
     assert f"| eager | double_buffer | pinned | {run['bytes'] / 1e9:.2f} GB | float16 | " \
-        f"{rr.secs(run['total_s_median'])} |" in text
+        f"{tables.secs(run['total_s_median'])} |" in text
     assert "through the host path" in text and f"`{doc['command']}`" in text
 
 
@@ -132,12 +154,62 @@ def test_gpu_publish_section_reads_the_headline_fields(tmp_path: Path) -> None:
                      {"size_gb": 16.0, "model_bytes": 16e9}],
            "errors": [{"size_gb": 16.0, "error": "RuntimeError: out of memory\nmore", "traceback": "..."}]}
     (tmp_path / "gpu-publish-x.json").write_text(json.dumps(doc))
-    text = rr.gpu_publish(tmp_path)
+    text = tables.gpu_publish(tmp_path)
     assert ("| 1.01 GB | double_buffer | 610 ms | 27.5 GB/s | 55.4 GB/s | hash 11, transfer 39 | 0 | 0 | 1.4x "
             "| 3.0 / 4.8 ms, 7.4 / 20.1 ms | 2.01x | 4.2 s | 0 / 0 | 1.5x "
             "| G |") in text
     # several models on one GPU: the GPU-wide memory peak is no one model's
     doc["sizes"][0]["hotswap"]["double_buffer, t8"] = hot
     (tmp_path / "gpu-publish-x.json").write_text(json.dumps(doc))
-    assert "| 1.4x | 3.0 / 4.8 ms, 7.4 / 20.1 ms | n/a (2 models loaded) |" in rr.gpu_publish(tmp_path)
+    assert "| 1.4x | 3.0 / 4.8 ms, 7.4 / 20.1 ms | n/a (2 models loaded) |" in tables.gpu_publish(tmp_path)
     assert "16.0 GB: did not complete: `RuntimeError: out of memory`" in text
+
+
+LOADERS = {"command": "python3 -m bench.loaders --json $OUT/loaders-x.json", "environment": {"gpu": "G", "cpus": 16},
+           "rows": [{"name": "pinned", "threads": 8, "task_bytes": 16 << 20, "gbps": 25.9, "cpu_s_per_gb": 0.31,
+                     "p99_during_ms": 51.6, "p99_steady_ms": 41.5},
+                    {"name": "kvikio", "threads": 16, "task_bytes": 4 << 20, "gbps": 38.2, "cpu_s_per_gb": 0.05,
+                     "p99_during_ms": 44.0, "p99_steady_ms": 41.0}]}
+
+
+def test_a_loaders_result_gets_its_table_and_its_picture(tmp_path: Path) -> None:
+    """bench/loaders.py writes one row per loader; its table and picture read that shape."""
+    (tmp_path / "loaders-x.json").write_text(json.dumps(LOADERS))
+    text = tables.measured(tmp_path)
+    assert "| `kvikio` | 16 | 4 MiB | 38.2 GB/s | 0.05 s | 41 ms | 44 ms | G, 16 CPUs |" in text
+    assert "`python3 -m bench.loaders --json $OUT/loaders-x.json`" in text
+    [picture] = figures.pictures(tmp_path)
+    svg = picture.svg()
+    assert picture.name == "loaders-x" and svg.startswith(b"<?xml") and svg == picture.svg()
+    assert "(../bench/results/loaders-x.json)" in picture.markdown("../", "figures")
+    del LOADERS["rows"][1]["gbps"]
+    (tmp_path / "loaders-x.json").write_text(json.dumps(LOADERS))
+    with pytest.raises(ValueError, match=r"loaders-x.json: row 1 \(kvikio\) has no gbps"):
+        tables.measured(tmp_path)
+
+
+def test_a_gpu_publish_timeline_gets_its_picture(tmp_path: Path) -> None:
+    hot = {"requests": 4, "errors": 0, "torn": 0, "publish_to_first_response_s": {"median": 0.5},
+           "timeline": {"requests": {"start_s": [0.0, 0.5, 1.0, 1.5], "latency_ms": [3.0, 9.0, 30.0, 3.0]},
+                        "swaps": [[0.9, 1.4]]}}
+    doc = {"command": "python3 -m bench.gpu_publish --json $OUT/gpu-publish-t.json", "environment": {"gpu": "G"},
+           "sizes": [{"size_gb": 16.0, "model_bytes": 16e9, "hotswap": {"double_buffer": hot}}], "errors": []}
+    (tmp_path / "gpu-publish-t.json").write_text(json.dumps(doc))
+    [picture] = figures.pictures(tmp_path)
+    assert picture.name == "timeline-gpu-publish-t-16gb-double_buffer" and picture.svg() == picture.svg()
+    assert figures.binned([0.0, 0.5, 1.0, 1.5], [3.0, 9.0, 30.0, 3.0], 2) == ([0.375, 1.125], [9.0, 30.0],
+                                                                                [9.0, 30.0])
+
+
+def test_pictures_carry_no_date() -> None:
+    svg = figures.pictures(rr.RESULTS)[0].svg()
+    assert b"<dc:date>" not in svg and b"Matplotlib v" not in svg
+
+
+def test_the_headlines_name_their_files_and_a_missing_one_is_an_error(tmp_path: Path) -> None:
+    text = rr.read_block(rr.README.read_text(), "glance")
+    for name in (glance.GPU_PUBLISH, glance.CPU_PUBLISH, glance.CPU_REFIT, glance.GPU_STARTUP):
+        assert f"(bench/results/{name})" in text
+    assert "(docs/figures/publish-by-size.svg)" in text
+    with pytest.raises(ValueError, match="gpu-publish-h200.json: the README's 'At a glance' quotes this result"):
+        glance.glance(tmp_path)

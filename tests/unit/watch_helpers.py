@@ -17,7 +17,7 @@ from serving.engines import build_engine
 from serving.examples import TRANSFORMER, example_build_spec
 from serving.factory import build_module
 from serving.metrics import prometheus_metrics
-from serving.publisher import staging
+from serving.publish import staging
 from serving.refit import RefitCoordinator
 from serving.watch import WeightsWatcher
 from serving.weights import CheckpointPolicy
@@ -79,7 +79,7 @@ class Clock:
 
 def write_atomic(path: Path, data: bytes | Mapping[str, torch.Tensor], *, mtime_ns: int | None = None) -> Path:
     """Write to a hidden temp name in the same folder, then rename, with a chosen mtime or bytes that need not
-    be a valid checkpoint (valid versions are published with :mod:`serving.publisher`, as in :meth:`Rig.publish`)."""
+    be a valid checkpoint (valid versions are published with :mod:`serving.publish`, as in :meth:`Rig.publish`)."""
     tmp = path.with_name(f".{path.name}.tmp")
     if isinstance(data, bytes):
         tmp.write_bytes(data)
@@ -156,7 +156,7 @@ class Rig:
         return self
 
     def publish(self, name: str, seed_or_tensors: int | Mapping[str, torch.Tensor]) -> Path:
-        """Publish a checkpoint as ``name`` with :func:`serving.publisher.staging`; the clock follows its
+        """Publish a checkpoint as ``name`` with :func:`serving.publish.staging`; the clock follows its
         publish time, so later :meth:`Clock.next` stamps are newer."""
         tensors = state(seed_or_tensors) if isinstance(seed_or_tensors, int) else seed_or_tensors
         with staging(self.folder, name) as staged:

@@ -1,9 +1,10 @@
 """Options of a TensorRT build and of its refits: one frozen dataclass, each option described once.
 
 Every field of :class:`TrtBuildOptions` carries, in its metadata, the option key it is read from
-(an entry of ``BuildSpec.options``), its kind and what it does; :data:`OPTIONS` lists those rows
-(key, field, kind, default, doc) for a settings table or the docs, and
-:meth:`TrtBuildOptions.from_spec` parses a spec's options by them.
+(an entry of ``BuildSpec.options``); the key's row of the settings table
+(:data:`serving.settings.TENSORRT_OPTIONS`) says its kind, what it does and its lower bound.
+:data:`OPTIONS` lists them (key, field, kind, default, doc), and :meth:`TrtBuildOptions.from_spec`
+parses a spec's options by them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import Field, dataclass, field, fields
 from typing import Any, Literal, cast
 
 from serving.errors import ConfigError
+from serving.settings import TENSORRT_OPTIONS
 from serving.specs import BuildSpec
 
 OptionKind = Literal["bool", "int"]
@@ -20,38 +22,20 @@ _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
 
 
-@dataclass(frozen=True)
-class _Described:
-    key: str
-    kind: OptionKind
-    doc: str
-    minimum: int | None = None
-
-
-def _option(key: str, kind: OptionKind, doc: str, minimum: int | None = None) -> dict[str, _Described]:
-    """Field metadata: the option key a field is read from, its kind, what it does, its lower bound."""
-    return {"option": _Described(key, kind, doc, minimum)}
+def _option(key: str) -> dict[str, str]:
+    """Field metadata: the option key a field is read from (its row of the settings table describes it)."""
+    return {"option": key}
 
 
 @dataclass(frozen=True)
 class TrtBuildOptions:
     """Settings of a TensorRT build and of its refits (from ``BuildSpec.options``; see :data:`OPTIONS`)."""
 
-    weights_validation: bool = field(default=True, metadata=_option(
-        "trt_weights_validation", "bool",
-        "TensorRT checks the weights of every refit, e.g. for NaN/Inf (Refitter.weights_validation)"))
-    max_threads: int = field(default=0, metadata=_option(
-        "trt_refit_max_threads", "int",
-        "threads TensorRT may use for a refit (Refitter.max_threads); 0 keeps TensorRT's default", minimum=0))
-    optimization_level: int | None = field(default=None, metadata=_option(
-        "trt_optimization_level", "int",
-        "TensorRT builder optimization level (Torch-TensorRT optimization_level); unset keeps its default"))
-    workspace_size: int = field(default=0, metadata=_option(
-        "trt_workspace_size", "int",
-        "TensorRT builder workspace in bytes (Torch-TensorRT workspace_size); 0 keeps its default"))
-    verify_seed: int = field(default=0, metadata=_option(
-        "trt_verify_seed", "int",
-        "seed of the random weight set the build checks the weight map against"))
+    weights_validation: bool = field(default=True, metadata=_option("trt_weights_validation"))
+    max_threads: int = field(default=0, metadata=_option("trt_refit_max_threads"))
+    optimization_level: int | None = field(default=None, metadata=_option("trt_optimization_level"))
+    workspace_size: int = field(default=0, metadata=_option("trt_workspace_size"))
+    verify_seed: int = field(default=0, metadata=_option("trt_verify_seed"))
 
     @classmethod
     def from_spec(cls, spec: BuildSpec) -> TrtBuildOptions:
@@ -100,8 +84,10 @@ class OptionInfo:
 
 
 def _info(f: Field[Any]) -> OptionInfo:
-    d: _Described = f.metadata["option"]
-    return OptionInfo(d.key, f.name, d.kind, cast("bool | int | None", f.default), d.doc, d.minimum)
+    row = next(s for s in TENSORRT_OPTIONS if s.name == f.metadata["option"])
+    kind = cast(OptionKind, row.kind)
+    minimum = None if row.minimum is None else int(row.minimum)
+    return OptionInfo(row.name, f.name, kind, cast("bool | int | None", f.default), row.doc, minimum)
 
 
 #: every option of :class:`TrtBuildOptions`, in field order

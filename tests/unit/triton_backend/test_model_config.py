@@ -41,3 +41,32 @@ def test_bad_config_names_every_problem() -> None:
 ])
 def test_split_batches(sizes: list[int], max_batch: int, groups: list[list[int]]) -> None:
     assert split_batches(sizes, max_batch) == groups
+
+
+def test_the_examples_declare_both_version_outputs() -> None:
+    for model in ("tiny_transformer", "tiny_cnn"):
+        io = parse_model_io(read_model_config(REPO / model))
+        assert io.version_output and io.version_utf8_width == 64
+        assert [o.name for o in io.outputs] == ["LOGITS"]  # neither version output is the engine's
+
+
+def _config(*outputs: dict[str, object]) -> dict[str, object]:
+    return {"name": "m", "max_batch_size": 4, "input": [{"name": "X", "data_type": "TYPE_FP32", "dims": [3]}],
+            "output": [{"name": "Y", "data_type": "TYPE_FP32", "dims": [2]}, *outputs]}
+
+
+@pytest.mark.parametrize("decl", [
+    {"name": "HOTSWAP_WEIGHTS_VERSION_UTF8", "data_type": "TYPE_STRING", "dims": [64]},
+    {"name": "HOTSWAP_WEIGHTS_VERSION_UTF8", "data_type": "TYPE_UINT8", "dims": [4]},
+    {"name": "HOTSWAP_WEIGHTS_VERSION_UTF8", "data_type": "TYPE_UINT8", "dims": [8, 8]},
+    {"name": "HOTSWAP_WEIGHTS_VERSION", "data_type": "TYPE_UINT8", "dims": [1]},
+])
+def test_a_version_output_declared_otherwise_is_refused_with_the_form_to_use(decl: dict[str, object]) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_model_io(_config(decl))
+    assert str(decl["name"]) in str(e.value) and "declare it as data_type" in str(e.value)
+
+
+def test_the_utf8_output_alone() -> None:
+    io = parse_model_io(_config({"name": "HOTSWAP_WEIGHTS_VERSION_UTF8", "data_type": "TYPE_UINT8", "dims": [16]}))
+    assert not io.version_output and io.version_utf8_width == 16 and [o.name for o in io.outputs] == ["Y"]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from serving.choices import TRANSFERS
 from serving.errors import ConfigError
-from serving.weights.transfer import TRANSFERS, FastPathConfig, KvikIOStatus, needs_kvikio, resolve_transfer
+from serving.weights.transfer import FastPathConfig, KvikIOStatus, needs_kvikio, resolve_transfer
 
 WORKS = KvikIOStatus(True, "a test read matched", "26.10.0", gds=False, gds_reason="compat mode: no GDS here")
 WITH_GDS = KvikIOStatus(True, "a test read matched", "26.10.0", gds=True, gds_reason="cuFile with GDS")

@@ -1,13 +1,14 @@
 """The publish protocol of the weights folder, as pure functions (no threads, no files).
 
 What a name in the folder is (:func:`classify_name`), which version a file or directory is
-(:func:`version_of`), what a ``MANIFEST.json`` says and whether a directory matches it
-(:func:`parse_manifest`, :func:`manifest_problems`), when an entry is complete enough to be read
-(:func:`completeness`), which of several entries wins (:func:`publish_key`, :func:`select_versions`)
-and which ones were already refused (:class:`RejectedLedger`); on the writer's side, the name a
-published version gets (:func:`entry_name`) and the manifest it carries (:func:`render_manifest`).
+(:func:`version_of`), the order of publication (:func:`publish_key`), what a ``MANIFEST.json``
+says and whether a directory matches it (:func:`parse_manifest`, :func:`manifest_problems`), and
+when an entry is complete enough to be read (:func:`completeness`); on the writer's side, the name
+a published version gets (:func:`entry_name`) and the manifest it carries (:func:`render_manifest`).
 ``docs/publish.md`` states the same rules for users; :mod:`serving.watch` applies them to a real
-folder and :mod:`serving.publisher` writes into one.
+folder (choosing among complete entries and remembering refused ones is the watcher's own:
+:mod:`serving.watch.selection`, :mod:`serving.watch.ledger`) and :mod:`serving.publish.writer`
+writes into one.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from serving.errors import CheckpointError, PublishError
@@ -101,7 +102,7 @@ def publish_key(published_ns: int, name: str) -> tuple[int, str]:
     return (published_ns, name)
 
 
-# ---------------------------------------------------------------- content identity
+# ---------------------------------------------------------------- manifests
 
 
 def tree_hash(files: Iterable[tuple[str, str]]) -> str:
@@ -110,16 +111,6 @@ def tree_hash(files: Iterable[tuple[str, str]]) -> str:
     for rel, digest in sorted(files):
         h.update(f"{rel}\0{digest}\n".encode())
     return h.hexdigest()
-
-
-def merged_hash(base_hash: str | None, adapter_hash: str | None, scale: float) -> str | None:
-    """Content hash of base weights with an adapter merged at ``scale`` (None if either is unknown)."""
-    if base_hash is None or adapter_hash is None:
-        return None
-    return hashlib.sha256(f"{base_hash}|lora:{adapter_hash}|scale:{scale!r}".encode()).hexdigest()
-
-
-# ---------------------------------------------------------------- manifests
 
 
 @dataclass(frozen=True)
@@ -300,143 +291,3 @@ def completeness(obs: Observation, *, debounce_s: float, settle_s: float) -> Dec
     if final_now or reason not in MAYBE_INCOMPLETE or obs.age_s >= settle_s:
         return Decision("ready", problem=obs.problem)
     return Decision("wait", max(settle_s - obs.age_s, debounce_s, 0.01))
-
-
-# ---------------------------------------------------------------- selection
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """An entry that is complete and may be installed."""
-
-    name: str
-    kind: str  # "checkpoint" | "adapter"
-    key: tuple[int, str]  # publish_key
-
-
-@dataclass(frozen=True)
-class Selection:
-    """What :func:`select_versions` did: the installed base and adapter, what it tried and skipped."""
-
-    base: Candidate | None
-    adapter: Candidate | None
-    attempted: tuple[Candidate, ...]
-    skipped: tuple[Candidate, ...]
-    #: an attempt stopped the selection (an engine failure: older versions must not be tried)
-    stopped: bool = False
-
-
-def newest_first(candidates: Iterable[Candidate]) -> list[Candidate]:
-    return sorted(candidates, key=lambda c: c.key, reverse=True)
-
-
-def select_versions(candidates: Sequence[Candidate], attempt: Callable[[Candidate], str],
-                    *, adapters_enabled: bool = True) -> Selection:
-    """Install the newest valid base checkpoint, then the newest valid adapter newer than it.
-
-    ``attempt`` installs one candidate and returns ``"ok"`` (installed or already live),
-    ``"rejected"`` (try the next older one) or ``"stop"`` (give up on this batch). Bases are tried
-    newest first; when one is installed, only adapters published after it are considered (a base
-    published later than an adapter removes it). When no base is installed, every adapter is
-    considered (it applies to the base already live). Everything not tried is "skipped".
-    """
-    bases = newest_first(c for c in candidates if c.kind == "checkpoint")
-    adapters = newest_first(c for c in candidates if c.kind == "adapter") if adapters_enabled else []
-    attempted: list[Candidate] = []
-
-    def first_installed(group: Sequence[Candidate]) -> tuple[Candidate | None, bool]:
-        """Try newest first until one installs; (installed, whether to stop the batch)."""
-        for c in group:
-            attempted.append(c)
-            result = attempt(c)
-            if result in ("ok", "stop"):
-                return (c if result == "ok" else None), result == "stop"
-        return None, False
-
-    installed_base, stopped = first_installed(bases)
-    installed_adapter: Candidate | None = None
-    if not stopped:
-        eligible = [a for a in adapters if installed_base is None or a.key > installed_base.key]
-        installed_adapter, stopped = first_installed(eligible)
-    tried = {c.name for c in attempted}
-    skipped = tuple(c for c in candidates if c.name not in tried and (c.kind == "checkpoint" or adapters_enabled))
-    return Selection(installed_base, installed_adapter, tuple(attempted), skipped, stopped)
-
-
-# ---------------------------------------------------------------- rejected ledger
-
-
-#: reasons that depend on the bytes alone: the same content hash is refused again without reading
-CONTENT_REASONS = frozenset({"corrupt", "empty", "invalid", "unsafe_pickle", "manifest_mismatch",
-                             "manifest_invalid", "lora_invalid", "lora_mismatch", "canary", "too_large"})
-
-
-@dataclass(frozen=True)
-class Fingerprint:
-    """Cheap identity of an entry's state: ``(relative path, size, mtime_ns, inode, mode)`` per file.
-
-    For a file there is one row with path ``""``; for a directory, one row for the directory itself
-    and one per file below it. Any write, rename, chmod or added/removed file changes it.
-    """
-
-    rows: tuple[tuple[str, int, int, int, int], ...]
-
-    @property
-    def total_size(self) -> int:
-        return sum(r[1] for r in self.rows)
-
-    @property
-    def newest_mtime_ns(self) -> int:
-        return max((r[2] for r in self.rows), default=0)
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """Why an entry was refused, and the state it was refused in."""
-
-    path: str
-    fingerprint: Fingerprint
-    content_hash: str | None
-    reason: str
-    message: str
-
-
-@dataclass
-class RejectedLedger:
-    """Entries refused, keyed by path and the fingerprint (size, mtime, inode, mode) they had.
-
-    An entry is not read again while its fingerprint is unchanged; when it changed (a touch, a
-    copy of the same bytes) but its content hash is the refused one and the reason depends on the
-    content alone, it is still refused without another read.
-    """
-
-    _entries: dict[str, Rejection] = field(default_factory=dict)
-
-    def record(self, rejection: Rejection) -> None:
-        self._entries[rejection.path] = rejection
-
-    def lookup(self, path: str, fingerprint: Fingerprint) -> Rejection | None:
-        r = self._entries.get(path)
-        return r if r is not None and r.fingerprint == fingerprint else None
-
-    def lookup_hash(self, path: str, fingerprint: Fingerprint, content_hash: str | None) -> Rejection | None:
-        """Same content already refused for a content reason: re-key it to ``fingerprint`` and return it."""
-        r = self._entries.get(path)
-        if r is None or content_hash is None or r.content_hash != content_hash or r.reason not in CONTENT_REASONS:
-            return None
-        r = Rejection(path, fingerprint, content_hash, r.reason, r.message)
-        self._entries[path] = r
-        return r
-
-    def forget(self, path: str) -> None:
-        self._entries.pop(path, None)
-
-    def reasons(self) -> dict[str, str]:
-        """A snapshot (safe to take while the worker records: ``list(dict.items())`` is atomic)."""
-        return {p: r.reason for p, r in list(self._entries.items())}
-
-    def get(self, path: str) -> Rejection | None:
-        return self._entries.get(path)
-
-    def __len__(self) -> int:
-        return len(self._entries)

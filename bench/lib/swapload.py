@@ -1,20 +1,22 @@
-"""Zero-downtime load test: clients hammer a Triton model while weight versions are swapped.
+"""Zero-downtime load test: clients send requests to a Triton model while weight versions are swapped.
 
 Every response is compared with the outputs of every published version: it must match exactly
 one of them (within ``atol``), or it was computed from a mix of weights (a torn read).
-Used by ``bench/serve_swap.py`` and the integration tests.
+Used by the swap benchmarks (``bench/serve_swap.py``, ``gpu_serve_swap.py``, ``gpu_publish.py``,
+``triton_reload.py``) and the zero-downtime integration test.
 """
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+
+from bench.lib.stats import percentile
 
 
 @dataclass(frozen=True)
@@ -30,9 +32,30 @@ class SwapLoadResult:
     requests_during_swaps: int
     versions_seen: dict[str, int] = field(default_factory=dict)
     error_samples: tuple[str, ...] = ()
+    #: every answered request: (start, latency), monotonic seconds (not in :meth:`to_json`)
+    samples: tuple[tuple[float, float], ...] = field(default=(), repr=False)
+    #: every swap: (publish started, live), monotonic seconds (not in :meth:`to_json`)
+    swap_spans: tuple[tuple[float, float], ...] = field(default=(), repr=False)
 
     def to_json(self) -> dict[str, object]:
-        return asdict(self)
+        """The counts and percentiles (without the per-request timeline)."""
+        out = asdict(self)
+        del out["samples"], out["swap_spans"]
+        return out
+
+    def timeline(self) -> dict[str, object]:
+        """The per-request timeline: :func:`timeline` of :attr:`samples` and :attr:`swap_spans`."""
+        return timeline(self.samples, self.swap_spans)
+
+
+def timeline(samples: Sequence[tuple[float, float]], swaps: Sequence[tuple[float, float]]) -> dict[str, object]:
+    """Requests and swaps on one clock, in seconds from the first request (JSON-ready, rounded to 0.1 ms and
+    1 µs): ``{"requests": {"start_s": [...], "latency_ms": [...]}, "swaps": [[start_s, live_s], ...]}``. Pure."""
+    ordered = sorted(samples)
+    t0 = ordered[0][0] if ordered else min((a for a, _ in swaps), default=0.0)
+    return {"requests": {"start_s": [round(t - t0, 4) for t, _ in ordered],
+                         "latency_ms": [round(dt * 1e3, 3) for _, dt in ordered]},
+            "swaps": [[round(a - t0, 4), round(b - t0, 4)] for a, b in swaps]}
 
 
 class ClientPool:
@@ -67,11 +90,8 @@ class ClientPool:
 
 
 def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+    p = percentile(values, q)
+    return float("nan") if p is None else p
 
 
 def response_version(result: Any) -> str:
@@ -143,6 +163,7 @@ def run_swap_load(
 
     threads = [threading.Thread(target=client, name=f"swapload-client-{i}") for i in range(clients)]
     windows: list[tuple[float, float]] = []
+    spans: list[tuple[float, float]] = []
     for t in threads:
         t.start()
     try:
@@ -152,7 +173,9 @@ def run_swap_load(
                 break
             start = time.monotonic()
             swap_to(version)
-            windows.append((start, time.monotonic() + settle_s))
+            live = time.monotonic()
+            spans.append((start, live))
+            windows.append((start, live + settle_s))
             time.sleep(settle_s)
         time.sleep(cooldown_s)
     finally:
@@ -170,4 +193,5 @@ def run_swap_load(
         steady_p50_ms=_pct(steady, 50), steady_p99_ms=_pct(steady, 99),
         swap_p50_ms=_pct(during, 50), swap_p99_ms=_pct(during, 99), requests_during_swaps=len(during),
         versions_seen=dict(sorted(seen.items())), error_samples=tuple(errors[:5] + torn[:5]),
+        samples=tuple(records), swap_spans=tuple(spans),
     )

@@ -1,4 +1,4 @@
-"""serving.publisher: versions published with publish()/publish_tensors() go live through the real
+"""serving.publish.writer: versions published with publish()/publish_tensors() go live through the real
 watchdog watcher (outputs change A -> B), a rollback goes live again, an interrupted publish leaves
 nothing visible, and the source is never modified."""
 
@@ -20,9 +20,9 @@ from serving.cli import main
 from serving.errors import PublishError
 from serving.examples import TRANSFORMER
 from serving.factory import build_module
-from serving.publish import MANIFEST_NAME, ManifestEntry, entry_name, parse_manifest, render_manifest
-from serving.publisher import publish, publish_tensors, staging
-from serving.watch.entries import sha256_file
+from serving.hashing import sha256_file
+from serving.publish import publish, publish_tensors, staging
+from serving.publish.protocol import MANIFEST_NAME, ManifestEntry, entry_name, parse_manifest, render_manifest
 from serving.weights.lora import random_adapter, save_adapter
 
 P = "base_model.model."

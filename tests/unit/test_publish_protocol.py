@@ -1,4 +1,4 @@
-"""The publish protocol's pure rules: names, versions, manifests, completeness, selection, the ledger."""
+"""The publish protocol's pure rules: names, versions, the order of publication, manifests, completeness."""
 
 from __future__ import annotations
 
@@ -8,23 +8,17 @@ import json
 import pytest
 
 from serving.errors import CheckpointError
-from serving.publish import (
-    Candidate,
-    Fingerprint,
+from serving.publish.protocol import (
     FoundFile,
     Manifest,
     ManifestEntry,
     Observation,
-    RejectedLedger,
-    Rejection,
     classify_name,
     completeness,
     is_temp_name,
     manifest_problems,
-    merged_hash,
     parse_manifest,
     publish_key,
-    select_versions,
     tree_hash,
     version_of,
 )
@@ -125,79 +119,3 @@ def test_completeness_rules(obs: Observation, action: str, problem: tuple[str, s
     assert (d.action, d.problem) == (action, problem)
     if action == "wait":
         assert d.recheck_in_s > 0
-
-
-def _c(name: str, t: int, kind: str = "checkpoint") -> Candidate:
-    return Candidate(name, kind, publish_key(t, name))
-
-
-def test_select_newest_base_skipping_rejected_then_newer_adapter() -> None:
-    cands = [_c("v1", 1), _c("v2", 2), _c("v3", 3), _c("lora-old", 1, "adapter"), _c("lora-a", 4, "adapter"),
-             _c("lora-b", 5, "adapter")]
-    results = {"v3": "rejected", "v2": "ok", "lora-b": "rejected", "lora-a": "ok"}
-    calls: list[str] = []
-
-    def attempt(c: Candidate) -> str:
-        calls.append(c.name)
-        return results[c.name]
-
-    sel = select_versions(cands, attempt)
-    assert calls == ["v3", "v2", "lora-b", "lora-a"]
-    assert sel.base is not None and sel.base.name == "v2"
-    assert sel.adapter is not None and sel.adapter.name == "lora-a"
-    assert sorted(c.name for c in sel.skipped) == ["lora-old", "v1"]
-
-
-def test_select_base_published_after_adapters_drops_them() -> None:
-    sel = select_versions([_c("lora", 1, "adapter"), _c("v2", 2)], lambda c: "ok")
-    assert sel.base is not None and sel.adapter is None
-    assert [c.name for c in sel.skipped] == ["lora"]
-
-
-def test_select_ties_broken_by_name_and_stop_ends_the_batch() -> None:
-    calls: list[str] = []
-
-    def attempt(c: Candidate) -> str:
-        calls.append(c.name)
-        return "stop"
-
-    sel = select_versions([_c("v09", 7), _c("v10", 7), _c("v08", 6)], attempt)
-    assert calls == ["v10"] and sel.stopped and sel.base is None
-
-
-def test_select_adapters_alone_apply_to_the_live_base_and_can_be_disabled() -> None:
-    sel = select_versions([_c("a", 1, "adapter"), _c("b", 2, "adapter")], lambda c: "ok")
-    assert sel.base is None and sel.adapter is not None and sel.adapter.name == "b"
-    off = select_versions([_c("a", 1, "adapter")], lambda c: "ok", adapters_enabled=False)
-    assert off.attempted == () and off.skipped == ()
-
-
-def test_merged_hash_depends_on_base_adapter_and_scale() -> None:
-    h = merged_hash("b", "a", 1.0)
-    assert h is not None and h != merged_hash("b", "a", 0.5) and h != merged_hash("c", "a", 1.0)
-    assert merged_hash(None, "a", 1.0) is None
-
-
-def _fp(size: int, mtime: int = 1, mode: int = 0o100644) -> Fingerprint:
-    return Fingerprint((("", size, mtime, 42, mode),))
-
-
-def test_ledger_refuses_same_fingerprint_and_same_content_for_content_reasons() -> None:
-    ledger = RejectedLedger()
-    ledger.record(Rejection("/w/v3", _fp(10), "h1", "corrupt", "bad"))
-    assert ledger.lookup("/w/v3", _fp(10)) is not None
-    assert ledger.lookup("/w/v3", _fp(10, mtime=2)) is None  # touched: look again
-    # ... but the bytes are those refused: refused again without a read, re-keyed to the new state
-    assert ledger.lookup_hash("/w/v3", _fp(10, mtime=2), "h1") is not None
-    assert ledger.lookup("/w/v3", _fp(10, mtime=2)) is not None
-    assert ledger.lookup_hash("/w/v3", _fp(11), "h2") is None
-    assert ledger.reasons() == {"/w/v3": "corrupt"}
-    ledger.forget("/w/v3")
-    assert len(ledger) == 0
-
-
-def test_ledger_permission_fix_is_a_change_and_unreadable_is_not_a_content_reason() -> None:
-    ledger = RejectedLedger()
-    ledger.record(Rejection("/w/v3", _fp(10, mode=0o100000), None, "unreadable", "denied"))
-    assert ledger.lookup("/w/v3", _fp(10, mode=0o100644)) is None  # chmod changes the fingerprint
-    assert ledger.lookup_hash("/w/v3", _fp(10, mode=0o100644), "h") is None

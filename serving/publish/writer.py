@@ -4,7 +4,7 @@ A version is written under a hidden temporary name inside the folder (which the 
 flushed to disk, stamped with its publish time, and renamed into place: one atomic step after
 which the watcher sees it complete. Directories carry a ``MANIFEST.json`` with every file's
 sha256, so a copy altered after publishing is refused rather than installed. The rules are in
-``docs/publish.md``; names and the manifest format come from :mod:`serving.publish`.
+``docs/publish.md``; names and the manifest format come from :mod:`serving.publish.protocol`.
 
 * :func:`publish` copies a file or directory (a safetensors file, a sharded checkpoint, a
   ``save_pretrained`` output, a PEFT adapter); ``hotswap publish`` is this function.
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from serving.errors import PublishError
 from serving.hashing import sha256_file
-from serving.publish import (
+from serving.publish.protocol import (
     CHECKPOINT_SUFFIXES,
     MANIFEST_NAME,
     ManifestEntry,
