@@ -143,6 +143,8 @@ def run_config(engine_kind: str, strategy: str, ckpts: Checkpoints, device: str,
     x = torch.randn(1, w, generator=torch.Generator().manual_seed(0)).to(dtype)
     try:
         timed_runs(coord, ckpts, x, repeats, device, client_interval_s, ballast_bytes, out)
+        for choice in coord.transfers.values():  # what `transfer` (e.g. auto) came to on the device, and why
+            out.update(transfer_used=choice.kind, transfer_reason=choice.reason, gds=choice.gds)
     finally:
         coord.close()
         engine.close()

@@ -7,17 +7,17 @@ One safetensors file is written (random values; a checksum of every tensor taken
 page cache. Destination tensors are allocated once on the device. For each loader, each run: every destination is
 zeroed, the file is loaded into the destinations, the device synchronized, and every destination checked against
 the checksums; meanwhile a request thread serves small requests back to back (a matmul and a result copied to
-the host, on the default stream) and records their latency. Reported per loader: GB/s, process CPU seconds per
-GB (the request thread's own CPU time taken out), request p50/p99 during the load and p99 over the steady p99
-measured without a load, and whether every tensor came back right. In the same run: the pinned host -> device
-copy limit.
+the host, on the default stream) and records their latency. One row per loader (``rows``, the shape
+``bench/render`` reads): GB/s (median of the runs), process CPU seconds per GB (the request thread's own CPU time
+taken out), request p50/p99 during its loads and the steady p99 measured without a load (before and after all
+of them), and whether every tensor came back right. In the same run: the pinned host -> device copy limit.
 
 Loaders (``--loaders``, comma separated; default all): ``pinned-tN`` (our pinned ring, N threads; our threads
 straight into host memory when the device is the CPU), ``kvikio-tN-mM`` (our reader through KvikIO, N threads,
 M MiB tasks), ``fastsafetensors`` (``fastsafe_open(..., nogds=True)``, then a copy into the destinations),
 ``runai`` (the Run:ai streamer's ``SafetensorsStreamer``, then a copy), ``safe_open`` (``safe_open(device=...)``,
-then a copy). A loader whose library is missing is recorded as skipped, with the reason; one that fails, with
-its error. Self-contained: it needs torch, safetensors and this repository.
+then a copy). A loader whose library is missing is recorded in ``skipped``, with the reason; one that fails, in
+``errors``, with its error. It needs torch, safetensors and this repository.
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ from typing import Any
 
 import torch
 
+from bench.lib.host import machine
+from bench.lib.limits import pinned_copy_seconds
+from bench.lib.stats import percentile
+from bench.record import command, write_json
 from serving.specs import WeightSpec
 from serving.weights.fastpath import FastPathConfig, FastReader, read_checkpoint_into
 from serving.weights.kvikio_reader import load_kvikio
@@ -100,7 +104,8 @@ def _sync(device: str) -> None:
 
 @dataclass
 class Loader:
-    """``load(path, dest)`` fills ``dest`` from the file and returns what to record; ``close()`` frees."""
+    """``load(path, dest)`` fills ``dest`` from the file and returns what to record; ``close()`` frees.
+    ``settings`` go into the loader's row (``threads`` and ``task_bytes``: None where the library decides)."""
 
     name: str
     library: str
@@ -139,9 +144,8 @@ def ours(name: str, config: FastPathConfig, device: str) -> Loader:
         module, why = load_kvikio()
         return None if module is not None else why
 
-    settings = {"threads": config.threads, "transfer": config.transfer}
-    if config.transfer == "kvikio":
-        settings["task_mib"] = config.task_bytes // MiB
+    settings = {"threads": config.threads, "task_bytes": config.task_bytes if config.transfer == "kvikio" else None,
+                "transfer": config.transfer}
     return Loader(name, "hotswap", load, why_not, reader.close, settings)
 
 
@@ -242,13 +246,6 @@ class Requests:
         return inside[-1] - inside[0] if len(inside) > 1 else 0.0
 
 
-def quantile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def steady(requests: Requests, seconds: float) -> list[float]:
     t0 = time.perf_counter()
     time.sleep(seconds)
@@ -258,32 +255,18 @@ def steady(requests: Requests, seconds: float) -> list[float]:
 # --------------------------------------------------------------------------- runs
 
 
-def pinned_limit_gbps(device: str, nbytes: int = 1 << 30, repeats: int = 3) -> float | None:
-    """Pinned host -> device copy rate (CUDA events), best of ``repeats``."""
-    if not device.startswith("cuda"):
-        return None
-    src = torch.ones(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    best = 0.0
-    for _ in range(repeats + 1):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src, non_blocking=True)
-        end.record()
-        end.synchronize()
-        best = max(best, nbytes / (start.elapsed_time(end) / 1e3) / GB)
-    return best
-
-
 def run_loader(loader: Loader, path: Path, dest: Dest, sums: dict[str, tuple[int, int]], requests: Requests,
-               steady_p99: float | None, repeats: int, device: str) -> dict[str, Any]:
-    entry: dict[str, Any] = {"name": loader.name, "library": loader.library, **loader.settings}
+               repeats: int, device: str) -> dict[str, Any]:
+    """``repeats`` loads by ``loader``, each checked; its row (without the steady p99, known at the end), or
+    ``skipped`` (its library is missing) or ``error`` (it raised)."""
+    row: dict[str, Any] = {"name": loader.name, "library": loader.library, "threads": None, "task_bytes": None,
+                           **loader.settings}
     size = sum(t.numel() * t.element_size() for t in dest.values())
-    runs = []
+    runs, during = [], []
     try:
         why = loader.why_not()
         if why is not None:
-            return {**entry, "skipped": why}
+            return {**row, "skipped": why}
         for _ in range(repeats):
             for t in dest.values():
                 t.zero_()
@@ -294,23 +277,19 @@ def run_loader(loader: Loader, path: Path, dest: Dest, sums: dict[str, tuple[int
             t1, cpu1 = time.perf_counter(), time.process_time()
             bad = mismatched(dest, sums)
             lat = requests.during(t0, t1)
-            p99 = quantile(lat, 0.99)
+            during += lat
             runs.append({"seconds": t1 - t0, "gbps": size / (t1 - t0) / GB,
                          "cpu_s_per_gb": (cpu1 - cpu0 - requests.cpu_between(t0, t1)) / (size / GB),
-                         "requests": len(lat), "p50_ms": _ms(quantile(lat, 0.5)), "p99_ms": _ms(p99),
-                         "p99_over_steady": p99 / steady_p99 if p99 is not None and steady_p99 else None,
+                         "requests": len(lat), "p50_ms": _ms(percentile(lat, 50)), "p99_ms": _ms(percentile(lat, 99)),
                          "verified": not bad, "mismatched": bad[:10], **info})
     except Exception as e:  # one loader failing is a result, not the end of the run
-        entry["error"] = f"{type(e).__name__}: {e}"
+        return {**row, "error": f"{type(e).__name__}: {e}", "runs": runs}
     finally:
         loader.close()
-    entry["runs"] = runs
-    if runs:
-        for k in ("gbps", "cpu_s_per_gb", "p99_over_steady"):
-            values = [r[k] for r in runs if r[k] is not None]
-            entry[k] = statistics.median(values) if values else None
-        entry["verified"] = all(r["verified"] for r in runs)
-    return entry
+    return {**row, "gbps": statistics.median(r["gbps"] for r in runs),
+            "cpu_s_per_gb": statistics.median(r["cpu_s_per_gb"] for r in runs),
+            "p50_during_ms": _ms(percentile(during, 50)), "p99_during_ms": _ms(percentile(during, 99)),
+            "verified": all(r["verified"] for r in runs), "runs": runs}
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -332,22 +311,13 @@ def checkpoint_file(directory: str | None, keep: bool) -> Iterator[Path]:
             folder.rmdir()
 
 
-def environment(device: str) -> dict[str, Any]:
-    env: dict[str, Any] = {"torch": torch.__version__, "python": sys.version.split()[0], "cpus": os.cpu_count(),
-                           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": os.environ.get("HOTSWAP_COMMIT")}
-    if device.startswith("cuda"):
-        p = torch.cuda.get_device_properties(device)
-        env.update(gpu=p.name, gpu_memory_gb=p.total_memory / GB, cuda=torch.version.cuda)
+def libraries() -> dict[str, str]:
+    """The versions of the libraries compared that are installed here."""
+    out = {}
     for dist in ("kvikio-cu12", "kvikio-cu13", "fastsafetensors", "runai-model-streamer", "safetensors"):
         with contextlib.suppress(PackageNotFoundError):
-            env[dist] = version(dist)
-    return env
-
-
-def command(argv: list[str]) -> str:
-    """The command line that repeats the run, with the output folder ``$OUT`` written as such."""
-    out = os.environ.get("OUT")
-    return " ".join(["python3 -m bench.loaders", *([a.replace(out, "$OUT") for a in argv] if out else argv)])
+            out[dist] = version(dist)
+    return out
 
 
 def main(argv: list[str] | None = None, extra: dict[str, Callable[[str], Loader]] | None = None) -> dict[str, Any]:
@@ -378,12 +348,14 @@ def main(argv: list[str] | None = None, extra: dict[str, Callable[[str], Loader]
     count = max(1, round(args.gb * GB / (numel * dtype.itemsize)))
     names = [n for n in args.loaders.split(",") if n]
     makers = {**(extra or {})}
-    result: dict[str, Any] = {"command": command(given), "environment": environment(device),
+    result: dict[str, Any] = {"command": command("python3 -m bench.loaders", given), "environment": machine(device),
+                              "libraries": libraries(),
                               "config": {"device": device, "dtype": args.dtype, "tensors": count,
                                          "tensor_bytes": numel * dtype.itemsize, "repeats": args.repeats,
                                          "steady_s": args.steady_s, "request_gap_ms": args.request_gap_ms},
-                              "loaders": []}
-    result["pinned_h2d_gbps"] = pinned_limit_gbps(device)
+                              "rows": [], "skipped": [], "errors": []}
+    result["pinned_h2d_gbps"] = (1 << 30) / pinned_copy_seconds(1 << 30, device) / GB \
+        if device.startswith("cuda") else None
     with checkpoint_file(args.dir, args.keep) as path:
         t = time.perf_counter()
         sums = write_checkpoint(path, count, numel, dtype, device)
@@ -393,30 +365,38 @@ def main(argv: list[str] | None = None, extra: dict[str, Callable[[str], Loader]
             for _ in range(20):  # warm up the request path
                 time.sleep(0.01)
             before = steady(requests, args.steady_s)
-            result["steady"] = {"before_p99_ms": _ms(quantile(before, 0.99))}
-            steady_p99 = quantile(before, 0.99)
             for name in names:
                 loader = makers[name](device) if name in makers else make_loader(name, device)
-                entry = run_loader(loader, path, dest, sums, requests, steady_p99, args.repeats, device)
-                result["loaders"].append(entry)
-                print(_line(entry), file=sys.stderr, flush=True)
+                row = run_loader(loader, path, dest, sums, requests, args.repeats, device)
+                if "skipped" in row:
+                    result["skipped"].append({"name": name, "library": row["library"], "reason": row["skipped"]})
+                elif "error" in row:
+                    result["errors"].append({"what": name, "error": row["error"], "runs": row["runs"]})
+                else:
+                    result["rows"].append(row)
+                print(_line(row), file=sys.stderr, flush=True)
             after = steady(requests, args.steady_s)
-            result["steady"].update(after_p99_ms=_ms(quantile(after, 0.99)), p50_ms=_ms(quantile(before + after, 0.5)),
-                                    requests=len(before) + len(after))
+    quiet = before + after
+    result["steady"] = {"requests": len(quiet), "p50_ms": _ms(percentile(quiet, 50)),
+                        "p99_ms": _ms(percentile(quiet, 99)), "before_p99_ms": _ms(percentile(before, 99)),
+                        "after_p99_ms": _ms(percentile(after, 99))}
+    for row in result["rows"]:
+        row["p99_steady_ms"] = result["steady"]["p99_ms"]
+        ratio = row["p99_during_ms"] / row["p99_steady_ms"] if row["p99_during_ms"] and row["p99_steady_ms"] else None
+        row["p99_over_steady"] = ratio
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(result, args.json)
     return result
 
 
-def _line(e: dict[str, Any]) -> str:
-    if "skipped" in e or "runs" not in e or not e["runs"]:
-        return f"{e['name']:18} {e.get('skipped') or e.get('error')}"
-    p99 = e.get("p99_over_steady")
-    return (f"{e['name']:18} {e['gbps']:7.2f} GB/s  {e['cpu_s_per_gb']:6.3f} CPU s/GB  p99 x{p99 or float('nan'):6.2f}"
-            f"  {'verified' if e['verified'] else 'WRONG BYTES'}" + (f"  error: {e['error']}" if "error" in e else ""))
+def _line(row: dict[str, Any]) -> str:
+    if "skipped" in row or "error" in row:
+        return f"{row['name']:18} {row.get('skipped') or row.get('error')}"
+    return (f"{row['name']:18} {row['gbps']:7.2f} GB/s  {row['cpu_s_per_gb']:6.3f} CPU s/GB  "
+            f"p99 during {row['p99_during_ms'] or float('nan'):7.2f} ms  "
+            f"{'verified' if row['verified'] else 'WRONG BYTES'}")
 
 
 if __name__ == "__main__":
     doc = main()
-    sys.exit(0 if all(e.get("verified", True) for e in doc["loaders"]) else 1)
+    sys.exit(0 if all(r["verified"] for r in doc["rows"]) and not doc["errors"] else 1)
