@@ -75,7 +75,8 @@ suite_transfer() {  # KvikIO against the pinned ring: the GPU tests of both, ref
   kvikio_wheels
   step cuda-transfer-tests 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kvikio_cuda.py \
     tests/gpu/test_fastpath_cuda.py
-  step "gpu-refit-transfer-$TAG" 300 python3 -m bench.gpu_refit --json "$OUT/gpu-refit-transfer-$TAG.json" \
+  # not gpu-refit-transfer-TAG: that name holds the run that retired registered transfers
+  step "gpu-refit-kvikio-$TAG" 300 python3 -m bench.gpu_refit --json "$OUT/gpu-refit-kvikio-$TAG.json" \
     --sizes 1,4,16 --dtype float16 --engines eager --strategies double_buffer --transfers pinned,kvikio \
     --baseline-gb 0
 }
