@@ -320,6 +320,34 @@ def loaders(results: Path) -> str:
             + ("\n" + errors(paths) if errors(paths) else "") + "\n" + sources(paths))
 
 
+def instances(results: Path) -> str:
+    """Several instances on one GPU (``bench/gpu_instances.py``): every instance live, and the bytes read."""
+    paths = files("gpu-instances-*.json", results)
+    if not paths:
+        return to_measure("**Instances on one GPU** (rename → every instance serving the new version, and the "
+                          "bytes their stubs read)", "python3 -m bench.gpu_instances --json "
+                          "$OUT/gpu-instances-h200.json")
+    rows = []
+    for p in paths:
+        doc = load(p)
+        for c in doc["counts"]:
+            rows.append([c["instances"], size_gb(doc["model_bytes"]), secs(c["all_live_s"]["median"]),
+                         secs(c["all_live_s"]["max"]), len(c["swaps"]), num(c["read_until_live_over_model"], "x"),
+                         num(c["read_until_hashed_over_model"], "x"), machine(doc), link(p)])
+    return ("**Instances on one GPU** (`bench/gpu_instances.py`): one model served by N instances of one server "
+            "(`instance_group` count N, double buffer, the default weight transfer); a version renamed in, then "
+            "the time until every instance reports it live on the metrics endpoint, and the bytes the instances' "
+            "stubs read from files (`rchar`), against the model's size: each instance reads the checkpoint "
+            "itself, the baseline for reading it once per host.\n\n"
+            + table(["instances", "model", "every instance live (median)", "max", "swaps",
+                     "read until live", "read until hashed", "machine", "results"], rows)
+            + ("\n" + errors(paths) if errors(paths) else "") + "\n" + sources(paths))
+
+
+def size_gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.1f} GB"
+
+
 def size(nbytes: int | None) -> str:
     """Bytes as MiB or KiB; n/a for None."""
     if nbytes is None:
@@ -344,12 +372,12 @@ def loader_rows(path: Path, doc: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-SECTIONS: tuple[Callable[[Path], str], ...] = (refit_cpu, publish, zero_downtime, gpu_refit, gpu_publish, loaders,
-                                               compiled_engines, real_models, aoti_loader)
+SECTIONS: tuple[Callable[[Path], str], ...] = (refit_cpu, publish, zero_downtime, gpu_refit, gpu_publish, instances,
+                                               loaders, compiled_engines, real_models, aoti_loader)
 #: the result files each section shows (every JSON in bench/results/ must match one)
 SECTION_FILES = ("refit-*.json", "publish-*.json", "serve-swap-*.json", "gpu-serve-swap-*.json",
-                 "gpu-refit-*.json", "gpu-publish-*.json", "loaders-*.json", "inductor-startup-*.json",
-                 "engine-latency-*.json", "real-refit-*.json", "aoti-load-probe-*.json")
+                 "gpu-refit-*.json", "gpu-publish-*.json", "gpu-instances-*.json", "loaders-*.json",
+                 "inductor-startup-*.json", "engine-latency-*.json", "real-refit-*.json", "aoti-load-probe-*.json")
 
 
 def measured(results: Path = RESULTS) -> str:

@@ -213,3 +213,15 @@ def test_the_headlines_name_their_files_and_a_missing_one_is_an_error(tmp_path: 
     assert "(docs/figures/publish-by-size.svg)" in text
     with pytest.raises(ValueError, match="gpu-publish-h200.json: the README's 'At a glance' quotes this result"):
         glance.glance(tmp_path)
+
+
+def test_an_instances_result_gets_its_table(tmp_path: Path) -> None:
+    """bench/gpu_instances.py: per instance count, every instance live and the bytes read against the model."""
+    count = {"instances": 2, "swaps": [{"all_live_s": 1.5}], "all_live_s": {"median": 1.5, "max": 1.75},
+             "read_until_live_over_model": 2.0, "read_until_hashed_over_model": 4.0}
+    doc = {"command": "python3 -m bench.gpu_instances --json $OUT/gpu-instances-x.json", "environment": {"gpu": "G"},
+           "model_bytes": 16e9, "counts": [count], "errors": []}
+    (tmp_path / "gpu-instances-x.json").write_text(json.dumps(doc))
+    text = tables.measured(tmp_path)
+    assert "| 2 | 16.0 GB | 1.5 s | 1.75 s | 1 | 2x | 4x | G |" in text
+    assert "`python3 -m bench.gpu_instances --json $OUT/gpu-instances-x.json`" in text
