@@ -1,0 +1,95 @@
+"""bench/soak.py: what it publishes and prunes, the adapters' reference outputs (against PEFT's own merge),
+and how a series is judged flat."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.lib.soak_models import EXAMPLES, LORA_ALPHA, LORA_R, ExampleModels, merged_state
+from bench.lib.soak_plan import EXAMPLE_TOOLS, UNADAPT_TOOLS, plan, to_prune, tool_counts
+from bench.lib.soak_samples import analyse, series_table, smallest
+from serving.examples import CNN
+from serving.factory import build_module
+from serving.weights.lora import random_adapter
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_models_take_turns_and_an_adapter_is_taken_off_by_the_next_swap_of_its_model() -> None:
+    steps = plan(14, ["a", "b"], ("publish", "rename"), adapter_every=3)
+    assert [(s.model, s.action, s.tool) for s in steps[:8]] == [
+        ("a", "base", "publish"), ("b", "base", "publish"), ("a", "base", "rename"), ("b", "base", "rename"),
+        ("a", "adapter", "lora"), ("b", "adapter", "lora"), ("a", "unadapt", "touch"), ("b", "unadapt", "touch")]
+    adapter, unadapt = steps[4], steps[6]
+    assert adapter.live == "s00003+a00005" and adapter.base == "s00003" and adapter.adapter == "a00005"
+    assert unadapt.live == unadapt.entry == unadapt.base == "s00003" and unadapt.adapter is None
+    assert steps[-2].tool == UNADAPT_TOOLS[1] and steps[-2].action == "unadapt"  # the next way back
+    assert len({s.live for s in steps if s.action != "unadapt"}) == 10  # every other version is new
+    assert tool_counts(steps) == {"adapter: lora": 4, "base: publish": 4, "base: rename": 2, "unadapt: republish": 2,
+                                  "unadapt: touch": 2}
+    assert {s.tool for s in plan(40, ["m"], EXAMPLE_TOOLS, 0)} == set(EXAMPLE_TOOLS)
+    for bad in ({"adapter_every": 1}, {"adapter_every": -2}):
+        with pytest.raises(ValueError, match="adapter_every"):
+            plan(10, ["a"], ("publish",), **bad)
+    with pytest.raises(ValueError, match="a soak needs"):
+        plan(0, ["a"], ("publish",), 0)
+
+
+def test_pruning_keeps_the_live_base_and_adapter_and_every_hidden_entry() -> None:
+    step = plan(5, ["m"], ("publish",), adapter_every=5)[-1]  # an adapter on s00004
+    names = ["s00003.safetensors", "s00004.safetensors", "a00005", "a00001", ".s00006.safetensors.1a2b.tmp",
+             "notes.txt.part", "s00002"]
+    assert to_prune(names, step) == ["a00001", "s00002", "s00003.safetensors"]
+
+
+@pytest.mark.parametrize(("factory", "targets"), [(CNN, ("conv2", "head")), (EXAMPLES["tiny_transformer"][0],
+                                                                           EXAMPLES["tiny_transformer"][3])])
+def test_an_adapters_reference_is_what_peft_merges(factory: str, targets: tuple[str, ...]) -> None:
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    module = build_module(factory)
+    base = {k: v.clone() for k, v in module.state_dict().items()}
+    _, tensors = random_adapter(module, targets=targets, r=LORA_R, alpha=LORA_ALPHA, seed=5)
+    ours = merged_state(base, tensors, LORA_ALPHA / LORA_R)
+    theirs_base = build_module(factory)
+    theirs_base.load_state_dict(base)
+    peft = get_peft_model(theirs_base, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=list(targets)))
+    set_peft_model_state_dict(peft, tensors)
+    theirs = peft.merge_and_unload().state_dict()
+    changed = [k for k in base if not torch.equal(ours[k], base[k])]
+    assert changed and all(k.endswith(".weight") for k in changed)
+    for k in base:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-5, atol=1e-6)
+
+
+def test_each_tool_publishes_the_version_whose_answer_is_its_reference(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    models = ExampleModels(tmp_path / "work")
+    folder = tmp_path / "weights"
+    models.first(folder, "tiny_cnn")
+    for step in plan(8, ["tiny_cnn"], EXAMPLE_TOOLS, adapter_every=5)[:4]:
+        ref = models.reference(step)
+        models.publish(step, folder)
+        module = models.modules["tiny_cnn"]
+        module.load_state_dict(load_file(folder / f"{step.entry}.safetensors"))
+        with torch.inference_mode():
+            torch.testing.assert_close(module(models.inputs["tiny_cnn"]).numpy(), ref, rtol=0, atol=0)
+    assert sorted(p.name for p in folder.iterdir()) == [f"s0000{i}.safetensors" for i in range(5)]
+    assert list((tmp_path / "work" / "staged").iterdir()) == []  # sources of copies are removed
+
+
+def test_a_series_is_flat_when_it_grows_under_one_percent_per_100_swaps_after_warm_up() -> None:
+    swaps = [0, 100, 200, 300, 400]
+    assert analyse(swaps, [50, 90, 100, 100, 100], warmup=200) == {"growth_pct_per_100_swaps": 0.0, "flat": True}
+    grows = analyse(swaps, [100, 100, 100, 102, 104], warmup=200)
+    assert grows["flat"] is False and grows["growth_pct_per_100_swaps"] == pytest.approx(1.9608, abs=1e-3)
+    assert analyse(swaps, [1, 1, 1, None, 1], warmup=200)["flat"] is False  # a stub that was gone
+    assert analyse(swaps, [1, 1, 1, 1, 1], warmup=400)["flat"] is None  # one sample: no slope
+    table = series_table(swaps, [{"a/fds": 7, "gpu/used_bytes": None}] * 5, warmup=200)
+    assert table["a/fds"]["unit"] == "count" and table["a/fds"]["flat"] is True
+    assert table["gpu/used_bytes"]["flat"] is None and table["gpu/used_bytes"]["why"] == "not measurable here"
+    assert smallest([{"x": 3, "y": None}, {"x": 2, "y": None}, {"x": 5}]) == {"x": 2, "y": None}
