@@ -143,6 +143,7 @@ class Soak:
         self.samples: list[dict[str, Any]] = []
         self.publish_to_live: list[float] = []
         self.done = 0
+        self.last_swap_end: float | None = None
         self.adapters: dict[str, str | None] = {}
         self.next_sample = args.sample_every
         self.gpu_why = gpu_reason(self.gpu)
@@ -214,6 +215,7 @@ class Soak:
         self.publish_to_live.append(time.monotonic() - t0)
         prune(folder, step)
         self.done = step.swap
+        self.last_swap_end = time.monotonic()
         self.adapters[step.model] = step.adapter
         # due every --sample-every swaps, taken once no adapter is live: every sample sees the same state
         if step.swap >= self.next_sample and not any(self.adapters.values()):
@@ -236,7 +238,7 @@ class Soak:
         args = self.args
         swaps_at = [s["swap"] for s in self.samples]
         series = series_table(swaps_at, [s["series"] for s in self.samples], args.warmup_swaps)
-        duration = self.samples[-1]["elapsed_s"] if self.samples else None
+        duration = round(self.last_swap_end - self.started, 1) if self.last_swap_end else None
         errors = result.errors if result else self.counts.errors
         torn = result.torn if result else self.counts.torn
         flat = [v["flat"] for v in series.values() if v["flat"] is not None]

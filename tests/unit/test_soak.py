@@ -1,8 +1,16 @@
 """bench/soak.py: what it publishes and prunes, the adapters' reference outputs (against PEFT's own merge),
-and how a series is judged flat."""
+how a series is judged flat, and the soak itself at a tiny size against a real Triton: no error, no torn
+response, every tool used, nothing left behind, the metrics endpoint not growing with versions, and the
+server stopped at the end and on Ctrl-C."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -93,3 +101,65 @@ def test_a_series_is_flat_when_it_grows_under_one_percent_per_100_swaps_after_wa
     assert table["a/fds"]["unit"] == "count" and table["a/fds"]["flat"] is True
     assert table["gpu/used_bytes"]["flat"] is None and table["gpu/used_bytes"]["why"] == "not measurable here"
     assert smallest([{"x": 3, "y": None}, {"x": 2, "y": None}, {"x": 5}]) == {"x": 2, "y": None}
+
+
+def _processes_under(path: Path) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(path) in cmd and "pytest" not in cmd:
+                found.append(f"{entry.name}: {cmd[:200]}")
+    return found
+
+
+def _soak(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-m", "bench.soak", "--dir", str(tmp_path), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_tiny_soak_of_the_examples_on_a_real_triton(tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    proc = _soak(tmp_path, "--swaps", "20", "--sample-every", "10", "--warmup-swaps", "0", "--adapter-every", "4",
+                 "--clients", "2", "--json", str(out))
+    log, _ = proc.communicate(timeout=900)
+    doc = json.loads(out.read_text())
+    assert doc["complete"] and doc["swaps"] == 20 and doc["requests"] > 0, log[-3000:]
+    assert doc["errors"] == 0 and doc["torn"] == 0, doc["error_samples"]
+    assert set(doc["publishes"]) == {f"base: {t}" for t in EXAMPLE_TOOLS} | {
+        "adapter: lora", *(f"unadapt: {t}" for t in UNADAPT_TOOLS)}
+    assert doc["refits"].get("success", 0) >= 20 and not doc["refits"].get("failed") and not doc["stub_restarts"]
+    assert [s["swap"] for s in doc["samples"]][0] == 0 and doc["samples"][-1]["swap"] == 20
+    series = doc["series"]
+    for instance in ("tiny_transformer_0_0", "tiny_cnn_0_0", "tiny_cnn_0_1", "server"):
+        for what in ("rss_bytes", "fds", "threads"):
+            assert all(v and v > 0 for v in series[f"{instance}/{what}"]["values"]), (instance, what)
+    # nothing a publish writes is left behind, and the metrics endpoint does not grow with the versions
+    assert set(series["files/weights_leftovers"]["values"]) == {0}
+    assert series["metrics/hotswap_series"]["flat"] is True, series["metrics/hotswap_series"]
+    assert doc["gpu_memory"].startswith("the CPU run")
+    assert _processes_under(tmp_path) == [] and list(tmp_path.iterdir()) == [out]
+
+
+def test_ctrl_c_stops_the_server_and_keeps_what_was_measured(tmp_path: Path) -> None:
+    """The GPU model's path, run on the CPU at a tiny size, interrupted after its second sample."""
+    out = tmp_path / "soak.json"
+    proc = _soak(tmp_path, "--models", "mlp", "--size-gb", "0.002", "--swaps", "500", "--sample-every", "4",
+                 "--warmup-swaps", "0", "--adapter-every", "2", "--clients", "2", "--json", str(out))
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and len(json.loads(out.read_text() or "{}").get("samples", [])) >= 2:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    doc = json.loads(out.read_text())
+    assert not doc["complete"] and doc["swaps"] >= 4 and doc["errors"] == 0 and doc["torn"] == 0, log[-3000:]
+    assert {"adapter: lora", "base: publish"} <= set(doc["publishes"])
+    assert doc["models"]["factory"] == "bench.lib.models:big_mlp"
+    assert _processes_under(tmp_path) == [] and list(tmp_path.iterdir()) == [out]
