@@ -55,7 +55,8 @@ class Step:
 
 
 def plan(swaps: int, models: Sequence[str], tools: Sequence[str], adapter_every: int) -> list[Step]:
-    """The soak's swaps, in order (``adapter_every`` 0: no adapters; otherwise at least 2). Pure."""
+    """The soak's swaps, in order (``adapter_every`` 0: no adapters; otherwise at least 2). No adapter starts in
+    the last round, so the run ends with none live (as every sample is taken). Pure."""
     if swaps < 1 or not models or not tools:
         raise ValueError(f"a soak needs swaps ({swaps}), models ({list(models)}) and tools ({list(tools)})")
     if adapter_every == 1 or adapter_every < 0:
@@ -74,7 +75,7 @@ def plan(swaps: int, models: Sequence[str], tools: Sequence[str], adapter_every:
             unadapted[m] += 1
             adapter[m] = None
             steps.append(Step(i, m, "unadapt", tool, base[m], base[m], base[m], None, i))
-        elif adapter_every and count[m] % adapter_every == 0:
+        elif adapter_every and count[m] % adapter_every == 0 and i <= swaps - len(models):
             name = f"a{i:05d}"
             adapter[m] = name
             steps.append(Step(i, m, "adapter", "lora", name, f"{base[m]}+{name}", base[m], name, i))

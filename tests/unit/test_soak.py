@@ -19,6 +19,8 @@ import torch
 from bench.lib.soak_models import EXAMPLES, LORA_ALPHA, LORA_R, ExampleModels, merged_state
 from bench.lib.soak_plan import EXAMPLE_TOOLS, UNADAPT_TOOLS, plan, to_prune, tool_counts
 from bench.lib.soak_samples import analyse, series_table, smallest
+from bench.render.soak import soak as soak_table
+from bench.render.soak import soak_pictures
 from serving.examples import CNN
 from serving.factory import build_module
 from serving.weights.lora import random_adapter
@@ -39,6 +41,7 @@ def test_models_take_turns_and_an_adapter_is_taken_off_by_the_next_swap_of_its_m
     assert tool_counts(steps) == {"adapter: lora": 4, "base: publish": 4, "base: rename": 2, "unadapt: republish": 2,
                                   "unadapt: touch": 2}
     assert {s.tool for s in plan(40, ["m"], EXAMPLE_TOOLS, 0)} == set(EXAMPLE_TOOLS)
+    assert [s.action for s in plan(6, ["a", "b"], ("publish",), 3)][-2:] == ["base", "base"]  # none left live
     for bad in ({"adapter_every": 1}, {"adapter_every": -2}):
         with pytest.raises(ValueError, match="adapter_every"):
             plan(10, ["a"], ("publish",), **bad)
@@ -47,7 +50,7 @@ def test_models_take_turns_and_an_adapter_is_taken_off_by_the_next_swap_of_its_m
 
 
 def test_pruning_keeps_the_live_base_and_adapter_and_every_hidden_entry() -> None:
-    step = plan(5, ["m"], ("publish",), adapter_every=5)[-1]  # an adapter on s00004
+    step = plan(6, ["m"], ("publish",), adapter_every=5)[4]  # an adapter on s00004
     names = ["s00003.safetensors", "s00004.safetensors", "a00005", "a00001", ".s00006.safetensors.1a2b.tmp",
              "notes.txt.part", "s00002"]
     assert to_prune(names, step) == ["a00001", "s00002", "s00003.safetensors"]
@@ -123,7 +126,7 @@ def _soak(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
 
 
 def test_a_tiny_soak_of_the_examples_on_a_real_triton(tmp_path: Path) -> None:
-    out = tmp_path / "soak.json"
+    out = tmp_path / "soak-tiny.json"
     proc = _soak(tmp_path, "--swaps", "20", "--sample-every", "10", "--warmup-swaps", "0", "--adapter-every", "4",
                  "--clients", "2", "--json", str(out))
     log, _ = proc.communicate(timeout=900)
@@ -143,6 +146,10 @@ def test_a_tiny_soak_of_the_examples_on_a_real_triton(tmp_path: Path) -> None:
     assert series["metrics/hotswap_series"]["flat"] is True, series["metrics/hotswap_series"]
     assert doc["gpu_memory"].startswith("the CPU run")
     assert _processes_under(tmp_path) == [] and list(tmp_path.iterdir()) == [out]
+    # the renderer reads what the soak writes
+    assert "| 2 | 20 | 4 |" in soak_table(tmp_path) and "`tiny_cnn_0_1/threads`" in soak_table(tmp_path)
+    [picture] = soak_pictures([out])
+    assert picture.svg().startswith(b"<?xml")
 
 
 def test_ctrl_c_stops_the_server_and_keeps_what_was_measured(tmp_path: Path) -> None:
