@@ -46,7 +46,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 from bench.lib.host import machine, pick_dir  # noqa: E402
 from bench.lib.soak_models import ExampleModels, MlpModels, describe  # noqa: E402
-from bench.lib.soak_plan import DIRECTORY_TOOLS, EXAMPLE_TOOLS, FIRST, Step, plan, to_prune, tool_counts  # noqa: E402
+from bench.lib.soak_plan import (  # noqa: E402
+    DIRECTORY_TOOLS,
+    EXAMPLE_TOOLS,
+    FIRST,
+    SETTLED,
+    Step,
+    plan,
+    settled,
+    to_prune,
+    tool_counts,
+)
 from bench.lib.soak_samples import TARGET_PCT_PER_100, Watched, gpu_reason, sample, series_table  # noqa: E402
 from bench.lib.stats import median, percentile  # noqa: E402
 from bench.lib.swapload import ClientPool, SwapLoadResult, classify, run_swap_load, utf8_response_version  # noqa: E402
@@ -144,7 +154,7 @@ class Soak:
         self.publish_to_live: list[float] = []
         self.done = 0
         self.last_swap_end: float | None = None
-        self.adapters: dict[str, str | None] = {}
+        self.history: dict[str, list[str]] = {m: ["base"] * SETTLED for m in self.models.names}
         self.next_sample = args.sample_every
         self.gpu_why = gpu_reason(self.gpu)
         self.started = self.wall_started = time.monotonic()
@@ -168,7 +178,7 @@ class Soak:
                                    self.cache_dir, self.weights_root, self.gpu)
             self.started = time.monotonic()
             result = self._load()
-            if self.samples[-1]["swap"] != self.done and not any(self.adapters.values()):
+            if self.samples[-1]["swap"] != self.done and settled(self.history):
                 self._sample()
             metrics = scrape(self.server.metrics_url)
         finally:
@@ -216,9 +226,9 @@ class Soak:
         prune(folder, step)
         self.done = step.swap
         self.last_swap_end = time.monotonic()
-        self.adapters[step.model] = step.adapter
-        # due every --sample-every swaps, taken once no adapter is live: every sample sees the same state
-        if step.swap >= self.next_sample and not any(self.adapters.values()):
+        self.history[step.model].append(step.action)
+        # due every --sample-every swaps, taken at the first swap after that in the settled state
+        if step.swap >= self.next_sample and settled(self.history):
             self._sample()
 
     def _sample(self) -> None:
@@ -319,6 +329,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.models == "examples" and args.kind == "KIND_GPU":
         ap.error("--models examples runs on KIND_CPU (model_repository/ declares CPU instances)")
     args.atol = args.atol if args.atol is not None else 1e-3 if args.models == "mlp" else 1e-4
+    if args.adapter_every and args.adapter_every < SETTLED + 2:
+        ap.error(f"--adapter-every {args.adapter_every}: 0, or at least {SETTLED + 2} (samples are taken after "
+                 f"{SETTLED} new versions in a row of every model)")
     after = [s for s in range(0, args.swaps + 1, max(1, args.sample_every)) if s >= args.warmup_swaps]
     if args.sample_every < 1 or len(after) < 2:
         ap.error(f"--swaps {args.swaps}, --sample-every {args.sample_every}, --warmup-swaps {args.warmup_swaps}: "

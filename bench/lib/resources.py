@@ -57,6 +57,36 @@ def open_fds(pid: int) -> int | None:
         return None
 
 
+def deleted_held(pid: int) -> tuple[int | None, int | None]:
+    """Files ``pid`` holds after they were deleted: (open descriptors to them, bytes of its mappings of them).
+    A deleted checkpoint still open or mapped keeps its disk space (and, mapped, its page cache) in use."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None, None
+    held = 0
+    for fd in fds:
+        try:
+            held += os.readlink(f"/proc/{pid}/fd/{fd}").endswith(" (deleted)")
+        except OSError:
+            continue
+    return held, parse_maps_deleted_bytes(maps)
+
+
+def parse_maps_deleted_bytes(text: str) -> int:
+    """Total size of the mappings in a ``/proc/PID/maps`` text of files that were deleted (not shared memory
+    segments, which the kernel also names so). Pure."""
+    total = 0
+    for line in text.splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].endswith(" (deleted)") and not parts[5].startswith(("/dev/shm/", "/SYSV",
+                                                                                           "/memfd:")):
+            lo, _, hi = parts[0].partition("-")
+            total += int(hi, 16) - int(lo, 16)
+    return total
+
+
 def nvidia_mapped_bytes(pid: int) -> int | None:
     """Bytes of ``pid``'s address space mapped from the NVIDIA driver's device files (``/dev/nvidia*``):
     where CUDA maps pinned host memory (``cudaHostAlloc``) and its own driver buffers."""
@@ -106,11 +136,15 @@ def stubs(server_pid: int) -> list[Proc]:
 
 
 def process_sample(pid: int, *, gpu: bool) -> dict[str, int | None]:
-    """One process: resident bytes, open fds, threads, locked and pinned bytes (``VmLck``, ``VmPin``) and,
+    """One process: resident bytes (all, and anonymous: the heap, not file pages mapped for reading), open fds,
+    threads, locked and pinned bytes (``VmLck``, ``VmPin``), deleted files it still holds open or mapped and,
     with ``gpu``, the bytes it maps from the NVIDIA driver."""
     st = status_fields(pid)
-    out: dict[str, int | None] = {"rss_bytes": st.get("VmRSS"), "fds": open_fds(pid), "threads": st.get("Threads"),
-                                  "vm_lck_bytes": st.get("VmLck"), "vm_pin_bytes": st.get("VmPin")}
+    deleted_fds, deleted_mapped = deleted_held(pid)
+    out: dict[str, int | None] = {"rss_bytes": st.get("VmRSS"), "rss_anon_bytes": st.get("RssAnon"),
+                                  "fds": open_fds(pid), "threads": st.get("Threads"),
+                                  "vm_lck_bytes": st.get("VmLck"), "vm_pin_bytes": st.get("VmPin"),
+                                  "deleted_fds": deleted_fds, "deleted_mapped_bytes": deleted_mapped}
     if gpu:
         out["nvidia_mapped_bytes"] = nvidia_mapped_bytes(pid)
     return out

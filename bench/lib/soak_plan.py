@@ -10,7 +10,7 @@ adapter is deleted. Hidden and temporary names are left alone (they are what the
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from serving.publish import is_temp_name
@@ -26,6 +26,8 @@ DIRECTORY_TOOLS = ("publish", "rename")
 UNADAPT_TOOLS = ("touch", "republish")
 #: the entry every model's folder holds when the server starts
 FIRST = "s00000"
+#: a sample is taken once each model's last this many swaps installed new versions (:func:`settled`)
+SETTLED = 3
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class Step:
 
 def plan(swaps: int, models: Sequence[str], tools: Sequence[str], adapter_every: int) -> list[Step]:
     """The soak's swaps, in order (``adapter_every`` 0: no adapters; otherwise at least 2). No adapter starts in
-    the last round, so the run ends with none live (as every sample is taken). Pure."""
+    the last rounds, so the run ends in the state every sample is taken in (:func:`settled`). Pure."""
     if swaps < 1 or not models or not tools:
         raise ValueError(f"a soak needs swaps ({swaps}), models ({list(models)}) and tools ({list(tools)})")
     if adapter_every == 1 or adapter_every < 0:
@@ -65,17 +67,17 @@ def plan(swaps: int, models: Sequence[str], tools: Sequence[str], adapter_every:
     adapter: dict[str, str | None] = dict.fromkeys(models)
     count = dict.fromkeys(models, 0)
     used = dict.fromkeys(models, 0)
-    unadapted = dict.fromkeys(models, 0)
+    unadapted = 0
     steps = []
     for i in range(1, swaps + 1):
         m = models[(i - 1) % len(models)]
         count[m] += 1
         if adapter[m] is not None:
-            tool = UNADAPT_TOOLS[unadapted[m] % len(UNADAPT_TOOLS)]
-            unadapted[m] += 1
+            tool = UNADAPT_TOOLS[unadapted % len(UNADAPT_TOOLS)]
+            unadapted += 1
             adapter[m] = None
             steps.append(Step(i, m, "unadapt", tool, base[m], base[m], base[m], None, i))
-        elif adapter_every and count[m] % adapter_every == 0 and i <= swaps - len(models):
+        elif adapter_every and count[m] % adapter_every == 0 and i <= swaps - (SETTLED + 1) * len(models):
             name = f"a{i:05d}"
             adapter[m] = name
             steps.append(Step(i, m, "adapter", "lora", name, f"{base[m]}+{name}", base[m], name, i))
@@ -85,6 +87,14 @@ def plan(swaps: int, models: Sequence[str], tools: Sequence[str], adapter_every:
             base[m] = f"s{i:05d}"
             steps.append(Step(i, m, "base", tool, base[m], base[m], base[m], None, i))
     return steps
+
+
+def settled(history: Mapping[str, Sequence[str]]) -> bool:
+    """Whether every model's last :data:`SETTLED` swaps (``history``: model -> actions so far, the version it
+    started with counting as one ``base``) installed new versions: the state every sample is taken in. Right
+    after an adapter, or a base published again, a model holds other things (the adapter's pristine base
+    weights, the version before it) whose memory differs without anything leaking. Pure."""
+    return all(len(a) >= SETTLED and all(x == "base" for x in a[-SETTLED:]) for a in history.values())
 
 
 def entry_stem(name: str) -> str:

@@ -29,7 +29,10 @@ from serving.triton.scrape import scrape
 
 #: what each series (by the part after the last ``/``) measures, and its unit
 SERIES_DOCS: Mapping[str, tuple[str, str]] = {
-    "rss_bytes": ("bytes", "resident memory (/proc/PID/status VmRSS)"),
+    "rss_bytes": ("bytes", "resident memory (/proc/PID/status VmRSS), file pages mapped for reading included"),
+    "rss_anon_bytes": ("bytes", "anonymous resident memory (RssAnon): the heap, without mapped file pages"),
+    "deleted_fds": ("count", "open descriptors of deleted files (a pruned version still open keeps its disk space)"),
+    "deleted_mapped_bytes": ("bytes", "mappings of deleted files (a pruned version still mapped)"),
     "fds": ("count", "open file descriptors (/proc/PID/fd)"),
     "threads": ("count", "threads (/proc/PID/status Threads)"),
     "vm_lck_bytes": ("bytes", "memory locked with mlock (VmLck)"),

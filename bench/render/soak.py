@@ -13,12 +13,13 @@ from bench.render.fmt import files, link, load, machine, num, secs, sources, tab
 #: the panels of the picture: title, the series' last name part(s) it draws, the unit it shows them in, and
 #: whose series (``stubs``: every model instance's, ``server``: tritonserver's, "": all)
 PANELS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
-    ("stubs' resident memory (MB)", ("rss_bytes",), "MB", "stubs"),
-    ("server's resident memory (MB)", ("rss_bytes",), "MB", "server"),
-    ("open file descriptors", ("fds",), "", ""),
+    ("stubs' resident memory (MB): all, anonymous", ("rss_bytes", "rss_anon_bytes"), "MB", "stubs"),
+    ("server's resident memory (MB): all, anonymous", ("rss_bytes", "rss_anon_bytes"), "MB", "server"),
+    ("open file descriptors (of deleted files)", ("fds", "deleted_fds"), "", ""),
     ("threads", ("threads",), "", ""),
-    ("locked, pinned, NVIDIA-mapped memory (MB)", ("vm_lck_bytes", "vm_pin_bytes", "nvidia_mapped_bytes",
-                                                  "pinned_pool_used_bytes"), "MB", ""),
+    ("locked, pinned, NVIDIA-mapped, deleted-file mapped (MB)", ("vm_lck_bytes", "vm_pin_bytes", "nvidia_mapped_bytes",
+                                                                "pinned_pool_used_bytes", "deleted_mapped_bytes"),
+     "MB", ""),
     ("GPU memory (MB)", ("used_bytes", "gpu_bytes"), "MB", ""),
     ("files and folders left", ("server_tmp", "hotswap_work_dirs", "engine_cache", "weights_leftovers"), "", ""),
     ("hotswap series on /metrics", ("hotswap_series",), "", ""),
@@ -76,14 +77,15 @@ def soak(results: Path) -> str:
                       f"over the samples from swap {doc['warmup_swaps']} on):\n\n"
                       + table(["series", "after warm-up", "at the end", "growth per 100 swaps", "< 1 %"], rows))
     return ("**Soak** (`bench/soak.py`): a real Triton under constant gRPC client load while new random versions "
-            "are published one after another, with the tools a user has in turn, and every tenth swap of a model "
-            "a LoRA adapter on its live base, taken off by the next; older versions are deleted from the folder "
-            "after each swap. Every response must match the reference output of the version it names. Per Triton "
-            "stub process (a model instance) and for the server, resident memory, open files, threads and locked "
-            "or pinned memory are sampled with GPU memory, hotswap's series on /metrics and the files left in the "
-            "temporary, cache and weights folders (the smallest of three readings 0.2 s apart). Target: 0 errors, "
-            "0 torn, every series growing under 1 % of its level per 100 swaps after warm-up (least-squares "
-            "slope).\n\n"
+            "are published one after another, with the tools a user has in turn, and periodically a LoRA adapter "
+            "on a model's live base, taken off by its next swap; older versions are deleted from the folder after "
+            "each swap. Every response must match the reference output of the version it names. Per Triton stub "
+            "process (a model instance) and for the server, resident memory, open files (and deleted files still "
+            "held), threads and locked or pinned memory are sampled with GPU memory, hotswap's series on /metrics "
+            "and the files left in the temporary, cache and weights folders: the smallest of three readings 0.2 s "
+            "apart, every N swaps once each model's last three swaps installed new versions (an adapter's pristine "
+            "weights are another state). Target: 0 errors, 0 torn, every series growing under 1 % of its level per "
+            "100 swaps after warm-up (least-squares slope).\n\n"
             + table(["models", "clients", "swaps", "of them adapters", "duration", "requests", "errors", "torn",
                      "publish → live median / max", "series flat", "target", "machine", "results"], head)
             + "".join(detail) + "\n" + sources([p for p, _ in runs]))

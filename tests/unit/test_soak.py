@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from bench.lib.soak_models import EXAMPLES, LORA_ALPHA, LORA_R, ExampleModels, merged_state
-from bench.lib.soak_plan import EXAMPLE_TOOLS, UNADAPT_TOOLS, plan, to_prune, tool_counts
+from bench.lib.soak_plan import EXAMPLE_TOOLS, UNADAPT_TOOLS, plan, settled, to_prune, tool_counts
 from bench.lib.soak_samples import analyse, series_table, smallest
 from bench.render.soak import soak as soak_table
 from bench.render.soak import soak_pictures
@@ -29,19 +29,23 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_models_take_turns_and_an_adapter_is_taken_off_by_the_next_swap_of_its_model() -> None:
-    steps = plan(14, ["a", "b"], ("publish", "rename"), adapter_every=3)
+    steps = plan(26, ["a", "b"], ("publish", "rename"), adapter_every=3)
     assert [(s.model, s.action, s.tool) for s in steps[:8]] == [
         ("a", "base", "publish"), ("b", "base", "publish"), ("a", "base", "rename"), ("b", "base", "rename"),
-        ("a", "adapter", "lora"), ("b", "adapter", "lora"), ("a", "unadapt", "touch"), ("b", "unadapt", "touch")]
+        ("a", "adapter", "lora"), ("b", "adapter", "lora"), ("a", "unadapt", "touch"), ("b", "unadapt", "republish")]
     adapter, unadapt = steps[4], steps[6]
     assert adapter.live == "s00003+a00005" and adapter.base == "s00003" and adapter.adapter == "a00005"
     assert unadapt.live == unadapt.entry == unadapt.base == "s00003" and unadapt.adapter is None
-    assert steps[-2].tool == UNADAPT_TOOLS[1] and steps[-2].action == "unadapt"  # the next way back
-    assert len({s.live for s in steps if s.action != "unadapt"}) == 10  # every other version is new
-    assert tool_counts(steps) == {"adapter: lora": 4, "base: publish": 4, "base: rename": 2, "unadapt: republish": 2,
-                                  "unadapt: touch": 2}
+    assert steps[7].tool == UNADAPT_TOOLS[1] and steps[12].action == "unadapt"  # the next way back
+    assert len({s.live for s in steps if s.action != "unadapt"}) == 20  # every other version is new
+    assert tool_counts(steps) == {"adapter: lora": 6, "base: publish": 8, "base: rename": 6, "unadapt: republish": 3,
+                                  "unadapt: touch": 3}
+    history: dict[str, list[str]] = {"a": [], "b": []}
+    for step in steps:
+        history[step.model].append(step.action)
+    assert settled(history)  # the run ends as every sample is taken: no adapter in the last rounds
+    assert not settled({"a": ["base"] * 5 + ["adapter", "unadapt", "base", "base"], "b": ["base"] * 3})
     assert {s.tool for s in plan(40, ["m"], EXAMPLE_TOOLS, 0)} == set(EXAMPLE_TOOLS)
-    assert [s.action for s in plan(6, ["a", "b"], ("publish",), 3)][-2:] == ["base", "base"]  # none left live
     for bad in ({"adapter_every": 1}, {"adapter_every": -2}):
         with pytest.raises(ValueError, match="adapter_every"):
             plan(10, ["a"], ("publish",), **bad)
@@ -50,7 +54,7 @@ def test_models_take_turns_and_an_adapter_is_taken_off_by_the_next_swap_of_its_m
 
 
 def test_pruning_keeps_the_live_base_and_adapter_and_every_hidden_entry() -> None:
-    step = plan(6, ["m"], ("publish",), adapter_every=5)[4]  # an adapter on s00004
+    step = plan(9, ["m"], ("publish",), adapter_every=5)[4]  # an adapter on s00004
     names = ["s00003.safetensors", "s00004.safetensors", "a00005", "a00001", ".s00006.safetensors.1a2b.tmp",
              "notes.txt.part", "s00002"]
     assert to_prune(names, step) == ["a00001", "s00002", "s00003.safetensors"]
@@ -127,7 +131,7 @@ def _soak(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
 
 def test_a_tiny_soak_of_the_examples_on_a_real_triton(tmp_path: Path) -> None:
     out = tmp_path / "soak-tiny.json"
-    proc = _soak(tmp_path, "--swaps", "20", "--sample-every", "10", "--warmup-swaps", "0", "--adapter-every", "4",
+    proc = _soak(tmp_path, "--swaps", "20", "--sample-every", "10", "--warmup-swaps", "0", "--adapter-every", "5",
                  "--clients", "2", "--json", str(out))
     log, _ = proc.communicate(timeout=900)
     doc = json.loads(out.read_text())
@@ -147,26 +151,26 @@ def test_a_tiny_soak_of_the_examples_on_a_real_triton(tmp_path: Path) -> None:
     assert doc["gpu_memory"].startswith("the CPU run")
     assert _processes_under(tmp_path) == [] and list(tmp_path.iterdir()) == [out]
     # the renderer reads what the soak writes
-    assert "| 2 | 20 | 4 |" in soak_table(tmp_path) and "`tiny_cnn_0_1/threads`" in soak_table(tmp_path)
+    assert "| 2 | 20 | 2 |" in soak_table(tmp_path) and "`tiny_cnn_0_1/threads`" in soak_table(tmp_path)
     [picture] = soak_pictures([out])
     assert picture.svg().startswith(b"<?xml")
 
 
 def test_ctrl_c_stops_the_server_and_keeps_what_was_measured(tmp_path: Path) -> None:
-    """The GPU model's path, run on the CPU at a tiny size, interrupted after its second sample."""
+    """The GPU model's path, run on the CPU at a tiny size, interrupted after its third sample."""
     out = tmp_path / "soak.json"
     proc = _soak(tmp_path, "--models", "mlp", "--size-gb", "0.002", "--swaps", "500", "--sample-every", "4",
-                 "--warmup-swaps", "0", "--adapter-every", "2", "--clients", "2", "--json", str(out))
+                 "--warmup-swaps", "0", "--adapter-every", "5", "--clients", "2", "--json", str(out))
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
-        if out.exists() and len(json.loads(out.read_text() or "{}").get("samples", [])) >= 2:
+        if out.exists() and len(json.loads(out.read_text() or "{}").get("samples", [])) >= 3:
             break
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     log, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
     doc = json.loads(out.read_text())
-    assert not doc["complete"] and doc["swaps"] >= 4 and doc["errors"] == 0 and doc["torn"] == 0, log[-3000:]
+    assert not doc["complete"] and doc["swaps"] >= 9 and doc["errors"] == 0 and doc["torn"] == 0, log[-3000:]
     assert {"adapter: lora", "base: publish"} <= set(doc["publishes"])
     assert doc["models"]["factory"] == "bench.lib.models:big_mlp"
     assert _processes_under(tmp_path) == [] and list(tmp_path.iterdir()) == [out]
