@@ -159,6 +159,7 @@ class Soak:
         self.gpu_why = gpu_reason(self.gpu)
         self.started = self.wall_started = time.monotonic()
         self.log_tail = ""
+        self.failure: str | None = None
         self.server = TritonProcess(self.models.repository, work_dir=work / "triton",
                                     env=dict(os.environ, HOTSWAP_WEIGHTS_ROOT=str(self.weights_root),
                                              HOTSWAP_CACHE_DIR=str(self.cache_dir)))
@@ -177,14 +178,21 @@ class Soak:
             self.watched = Watched(self.server.proc.pid, self.server.metrics_url, self.server.tmp_dir,
                                    self.cache_dir, self.weights_root, self.gpu)
             self.started = time.monotonic()
-            result = self._load()
-            if self.samples[-1]["swap"] != self.done and settled(self.history):
+            try:
+                result: SwapLoadResult | None = self._load()
+            except Exception as e:  # the JSON keeps what was measured and why it stopped; Ctrl-C is not caught
+                self.failure = f"{type(e).__name__}: {e}"
+                result = None
+            if result is not None and self.samples[-1]["swap"] != self.done and settled(self.history):
                 self._sample()
-            metrics = scrape(self.server.metrics_url)
+            try:
+                metrics: list[Any] | None = scrape(self.server.metrics_url)
+            except OSError:
+                metrics = None
         finally:
             self.log_tail = self.server.log_tail(4000)
             self.server.stop()
-        return self.document(result, metrics, complete=True)
+        return self.document(result, metrics, complete=result is not None)
 
     def _load(self) -> SwapLoadResult:
         import tritonclient.grpc as grpcclient
@@ -279,7 +287,9 @@ class Soak:
             doc["versions_answered"] = len(result.versions_seen)
         if metrics is not None:
             doc["refits"] = refit_outcomes(metrics)
-        if complete and not doc["met"]:
+        if self.failure:
+            doc["failure"] = self.failure
+        if (complete or self.failure) and not doc["met"]:
             doc["triton_log_tail"] = self.log_tail
         return doc
 
@@ -356,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         write_atomic(Path(args.json), text + "\n")
     brief = {k: doc[k] for k in ("swaps", "duration_s", "requests", "errors", "torn", "met")}
     brief["not_flat"] = [k for k, v in doc["series"].items() if v["flat"] is False]
+    if doc.get("failure"):
+        brief["failure"] = doc["failure"]
     print(dumps(brief))
     return 0 if doc["met"] else 1
 
