@@ -118,8 +118,8 @@ suite_real() {  # real architectures (ResNet-18/50, torchvision's ResNet-50, BER
 }
 
 suite_soak() {  # a 1 GB model through 300 publishes and LoRA adapters under client load: errors, torn, resources flat
-  step "soak-$TAG" 570 python3 -m bench.soak --kind KIND_GPU --size-gb 1 --swaps 300 --sample-every 25 \
-    --warmup-swaps 100 --time-limit-s 480 --json "$OUT/soak-$TAG.json"
+  step "soak-$TAG" 540 python3 -m bench.soak --kind KIND_GPU --size-gb 1 --swaps 300 --sample-every 25 \
+    --warmup-swaps 100 --time-limit-s 420 --json "$OUT/soak-$TAG.json"
 }
 
 suites=("$@")
