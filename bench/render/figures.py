@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.render.fmt import files, link, load, machine, secs
+from bench.render.soak import soak_pictures
 from bench.render.tables import loader_rows, size
 
 #: where the pictures go, beside the documents that show them
@@ -39,6 +40,8 @@ class Picture:
     what: str
     sources: tuple[Path, ...]
     draw: Callable[[Any], None]
+    #: inches
+    size: tuple[float, float] = (9, 4.8)
 
     def svg(self) -> bytes:
         """The picture as SVG, byte for byte the same on every run with the same JSON."""
@@ -55,7 +58,7 @@ class Picture:
         from matplotlib.figure import Figure
 
         with matplotlib.rc_context(RC):
-            fig = Figure(figsize=(9, 4.8), layout="constrained")
+            fig = Figure(figsize=self.size, layout="constrained")
             self.draw(fig)
             buf = io.BytesIO()
             fig.savefig(buf, format=fmt, metadata=metadata, dpi=110)
@@ -281,4 +284,5 @@ def pictures(results: Path) -> list[Picture]:
     return [*publish_by_size(files("gpu-publish-*.json", results)),
             *swap_timelines(files("serve-swap-*.json", results) + files("gpu-publish-*.json", results)),
             *transfer_loaders(files("gpu-refit-*.json", results)),
-            *loader_comparison(files("loaders-*.json", results))]
+            *loader_comparison(files("loaders-*.json", results)),
+            *soak_pictures(files("soak-*.json", results))]

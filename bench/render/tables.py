@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.render.fmt import errors, files, link, load, machine, ms, num, secs, sources, table, to_measure
+from bench.render.soak import soak
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -372,10 +373,10 @@ def loader_rows(path: Path, doc: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-SECTIONS: tuple[Callable[[Path], str], ...] = (refit_cpu, publish, zero_downtime, gpu_refit, gpu_publish, instances,
-                                               loaders, compiled_engines, real_models, aoti_loader)
+SECTIONS: tuple[Callable[[Path], str], ...] = (refit_cpu, publish, zero_downtime, soak, gpu_refit, gpu_publish,
+                                               instances, loaders, compiled_engines, real_models, aoti_loader)
 #: the result files each section shows (every JSON in bench/results/ must match one)
-SECTION_FILES = ("refit-*.json", "publish-*.json", "serve-swap-*.json", "gpu-serve-swap-*.json",
+SECTION_FILES = ("refit-*.json", "publish-*.json", "serve-swap-*.json", "gpu-serve-swap-*.json", "soak-*.json",
                  "gpu-refit-*.json", "gpu-publish-*.json", "gpu-instances-*.json", "loaders-*.json",
                  "inductor-startup-*.json", "engine-latency-*.json", "real-refit-*.json", "aoti-load-probe-*.json")
 

@@ -59,20 +59,20 @@ def raw_safetensors(header: Mapping[str, Any], data: bytes = b"", pad: int = 0) 
 
 
 class SafeOpenSpy:
-    """Replaces ``safe_open`` in the checkpoint module and records what is opened and read."""
+    """Replaces ``SafetensorsFile`` in the checkpoint module and records what is opened and read."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.opened: list[str] = []
         self.read: list[str] = []
         self.on_get: Any = None  # called as on_get(file, name) after each get_tensor
-        real = checkpoint_mod.safe_open
+        real = checkpoint_mod.SafetensorsFile
         spy = self
 
         class Handle:
-            def __init__(self, file: str, **kwargs: Any) -> None:
+            def __init__(self, file: Path) -> None:
                 spy.opened.append(Path(file).name)
-                self._file = file
-                self._cm = real(file, **kwargs)
+                self._file = str(file)
+                self._cm = real(file)
 
             def __enter__(self) -> Handle:
                 self._f = self._cm.__enter__()
@@ -91,5 +91,5 @@ class SafeOpenSpy:
                     spy.on_get(self._file, name)
                 return t
 
-        monkeypatch.setattr(checkpoint_mod, "safe_open", Handle)
+        monkeypatch.setattr(checkpoint_mod, "SafetensorsFile", Handle)
 
