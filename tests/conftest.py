@@ -1,4 +1,5 @@
-"""Shared fixtures: every test must stop the threads it starts."""
+"""Shared fixtures: every test must stop the threads it starts; a test marked ``requires_tool`` skips, naming
+the program and how to install it, where that program is missing (tests/system_tools.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from system_tools import require_tool
 
 try:  # libraries the tests use (transformers, peft, torch_tensorrt) show tqdm progress bars, whose monitor thread
     import tqdm  # outlives any test; it is not a thread of ours, so it is not started at all
@@ -32,3 +34,12 @@ def no_leaked_threads() -> Iterator[None]:
         leaked = _live_threads() - before
     if leaked:
         pytest.fail(f"test leaked threads: {sorted(t.name for t in leaked)}")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.requires_tool("rsync", ...)``: skip (fail on CI) before any fixture starts a server."""
+    for mark in item.iter_markers("requires_tool"):
+        for name in mark.args:
+            require_tool(name)
+
