@@ -39,8 +39,9 @@ serve: venv
 unit: venv
 	$(PY) -m pytest -q tests/unit
 
+# --durations: the slowest tests and fixtures, to keep the suite within its time budget (8 minutes on 2 cores)
 test: venv lint typecheck
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=15 tests
 
 integration: venv
 	$(PY) -m pytest -q -ra tests/integration

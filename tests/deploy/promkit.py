@@ -1,4 +1,4 @@
-"""Helpers for the deployment checks: tool lookup, PromQL expressions of the rules and the dashboard,
+"""Helpers for the deployment checks: PromQL expressions of the rules and the dashboard,
 and a real Prometheus server (Debian's ``prometheus`` binary) on a loopback port.
 
 Used by tests/deploy and by tests/integration/test_prometheus.py (which puts this folder on sys.path).
@@ -9,12 +9,9 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
 import re
-import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -25,6 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
+from system_tools import on_ci, require_tool  # tests/system_tools.py: skips naming the tool
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -50,26 +48,6 @@ GRAFANA_VARIABLES = {
 
 _LABEL_VALUES = re.compile(r"^\s*label_values\(\s*(?P<selector>.+?)\s*,\s*(?P<label>\w+)\s*\)\s*$")
 
-INSTALL_HINTS = {
-    "promtool": "apt-get install -y prometheus",
-    "prometheus": "apt-get install -y prometheus",
-    "kubectl": "kubectl (ships in the CI image; `kubectl kustomize` is the real kustomize)",
-}
-
-
-def require_tool(name: str) -> str:
-    """Path of an executable; skips the test when it is missing, but fails it on CI (CI=true)."""
-    found = shutil.which(name)
-    if found is None:
-        venv_bin = Path(sys.executable).parent / name  # console scripts of the running venv
-        found = str(venv_bin) if venv_bin.exists() else None
-    if found is None:
-        msg = f"{name} is not installed ({INSTALL_HINTS.get(name, 'see deploy/README.md')})"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(msg + "; CI must install it")
-        pytest.skip(msg)
-    return found
-
 
 def require_module(name: str) -> Any:
     """Import a module; skips the test when it is missing, but fails it on CI (CI=true)."""
@@ -77,7 +55,7 @@ def require_module(name: str) -> Any:
         return importlib.import_module(name)
     except ImportError:
         msg = f"Python module {name} is not installed (the `test` extra of pyproject.toml)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        if on_ci():
             pytest.fail(msg + "; CI must install it")
         pytest.skip(msg)
 

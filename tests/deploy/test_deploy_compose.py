@@ -9,6 +9,7 @@ from typing import Any
 import promkit
 import pytest
 import yaml
+from system_tools import require_tool
 
 COMPOSE = promkit.COMPOSE_DIR / "compose.yaml"
 COMPOSE_GPU = promkit.COMPOSE_DIR / "compose.gpu.yaml"
@@ -32,13 +33,13 @@ def _source(entry: dict[str, Any]) -> Path:
 
 
 def test_compose_files_match_the_compose_spec() -> None:
-    tool = promkit.require_tool("check-jsonschema")
+    tool = require_tool("check-jsonschema")
     r = promkit.run_tool([tool, "--builtin-schema", "vendor.compose-spec", str(COMPOSE), str(COMPOSE_GPU)])
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_compose_schema_check_rejects_a_typo(tmp_path: Path, compose: dict[str, Any]) -> None:
-    tool = promkit.require_tool("check-jsonschema")
+    tool = require_tool("check-jsonschema")
     bad = dict(compose, services=dict(compose["services"], triton=dict(compose["services"]["triton"], shm_sise="1gb")))
     path = tmp_path / "compose.yaml"
     path.write_text(yaml.safe_dump(bad))

@@ -10,6 +10,7 @@ from typing import Any
 import promkit
 import pytest
 import yaml
+from system_tools import require_tool
 
 GRAFANA = promkit.DEPLOY / "grafana"
 
@@ -67,7 +68,7 @@ def test_dashboard_has_the_required_panels(dashboard: dict[str, Any]) -> None:
 
 def test_dashboard_expressions_parse_with_promtool(tmp_path: Path) -> None:
     """Each expression (Grafana variables substituted) as a recording rule through promtool check rules."""
-    promtool = promkit.require_tool("promtool")
+    promtool = require_tool("promtool")
     exprs = promkit.dashboard_expressions()
     assert len(exprs) >= 15
     rules = []
@@ -82,7 +83,7 @@ def test_dashboard_expressions_parse_with_promtool(tmp_path: Path) -> None:
 
 
 def test_promtool_rejects_a_broken_expression(tmp_path: Path) -> None:
-    promtool = promkit.require_tool("promtool")
+    promtool = require_tool("promtool")
     path = tmp_path / "bad.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "g", "rules": [
         {"record": "a:b:c", "expr": "sum by (model (rate(hotswap_refits_total[5m]))"}]}]}))

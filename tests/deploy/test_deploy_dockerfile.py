@@ -14,6 +14,7 @@ import promkit
 import pytest
 import yaml
 from packaging.requirements import Requirement
+from system_tools import require_tool
 
 DOCKERFILE = promkit.DEPLOY / "Dockerfile"
 CHECK_TRT = promkit.DEPLOY / "docker" / "check_tensorrt.py"
@@ -60,13 +61,13 @@ def _args(parsed: list[tuple[str, str]]) -> dict[str, str]:
 
 
 def test_hadolint() -> None:
-    hadolint = promkit.require_tool("hadolint")
+    hadolint = require_tool("hadolint")
     r = promkit.run_tool([hadolint, "--no-color", str(DOCKERFILE)])
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_hadolint_flags_a_bad_dockerfile(tmp_path: Path) -> None:
-    hadolint = promkit.require_tool("hadolint")
+    hadolint = require_tool("hadolint")
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM ubuntu\nRUN apt-get install curl\nCMD tritonserver\n")
     r = promkit.run_tool([hadolint, "--no-color", str(bad)])

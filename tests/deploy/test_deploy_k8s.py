@@ -15,6 +15,7 @@ import jsonschema
 import promkit
 import pytest
 import yaml
+from system_tools import require_tool
 
 OVERLAYS = {
     "base": promkit.K8S_DIR / "base",
@@ -31,7 +32,7 @@ SYNC_SCRIPT = promkit.K8S_DIR / "components" / "object-store-sync" / "sync.sh"
 
 
 def kustomize(path: Path) -> list[dict[str, Any]]:
-    kubectl = promkit.require_tool("kubectl")
+    kubectl = require_tool("kubectl")
     r = promkit.run_tool([kubectl, "kustomize", str(path)])
     assert r.returncode == 0, r.stderr
     return [d for d in yaml.safe_load_all(r.stdout) if d]

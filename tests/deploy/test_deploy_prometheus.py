@@ -10,6 +10,7 @@ from types import ModuleType
 
 import promkit
 import yaml
+from system_tools import require_tool
 
 from serving.metrics import DEFINITIONS
 
@@ -41,14 +42,14 @@ def _unit_tests() -> list[dict]:
 
 
 def test_promtool_check_config() -> None:
-    promtool = promkit.require_tool("promtool")
+    promtool = require_tool("promtool")
     r = promkit.run_tool([promtool, "check", "config", str(promkit.PROMETHEUS_DIR / "prometheus.yml")])
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"{len(promkit.rule_files())} rule files found" in r.stdout + r.stderr
 
 
 def test_promtool_check_rules() -> None:
-    promtool = promkit.require_tool("promtool")
+    promtool = require_tool("promtool")
     files = promkit.rule_files()
     assert len(files) >= 2
     r = promkit.run_tool([promtool, "check", "rules", *map(str, files)])
@@ -56,7 +57,7 @@ def test_promtool_check_rules() -> None:
 
 
 def test_promtool_unit_tests_fire_the_alerts() -> None:
-    promtool = promkit.require_tool("promtool")
+    promtool = require_tool("promtool")
     files = sorted(promkit.RULE_TESTS_DIR.glob("*.yml"))
     assert files
     r = promkit.run_tool([promtool, "test", "rules", *map(str, files)])
@@ -66,7 +67,7 @@ def test_promtool_unit_tests_fire_the_alerts() -> None:
 
 def test_promtool_unit_tests_can_fail(tmp_path: Path) -> None:
     """A wrong expectation makes promtool fail (the suite above is not vacuous)."""
-    promtool = promkit.require_tool("promtool")
+    promtool = require_tool("promtool")
     src = promkit.RULE_TESTS_DIR / "hotswap-rules.test.yml"
     doc = yaml.safe_load(src.read_text())
     doc["rule_files"] = [str((src.parent / f).resolve()) for f in doc["rule_files"]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from session_engines import CompiledEngine
 
 from serving.examples import CNN, TRANSFORMER
 from serving.factory import build_module
@@ -137,8 +139,12 @@ def start_server(work: Path, weights_root: Path, cache_dir: Path) -> TritonProce
 
 
 @pytest.fixture(scope="session")
-def engine_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("engine-cache")
+def engine_cache_dir(tmp_path_factory: pytest.TempPathFactory, aoti_transformer: CompiledEngine) -> Path:
+    """The servers' engine cache: a copy of the session's example-transformer build (tests/conftest.py), so
+    tiny_transformer starts from a hit; the model is compiled once per session, not once more in Triton."""
+    dest = tmp_path_factory.mktemp("engine-cache")
+    shutil.copytree(aoti_transformer.cache.root, dest, dirs_exist_ok=True)
+    return dest
 
 
 @pytest.fixture(scope="session")

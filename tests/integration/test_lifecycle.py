@@ -9,14 +9,13 @@ import pytest
 
 from serving.triton.scrape import scrape, weights_versions
 
-from .conftest import TritonFixture, random_checkpoint, start_server
+from .conftest import random_checkpoint, start_server
 
 pytestmark = pytest.mark.integration
 
 
-def test_restart_keeps_the_live_version_and_shutdown_is_clean(
-        triton_server: TritonFixture, tmp_path: Path, engine_cache_dir: Path) -> None:
-    # triton_server is requested so its engine cache is warm; this test runs its own server
+def test_restart_keeps_the_live_version_and_shutdown_is_clean(tmp_path: Path, engine_cache_dir: Path) -> None:
+    # its own server, on the session's engine cache (warm: tiny_transformer's engine is in it)
     weights = tmp_path / "weights"
     first = start_server(tmp_path / "run1", weights, engine_cache_dir)
     try:

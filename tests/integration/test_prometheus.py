@@ -42,9 +42,9 @@ def _infer(http_url: str, n: int) -> None:
             assert r.status == 200
 
 
+@pytest.mark.requires_tool("prometheus")
 def test_prometheus_scrapes_triton_and_every_expression_evaluates(
         request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    promkit.require_tool("prometheus")
     triton = _triton(request)
 
     config = promkit.scrape_config(f"127.0.0.1:{triton.metrics_port}")

@@ -161,23 +161,30 @@ def _copy_in(tool: str, src: Path, dst: Path) -> None:
         subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
 
 
+#: copy tools that keep a directory's (older) modification times, and the programs each runs
+COPY_TOOLS = {"cp -a": ("cp",), "rsync -a": ("rsync",), "tar -x": ("tar",)}
+
+
+@pytest.mark.parametrize("tool", [pytest.param(tool, marks=pytest.mark.requires_tool(*programs), id=programs[0])
+                                  for tool, programs in COPY_TOOLS.items()])
 @pytest.mark.parametrize("name", sorted(SERVED))
 def test_save_pretrained_published_then_copied_serves_like_from_pretrained(
-        server: tuple[TritonProcess, Path], name: str, tmp_path: Path) -> None:
-    """v1 by hotswap's publisher, then v2, v3, v4 by cp -a, rsync -a and tar -x of directories saved before
-    v1 went live (the tools keep those older times: arrival is what counts)."""
+        server: tuple[TritonProcess, Path], name: str, tool: str, tmp_path: Path) -> None:
+    """One save_pretrained directory published by hotswap's publisher, then another copied in by ``tool``,
+    saved before the first went live (the tool keeps that older time: arrival is what counts)."""
     triton, weights = server
     kind = SERVED[name][0]
     x = _example(kind)
-    saved = {v: _save(kind, tmp_path / v, seed) for seed, v in enumerate(("v1", "v2", "v3", "v4"), start=1)}
-    publish(saved["v1"], weights / name, version="v1")
-    _wait_version(triton, name, "v1")
-    np.testing.assert_allclose(_infer(triton.http_url, name, x), _reference(kind, saved["v1"], x), atol=1e-4, rtol=0)
-    previous = saved["v1"]
-    for version, tool in (("v2", "cp -a"), ("v3", "rsync -a"), ("v4", "tar -x")):
-        _copy_in(tool, saved[version], weights / name / version)
-        _wait_version(triton, name, version)
-        out = _infer(triton.http_url, name, x)
-        np.testing.assert_allclose(out, _reference(kind, saved[version], x), atol=1e-4, rtol=0, err_msg=tool)
-        assert not np.allclose(out, _reference(kind, previous, x), atol=1e-4), tool
-        previous = saved[version]
+    tag = COPY_TOOLS[tool][0]
+    first = 2 * list(COPY_TOOLS).index(tool) + 1  # each tool's versions have weights of their own
+    published, copied = f"{tag}-published", f"{tag}-copied"
+    saved = {published: _save(kind, tmp_path / published, first), copied: _save(kind, tmp_path / copied, first + 1)}
+    publish(saved[published], weights / name, version=published)
+    _wait_version(triton, name, published)
+    np.testing.assert_allclose(_infer(triton.http_url, name, x), _reference(kind, saved[published], x),
+                               atol=1e-4, rtol=0)
+    _copy_in(tool, saved[copied], weights / name / copied)
+    _wait_version(triton, name, copied)
+    out = _infer(triton.http_url, name, x)
+    np.testing.assert_allclose(out, _reference(kind, saved[copied], x), atol=1e-4, rtol=0, err_msg=tool)
+    assert not np.allclose(out, _reference(kind, saved[published], x), atol=1e-4), tool

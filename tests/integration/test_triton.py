@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -32,6 +33,13 @@ def test_ready_only_with_weights_and_serving_the_initial_checkpoint(triton_serve
         expected = reference_output(model, 0, INPUTS[model]).numpy()
         np.testing.assert_allclose(triton_server.startup_outputs[model], expected, atol=1e-4, rtol=1e-4)
     assert len(triton_server.startup_versions["tiny_cnn"]) == 2  # two instances, each its own process
+
+
+def test_the_engine_compiled_in_another_process_is_a_hit_in_tritons_stub(triton_server: TritonFixture) -> None:
+    """The cache key depends on the model, not on the process: the example transformer's engine, compiled by the
+    test session into the cache the server starts from (tests/conftest.py), is loaded, not compiled again."""
+    log = triton_server.server.log_tail(1_000_000)
+    assert re.search(r"tiny_transformer: engine aoti ready in [\d.]+s \(cache hit", log), log[-3000:]
 
 
 def test_http_and_grpc_agree(triton_server: TritonFixture) -> None:

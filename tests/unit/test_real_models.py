@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from safetensors.torch import load_file, save_file
 from watch_helpers import DEBOUNCE, wait_for
 
+from serving.cache import EngineCache
 from serving.engines import Engine, build_engine
 from serving.errors import EngineBuildError, ValidationError
 from serving.factory import build_module
@@ -162,26 +163,33 @@ def test_eager_serves_save_pretrained_output_like_from_pretrained(key: str, save
     _check_engine("eager", MODELS[key], saved[key])
 
 
+class AOTIEngines:
+    """One compiled AOTInductor engine per model, built on first use and stored in ``cache`` (a miss): the module
+    compiles each model once, and a second build of one is a hit."""
+
+    def __init__(self, cache: EngineCache) -> None:
+        self.cache = cache
+        self.built: dict[str, Engine] = {}
+
+    def engine(self, key: str) -> Engine:
+        if key not in self.built:
+            self.built[key] = build_engine("aoti", MODELS[key].spec(), cache=self.cache)
+        return self.built[key]
+
+
 @pytest.fixture(scope="module")
-def aoti_engines() -> Iterator[dict[str, Engine]]:
-    """One compiled AOTInductor engine per model (no cache), built on first use."""
-    built: dict[str, Engine] = {}
-    yield built
-    for e in built.values():
+def aoti_engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AOTIEngines]:
+    engines = AOTIEngines(EngineCache(tmp_path_factory.mktemp("aoti-cache")))
+    yield engines
+    for e in engines.built.values():
         e.close()
-
-
-def _aoti(key: str, engines: dict[str, Engine]) -> Engine:
-    if key not in engines:
-        engines[key] = build_engine("aoti", MODELS[key].spec())
-    return engines[key]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("key", sorted(MODELS))
 def test_aoti_serves_save_pretrained_output_like_from_pretrained(key: str, saved: Saved,
-                                                                 aoti_engines: dict[str, Engine]) -> None:
-    model, engine = MODELS[key], _aoti(key, aoti_engines)
+                                                                 aoti_engines: AOTIEngines) -> None:
+    model, engine = MODELS[key], aoti_engines.engine(key)
     x = model.example(0)
     for folder in saved[key]:
         (out,) = _serve_from(engine, folder).run([x])
@@ -190,8 +198,8 @@ def test_aoti_serves_save_pretrained_output_like_from_pretrained(key: str, saved
 
 @pytest.mark.slow
 def test_aoti_keeps_bert_non_persistent_buffers_and_checks_a_checkpoint_that_carries_them(
-        saved: Saved, aoti_engines: dict[str, Engine], tmp_path: Path) -> None:
-    engine = _aoti("bert", aoti_engines)
+        saved: Saved, aoti_engines: AOTIEngines, tmp_path: Path) -> None:
+    engine = aoti_engines.engine("bert")
     kept = {"bert.embeddings.position_ids", "bert.embeddings.token_type_ids"}
     assert set(engine.kept_tensors) == kept
     assert not kept & set(engine.weight_specs())
@@ -250,13 +258,13 @@ def test_inductor_serves_save_pretrained_output_like_from_pretrained(key: str, s
 @pytest.mark.parametrize("kind", ["aoti", "inductor"])
 @pytest.mark.parametrize("key", ["bert", "gpt2-default"])
 def test_default_configs_refit_through_the_coordinator_like_from_pretrained(
-        kind: str, key: str, saved: Saved, aoti_engines: dict[str, Engine],
+        kind: str, key: str, saved: Saved, aoti_engines: AOTIEngines,
         inductor_engines: dict[str, Engine]) -> None:
     """transformers' default configs (``use_cache`` on: GPT-2 traces empty key/value tensors) refitted as serving
     refits them, by the coordinator from the save_pretrained folders, on the host path and the fast path (which
     writes into the slot's own buffers): outputs equal from_pretrained's on the same files."""
     model = MODELS[key]
-    engine = _aoti(key, aoti_engines) if kind == "aoti" else _inductor(key, inductor_engines)
+    engine = aoti_engines.engine(key) if kind == "aoti" else _inductor(key, inductor_engines)
     x = model.example(0)
     for fast_path in (False, True):
         coord = RefitCoordinator(engine, metrics=prometheus_metrics(CollectorRegistry()), fast_path=fast_path,
@@ -356,19 +364,18 @@ def test_eager_goes_live_from_published_and_copied_save_pretrained_dirs(key: str
 @pytest.mark.slow
 @pytest.mark.parametrize("key", sorted(MODELS))
 def test_aoti_goes_live_from_published_and_copied_save_pretrained_dirs(key: str, saved: Saved, tmp_path: Path,
-                                                                       aoti_engines: dict[str, Engine]) -> None:
+                                                                       aoti_engines: AOTIEngines) -> None:
     (tmp_path / "weights").mkdir()
-    _serve_folder(_aoti(key, aoti_engines), MODELS[key], tmp_path / "weights", saved[key], tmp_path)
+    _serve_folder(aoti_engines.engine(key), MODELS[key], tmp_path / "weights", saved[key], tmp_path)
 
 
 @pytest.mark.slow
-def test_aoti_cache_entry_holds_the_kept_tensors_and_a_hit_serves_like_the_build(saved: Saved, tmp_path: Path) -> None:
-    from serving.cache import EngineCache
-
-    model, cache = MODELS["bert"], EngineCache(tmp_path / "cache")
+def test_aoti_cache_entry_holds_the_kept_tensors_and_a_hit_serves_like_the_build(saved: Saved,
+                                                                                 aoti_engines: AOTIEngines) -> None:
+    model = MODELS["bert"]
     x = model.example(0)
-    first = build_engine("aoti", model.spec(), cache=cache)
-    second = build_engine("aoti", model.spec(), cache=cache)
+    first = aoti_engines.engine("bert")  # the module's build, stored in its cache
+    second = build_engine("aoti", model.spec(), cache=aoti_engines.cache)
     try:
         assert (first.build_info.cache, second.build_info.cache) == ("miss", "hit")
         assert "position_ids" in second.build_info.detail
@@ -378,7 +385,6 @@ def test_aoti_cache_entry_holds_the_kept_tensors_and_a_hit_serves_like_the_build
         (out,) = _serve_from(second, saved["bert"][1]).run([x])
         torch.testing.assert_close(out, model.reference(saved["bert"][1], x), atol=ATOL, rtol=0)
     finally:
-        first.close()
         second.close()
 
 

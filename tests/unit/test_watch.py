@@ -169,7 +169,12 @@ COPY_TOOLS = {
 }
 
 
-@pytest.mark.parametrize("tool", sorted(COPY_TOOLS))
+#: the programs a copy tool runs (the shutil ones run none): a missing one skips that case only
+PROGRAMS = {"cp -a": ("cp",), "rsync -a": ("rsync",), "tar -x": ("tar",)}
+
+
+@pytest.mark.parametrize("tool", [pytest.param(t, marks=pytest.mark.requires_tool(*PROGRAMS.get(t, ())))
+                                  for t in sorted(COPY_TOOLS)])
 def test_copy_tools_that_keep_mtimes_publish_and_an_old_version_copied_in_is_a_rollback(
         tool: str, folder: Path, rigs: list[Rig], tmp_path: Path) -> None:
     """Tools that keep the source's (old) modification time still publish: publish time is arrival."""

@@ -1,7 +1,7 @@
 """The weight-stripped AOTInductor engine.
 
-Compiles are slow (tens of seconds on two cores), so every compiled engine is a module-scoped
-fixture: the default transformer (built once, then loaded once from the cache), the CNN, a
+Compiles are slow (tens of seconds on two cores), so every compiled engine is a fixture built once: the
+default transformer (the session's build, tests/conftest.py, then loaded once from its cache), the CNN, a
 transformer with ~4 MB of weights (payload size) and a CNN whose build must be refused.
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
+from session_engines import CompiledEngine
 
 from serving.cache import EngineCache
 from serving.engines.aoti import AOTIEngine, AOTISlot, compiler
@@ -27,7 +28,6 @@ from serving.engines.aoti.entry import PACKAGE_FILE
 from serving.errors import EngineBuildError, NotReadyError, ValidationError
 from serving.examples import CNN, TRANSFORMER, example_build_spec
 from serving.factory import build_module
-from serving.metrics import prometheus_metrics
 from serving.specs import BuildSpec, WeightSpec
 
 EVENTS = "hotswap_engine_cache_events_total"
@@ -71,16 +71,17 @@ def assert_matches_eager(engine: AOTIEngine, slot: AOTISlot, module: torch.nn.Mo
 
 
 @pytest.fixture(scope="module")
-def tf_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[EngineCache, CollectorRegistry]:
-    registry = CollectorRegistry()
-    return EngineCache(tmp_path_factory.mktemp("aoti-cache"), metrics=prometheus_metrics(registry)), registry
+def tf_cache(aoti_transformer: CompiledEngine) -> tuple[EngineCache, CollectorRegistry]:
+    """The cache the session's example-transformer build stored into (tests/conftest.py), and its metrics."""
+    return aoti_transformer.cache, aoti_transformer.registry
 
 
 @pytest.fixture(scope="module")
-def tf_engine(tf_cache: tuple[EngineCache, CollectorRegistry]) -> Iterator[AOTIEngine]:
-    engine = AOTIEngine.build(example_build_spec(TRANSFORMER), cache=tf_cache[0])
-    yield engine
-    engine.close()
+def tf_engine(aoti_transformer: CompiledEngine) -> AOTIEngine:
+    """The default transformer, built once per session (a miss; the integration servers load it from a copy of
+    its cache)."""
+    assert isinstance(aoti_transformer.engine, AOTIEngine)
+    return aoti_transformer.engine
 
 
 @pytest.fixture(scope="module")
