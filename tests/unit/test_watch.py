@@ -57,7 +57,7 @@ def test_install_initial_picks_the_newest_arrival_skipping_rejected(folder: Path
     bad = write_atomic(folder / "v3.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage",
                        mtime_ns=now - 2 * hour)
     (folder / "README.md").write_text("not a checkpoint: ignored, not rejected")
-    report = rig.watcher.install_initial()
+    report = rig.watcher.install_initial().report
     assert report is not None and report.outcome == "success" and report.version == "v2"
     assert_serves(rig, 2)
     assert dict(rig.watcher.rejected) == {str(bad): "corrupt"}
@@ -67,16 +67,16 @@ def test_install_initial_picks_the_newest_arrival_skipping_rejected(folder: Path
 
 def test_install_initial_ties_by_name_and_none_when_nothing_valid(tmp_path: Path, rigs: list[Rig]) -> None:
     missing = make(rigs, tmp_path / "nope")
-    assert missing.watcher.install_initial() is None
+    assert missing.watcher.install_initial().report is None
     empty_dir = tmp_path / "empty"
     empty_dir.mkdir()
     rig = make(rigs, empty_dir)
-    assert rig.watcher.install_initial() is None
+    assert rig.watcher.install_initial().report is None
     t = rig.clock.next()
     write_atomic(empty_dir / "a.safetensors", state(1), mtime_ns=t)
     write_atomic(empty_dir / "b.safetensors", state(2), mtime_ns=t)
     rig2 = make(rigs, empty_dir)
-    report = rig2.watcher.install_initial()
+    report = rig2.watcher.install_initial().report
     assert report is not None and report.version == "b"
 
 
@@ -391,7 +391,7 @@ def test_folder_deleted_and_recreated_keeps_working(folder: Path, rigs: list[Rig
 def test_watcher_started_before_the_folder_exists(tmp_path: Path, rigs: list[Rig]) -> None:
     folder = tmp_path / "later"
     rig = make(rigs, folder)
-    assert rig.watcher.install_initial() is None
+    assert rig.watcher.install_initial().report is None
     rig.start()
     folder.mkdir()
     rig.publish("v1.safetensors", 1)
