@@ -112,3 +112,26 @@ class NotReadyError(HotswapError):
     """Inference was asked of an engine that has no weights installed yet."""
 
     reason = "not_ready"
+
+
+class ModelError(HotswapError):
+    """An error of one served model, naming it (``model 'my_bert': <the error>``): with several models in a
+    repository, the user must not have to guess which one failed. Keeps the error's ``reason``."""
+
+    def __init__(self, model: str, error: HotswapError) -> None:
+        super().__init__(f"model {model!r}: {error}")
+        self.model = model
+        self.error = error
+        self.reason = error.reason
+
+
+@contextlib.contextmanager
+def for_model(model: str) -> Iterator[None]:
+    """Name ``model`` in any :class:`HotswapError` raised in the block (once: a message that already starts
+    with ``model '<name>'`` is left as it is)."""
+    try:
+        yield
+    except HotswapError as e:
+        if isinstance(e, ModelError) or str(e).startswith(f"model {model!r}"):
+            raise
+        raise ModelError(model, e) from e
