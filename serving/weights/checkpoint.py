@@ -11,8 +11,9 @@ Accepted formats:
 
 :func:`detect_checkpoint` resolves symlinks, checks the files against the policy (root, size) and
 records a fingerprint of every file (size, mtime, inode). :func:`describe_checkpoint` reads headers only;
-:func:`read_tensors` reads only the tensors asked for, copies them out of the file mapping, and fails
-with ``reason="changed_during_read"`` when a file differs from its fingerprint before or after.
+:func:`read_tensors` reads only the tensors asked for into memory of their own (through a descriptor, never a
+mapping: see :mod:`serving.weights.safetensors_file`), and fails with ``reason="changed_during_read"`` when a
+file differs from its fingerprint before or after, or is truncated while it is read.
 """
 
 from __future__ import annotations
@@ -21,15 +22,14 @@ import json
 import os
 import pickle
 import stat
-import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from serving.errors import CheckpointError, ValidationError, reading
+from serving.weights.safetensors_file import SafetensorsFile
 from serving.weights.safetensors_header import TensorMeta, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -284,8 +284,8 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     """``torch.load`` restricted to tensors and plain containers; never runs code from the file."""
     try:
         with reading(file):
-            use_mmap = zipfile.is_zipfile(file)  # mmap needs the zip format; legacy pickles load eagerly
-            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=use_mmap)
+            # read, never mapped: a mapped file truncated while it is read would fault the process
+            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=False)
     except CheckpointError:
         raise
     except pickle.UnpicklingError as e:
@@ -372,19 +372,13 @@ def _locate(c: CheckpointCandidate, names: list[str]) -> dict[Path, list[str]]:
 
 def _read_safetensors(file: Path, names: list[str]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    with reading(file):
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                available = set(f.keys())
-                missing = [n for n in names if n not in available]
-                if missing:
-                    raise ValidationError(str(file), [f"tensor {n!r}: not in the file" for n in missing])
-                for n in names:
-                    # get_tensor returns a view of the file mapping: copy it so that later writes to the
-                    # file can neither change nor (by truncation) fault the weights we hand out
-                    out[n] = f.get_tensor(n).clone()
-        except SafetensorError as e:
-            raise CheckpointError(f"{file}: safetensors refused the file: {e}", reason="corrupt") from e
+    with reading(file), SafetensorsFile(file) as f:  # read, never mapped: a truncation must not fault the process
+        available = set(f.keys())
+        missing = [n for n in names if n not in available]
+        if missing:
+            raise ValidationError(str(file), [f"tensor {n!r}: not in the file" for n in missing])
+        for n in names:
+            out[n] = f.get_tensor(n)
     return out
 
 
@@ -408,7 +402,7 @@ def read_tensors(c: CheckpointCandidate, names: Iterable[str],
         missing = [n for n in wanted if n not in loaded]
         if missing:
             raise ValidationError(str(file), [f"tensor {n!r}: not in the file" for n in missing])
-        out = {n: loaded[n].clone() for n in wanted}  # mmap-backed: copy before the after-check
+        out = {n: loaded[n].clone() for n in wanted}  # each its own memory (a pickle's may share a storage)
     elif c.format in ("safetensors", "sharded"):
         for file, group in _locate(c, wanted).items():
             out.update(_read_safetensors(file, group))

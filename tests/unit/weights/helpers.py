@@ -1,4 +1,4 @@
-"""Helpers for the checkpoint tests: tiny modules saved into tmp_path, a spy on safe_open."""
+"""Helpers for the checkpoint tests: tiny modules saved into tmp_path, a spy on the safetensors reader."""
 
 from __future__ import annotations
 
@@ -59,20 +59,21 @@ def raw_safetensors(header: Mapping[str, Any], data: bytes = b"", pad: int = 0) 
 
 
 class SafeOpenSpy:
-    """Replaces ``safe_open`` in the checkpoint module and records what is opened and read."""
+    """Replaces the safetensors reader (:class:`~serving.weights.safetensors_file.SafetensorsFile`) in the
+    checkpoint module and records what is opened and read."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.opened: list[str] = []
         self.read: list[str] = []
         self.on_get: Any = None  # called as on_get(file, name) after each get_tensor
-        real = checkpoint_mod.safe_open
+        real = checkpoint_mod.SafetensorsFile
         spy = self
 
         class Handle:
-            def __init__(self, file: str, **kwargs: Any) -> None:
+            def __init__(self, file: str | Path) -> None:
                 spy.opened.append(Path(file).name)
-                self._file = file
-                self._cm = real(file, **kwargs)
+                self._file = str(file)
+                self._cm = real(file)
 
             def __enter__(self) -> Handle:
                 self._f = self._cm.__enter__()
@@ -91,5 +92,5 @@ class SafeOpenSpy:
                     spy.on_get(self._file, name)
                 return t
 
-        monkeypatch.setattr(checkpoint_mod, "safe_open", Handle)
+        monkeypatch.setattr(checkpoint_mod, "SafetensorsFile", Handle)
 
