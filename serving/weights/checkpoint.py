@@ -250,7 +250,7 @@ def detect_checkpoint(path: Path, policy: CheckpointPolicy, *,
 
 def _verify_unchanged(c: CheckpointCandidate, baseline: tuple[FileStat, ...], when: str) -> None:
     for before in baseline:
-        with reading(before.path, gone=f"deleted {when}; retry once the checkpoint is complete",
+        with reading(before.path, gone=f"deleted {when}; a version deleted before it goes live is not installed",
                      action=f"cannot stat {when}", os_name=False):
             now = _file_stat(Path(before.path))
         if now != before:
