@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -427,6 +428,35 @@ def test_errors_in_the_worker_are_counted_and_do_not_stop_it(folder: Path, rigs:
     rig.publish("v3.safetensors", 3)
     rig.wait_live("v3")
     assert_serves(rig, 3)
+
+
+def test_an_error_escaping_a_batch_is_logged_counted_and_the_next_publish_goes_live(
+        folder: Path, rigs: list[Rig], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The worker's last line of defence: an error out of a whole batch (not one entry's attempt)."""
+    rig = make(rigs, folder)
+    rig.publish("v1.safetensors", 1)
+    rig.watcher.install_initial()
+    rig.start()
+    installer = rig.watcher._installer
+    real_install = installer.install
+    raised: list[str] = []
+
+    def install_failing_once(entries: list[Any], *, runtime: bool) -> object:
+        if not raised:
+            raised.append(entries[0].name)
+            raise RuntimeError("injected: the batch failed")
+        return real_install(entries, runtime=runtime)
+
+    monkeypatch.setattr(installer, "install", install_failing_once)
+    rig.publish("boom.safetensors", 5)
+    wait_for(lambda: watcher_errors(rig.registry) == 1, "the error is counted")
+    assert raised == ["boom.safetensors"] and rig.coord.live_version == "v1"
+    assert_serves(rig, 1)
+    assert any("unexpected error; the watcher keeps running" in r.getMessage() and r.exc_info
+               for r in caplog.records)
+    rig.publish("v2.safetensors", 2)
+    rig.wait_live("v2")
+    assert_serves(rig, 2)
 
 
 def test_deleting_files_never_changes_what_is_served(folder: Path, rigs: list[Rig]) -> None:
