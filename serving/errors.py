@@ -108,6 +108,20 @@ class RefitError(HotswapError):
     reason = "refit_failed"
 
 
+class OutOfMemoryError(RefitError):
+    """The device (or the host) could not allocate what a refit needs; the previous weights are still serving."""
+
+    reason = "out_of_memory"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation the device or the host refused: torch's ``OutOfMemoryError`` (a full
+    device), the ``RuntimeError`` of its CPU allocator ("can't allocate memory": the OS refused), ``MemoryError``.
+    Such an error is never the user's input and is never reworded as one."""
+    return (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+            or (isinstance(error, RuntimeError) and "can't allocate memory" in str(error)))
+
+
 class NotReadyError(HotswapError):
     """Inference was asked of an engine that has no weights installed yet."""
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from serving.errors import ConfigError
+from serving.errors import ConfigError, is_out_of_memory
 
 
 def model_code_dirs(model_dir: Path) -> list[Path]:
@@ -57,9 +57,9 @@ def build_module(path: str, kwargs: dict[str, Any] | None = None) -> torch.nn.Mo
     factory = resolve_factory(path)
     try:
         module = factory(**(kwargs or {}))
-    except (MemoryError, torch.OutOfMemoryError):
-        raise
     except Exception as e:  # the user's code: say whose, and with which arguments
+        if is_out_of_memory(e):
+            raise
         raise ConfigError(f"model factory {path!r} raised {type(e).__name__}: {e} (called with "
                           f"{dict(kwargs or {})}); fix the factory or its factory_kwargs") from e
     if not isinstance(module, torch.nn.Module):
