@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,10 +294,16 @@ def test_a_stub_killed_in_the_middle_of_a_refit_serves_the_newest_version_once_r
         first.reached("refit-slow-1")
         os.kill(stub, signal.SIGKILL)
         wait_for(lambda: stub not in stub_pids(repo, model), "the stub gone")  # (a zombie until Triton reaps it)
-        # Triton 2.51: no new stub, the model still READY, every request refused
+        # Triton 2.51: no new stub, the model (and the server) still ready, every request refused and counted
+        failed = {"model": model, "reason": "BACKEND"}  # (the parser names Triton's counter with _total)
+        failures = total(scrape(first.server.metrics_url), "nv_inference_request_failure_total", failed)
         with pytest.raises(Exception, match="Stub process 'tiny_transformer_0_0' is not healthy"):
             first.answer()
         assert first.server.model_ready(model) and not stub_pids(repo, model)
+        with urllib.request.urlopen(f"http://{first.server.http_url}/v2/health/ready", timeout=5) as r:
+            assert r.status == 200
+        wait_for(lambda: total(scrape(first.server.metrics_url), "nv_inference_request_failure_total", failed)
+                 == failures + 1, "the failed request counted")
         assert first.server.log_tail(100_000).count("TRITONBACKEND_ModelInstanceInitialize") == 1
     finally:
         first.server.stop()
