@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from serving.errors import HotswapError, for_model
+from serving.errors import ConfigError, HotswapError, for_model
 from serving.specs import TensorSpec, dtype_from_name
 
 if TYPE_CHECKING:
@@ -170,7 +170,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
           f"{f' (rejected: {dict(rejected)})' if rejected else ''}", flush=True)
     server = None
     if args.metrics_port is not None:
-        server, _ = start_http_server(args.metrics_port, addr=args.metrics_addr, registry=registry)
+        try:
+            server, _ = start_http_server(args.metrics_port, addr=args.metrics_addr, registry=registry)
+        except OSError as e:
+            service.close()
+            raise ConfigError(f"--metrics-port {args.metrics_port} on {args.metrics_addr}: {e}; choose a free port "
+                              "(0: any)") from e
         print(f"metrics on http://{args.metrics_addr}:{server.server_port}/metrics", flush=True)
     stop = threading.Event()
     previous = {}

@@ -180,7 +180,7 @@ class TritonPythonModel:
                 if self._device.type == "cuda":  # Triton reads the outputs on its own stream
                     torch.cuda.current_stream(self._device).synchronize()
             except Exception as e:
-                log.exception("inference failed")
+                log.exception("model %s: inference failed", self.service.settings.model_name)
                 for i in idx:
                     responses[i] = pb.InferenceResponse(error=pb.TritonError(f"hotswap: {e}"))
         return responses

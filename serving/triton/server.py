@@ -269,8 +269,9 @@ class TritonProcess:
                 if failed:
                     raise ModelLoadError(failed)
             time.sleep(0.5)
-        raise TimeoutError(f"tritonserver not ready with {list(models)} after {timeout}s; index: "
-                           f"{self.repository_index()}\n{self.log_tail()}")
+        waiting = [m for m in models if not self.model_ready(m)]
+        raise TimeoutError(f"tritonserver not ready after {timeout}s: model(s) {waiting} not ready (of "
+                           f"{list(models)}); index: {self.repository_index()}\n{self.log_tail()}")
 
     def log_tail(self, chars: int = 6000) -> str:
         try:

@@ -61,3 +61,21 @@ def test_hotswap_watch_names_the_model(tmp_path: Path, capsys: pytest.CaptureFix
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("hotswap: error: model 'my_bert': model factory 'nosuch.module:build': cannot import"), err
+
+
+def test_hotswap_watch_with_its_metrics_port_taken_says_so_and_stops_its_watcher(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    from serving.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["watch", "--factory", "serving.examples.cnn:tiny_cnn", "--folder", str(tmp_path / "w"),
+                     "--cache-dir", str(tmp_path / "cache"), "--metrics-port", str(port), "--exit-after", "0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"hotswap: error: --metrics-port {port} on 127.0.0.1: "), err
+    assert "choose a free port (0: any)" in err  # and the autouse fixture checks the watcher's threads stopped
