@@ -148,13 +148,11 @@ class WeightsWatcher:
         }
 
     def install_initial(self) -> InitialInstall:
-        """Install what the folder holds now: the newest valid base checkpoint by publish time (the
-        time it arrived in the folder, ties by name), skipping rejected ones, then the newest valid LoRA adapter
-        published after that base, merged into it. The result's ``report`` is None when nothing valid is there;
-        its ``entries`` say what happened to every name in the folder.
-
-        Entries that still look like a copy in progress are left to the worker (:meth:`start`).
-        """
+        """Install what the folder holds now: the newest valid base checkpoint by publish time (the time it arrived
+        in the folder, ties by name), skipping rejected ones, then the newest valid LoRA adapter published after that
+        base, merged into it. The result's ``report`` is None when nothing valid is there; its ``entries`` say what
+        happened to every name in the folder. Entries that still look like a copy in progress are left to the
+        worker (:meth:`start`)."""
         with self._lock:
             if not self.folder.is_dir():
                 log.warning("weights folder %s does not exist (yet); nothing to install", self.folder)
@@ -183,13 +181,8 @@ class WeightsWatcher:
         """The entries in the folder not refused before, unchanged over a debounce interval (entries written less
         than one ago are looked at once more; one that changed meanwhile is left to the worker). What is not
         returned gets its outcome in ``outcomes``."""
-        try:
-            names = sorted(os.listdir(self._folder_str))
-        except OSError as e:
-            log.warning("weights folder %s cannot be listed: %s", self.folder, e)
-            names = []
         found: list[Entry] = []
-        for name in names:
+        for name in self._list_names(temp=True):
             if is_temp_name(name):
                 outcomes[name] = outcome.ignored(name, outcome.TEMPORARY)
                 continue
@@ -207,12 +200,13 @@ class WeightsWatcher:
         dropped = set()
         for entry in young:
             again = self._inspect_safely(entry.name)
-            if not isinstance(again, Entry) or again.fp != entry.fp:
-                dropped.add(id(entry))
-            if isinstance(again, Entry) and again.fp != entry.fp:  # still being written: the worker takes it
+            if isinstance(again, Entry) and again.fp == entry.fp:
+                continue
+            dropped.add(id(entry))
+            if isinstance(again, Entry):  # still being written: the worker takes it from here
                 self._events.look_again(entry.name, now)
                 outcomes[entry.name] = outcome.being_written(entry.name)
-            elif not isinstance(again, Entry) and again is not None:
+            elif again is not None:
                 outcomes[entry.name] = again
         return [e for e in found if id(e) not in dropped]
 
@@ -328,9 +322,9 @@ class WeightsWatcher:
         for name in self._list_names():
             self._events.look_again(name, now)
 
-    def _list_names(self) -> list[str]:
+    def _list_names(self, *, temp: bool = False) -> list[str]:
         try:
-            return sorted(n for n in os.listdir(self._folder_str) if not is_temp_name(n))
+            return sorted(n for n in os.listdir(self._folder_str) if temp or not is_temp_name(n))
         except OSError as e:
             log.warning("weights folder %s cannot be listed: %s", self.folder, e)
             return []
