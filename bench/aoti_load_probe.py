@@ -6,7 +6,7 @@ Background: on one GPU machine every loader of its torch crashed, even for a CPU
 (docs/aoti-cuda.md, docs/benchmarks.md). This builds a 2-layer MLP package (weights inside, so it
 can also run) and, for every loader variant this torch offers, runs a child Python that loads it
 (and, for the ``+run`` variants, runs it once). A crash kills only the child; the JSON lists exit
-code / signal per variant. The engine's own guard is :mod:`serving.engines.aoti_probe` (same child-process idea).
+code / signal per variant. The engine's own guard is :mod:`serving.engines.aoti.probe` (same child-process idea).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 from bench.lib.host import machine  # noqa: E402
 from bench.record import command, write_json  # noqa: E402
-from serving.engines.aoti_probe import LOADERS, run_loader  # noqa: E402
+from serving.engines.aoti.probe import LOADERS, run_loader  # noqa: E402
 
 RUN = "; out = m(torch.randn(2, 8, device='cuda' if int(sys.argv[2]) >= 0 else 'cpu')); print(out.shape)"
 

@@ -37,7 +37,7 @@ import torch
 from bench.lib.checkpoints import Checkpoints, make_checkpoints, remove_versions
 from bench.lib.clients import IntervalClient
 from bench.lib.host import machine, pick_dir
-from bench.lib.limits import page_cache_read_gbps, pinned_copy_seconds, probe_registration, sync
+from bench.lib.limits import page_cache_read_gbps, pinned_copy_seconds, sync
 from bench.lib.models import FACTORY, GB, shape_for, version_of
 from bench.lib.stats import percentile
 from bench.record import command, command_args, dumps
@@ -143,6 +143,8 @@ def run_config(engine_kind: str, strategy: str, ckpts: Checkpoints, device: str,
     x = torch.randn(1, w, generator=torch.Generator().manual_seed(0)).to(dtype)
     try:
         timed_runs(coord, ckpts, x, repeats, device, client_interval_s, ballast_bytes, out)
+        for choice in coord.transfers.values():  # what `transfer` (e.g. auto) came to on the device, and why
+            out.update(transfer_used=choice.kind, transfer_reason=choice.reason, gds=choice.gds)
     finally:
         coord.close()
         engine.close()
@@ -203,18 +205,12 @@ def ballast(device: str, gb: float) -> Iterator[None]:
 
 def measure_limits(results: dict[str, Any], args: argparse.Namespace, work: Path, dtype: torch.dtype,
                    sizes: list[float], record_error: RecordError) -> None:
-    """Limits measured once on a 1 GB file: the reader threads alone, pinned host -> device, registration."""
+    """Limits measured once on a 1 GB file: the reader threads alone, pinned host -> device."""
     probe = make_checkpoints(work / "probe", *shape_for(min([1.0, *sizes]), dtype, args.width), dtype, args.device)
     results["read_only_gbps"] = page_cache_read_gbps(probe.root / "layers.safetensors", args.threads,
                                                      args.read_kb << 10)
     results["pinned_h2d_gbps_1gib"] = (1 << 30) / pinned_copy_seconds(1 << 30, args.device) / GB \
         if args.device.startswith("cuda") else None
-    if args.probe_register:
-        try:
-            results["registration"] = probe_registration(probe.root / "layers.safetensors", args.device,
-                                                         [int(k) for k in args.probe_register.split(",")])
-        except Exception as e:
-            record_error("probe_register", e)
     shutil.rmtree(probe.root, ignore_errors=True)
 
 
@@ -307,12 +303,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--big-in-place", type=float, default=0.0, metavar="GB",
                     help="also run in_place with a model of this size (0: skip)")
     ap.add_argument("--transfers", default="pinned", help="weights transfers to run, comma separated "
-                    "(pinned, registered: serving.weights.fastpath.TRANSFERS)")
-    ap.add_argument("--window-mb", type=int, default=FastPathConfig.window_bytes >> 20)
-    ap.add_argument("--windows-ahead", type=int, default=FastPathConfig.windows_ahead)
-    ap.add_argument("--probe-register", default="", metavar="THREADS",
-                    help="also measure cudaHostRegister of page-cached pages with these thread counts (e.g. 1,4,16), "
-                    "DMA out of registered pages and unregistering")
+                    "(auto, kvikio, pinned: serving.choices.TRANSFERS)")
+    ap.add_argument("--task-kb", type=int, default=FastPathConfig.task_bytes >> 10, help="KvikIO's task size")
     ap.add_argument("--big-ballast", default="auto", help="GB of GPU memory to take away first (auto: enough that "
                     "the model is more than half of what is left)")
     return ap.parse_args(argv)
@@ -322,8 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = [float(s) for s in args.sizes.split(",") if s]
     fast = FastPathConfig(threads=args.threads, buffers=args.buffers, buffer_bytes=args.buffer_mb << 20,
-                          read_bytes=args.read_kb << 10, window_bytes=args.window_mb << 20,
-                          windows_ahead=args.windows_ahead)
+                          read_bytes=args.read_kb << 10, task_bytes=args.task_kb << 10)
     base = pick_dir(args.dir, max(sizes + [args.big_in_place]) * GB)
     given = sys.argv[1:] if argv is None else argv
     results: dict[str, Any] = {"environment": machine(args.device),

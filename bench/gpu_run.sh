@@ -2,8 +2,8 @@
 # The GPU benchmark suites (docs/gpu.md). On the GPU machine, from a copy of the repository with .whl/ filled by
 # bench/gpu_wheels.sh:
 #
-#     OUT=results bash bench/gpu_run.sh SUITE...  # refit | transfer | triton_cuda | big | serve | publish | aoti |
-#                                                 # inductor | serve_inductor | real | all
+#     OUT=results bash bench/gpu_run.sh SUITE...  # refit | transfer | loaders | triton_cuda | big | serve | publish |
+#                                                 # aoti | inductor | serve_inductor | real | soak | all
 #
 # Each suite fits one 10-minute call; each step has its own time limit, so a hang costs that step only. Results go
 # to $OUT (default ./gpu-out): one JSON per step, named as in bench/results/ (TAG is the GPU's model, e.g. h200),
@@ -60,11 +60,30 @@ suite_refit() {  # the fast path by size, the host path beside it, a cast on the
     --repeats 7
 }
 
-suite_transfer() {  # registered page-cache DMA against the pinned ring, by size, and what registration costs
-  step cuda-fastpath-tests 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fastpath_cuda.py
-  step "gpu-refit-transfer-$TAG" 300 python3 -m bench.gpu_refit --json "$OUT/gpu-refit-transfer-$TAG.json" \
-    --sizes 1,4,16 --dtype float16 --engines eager --strategies double_buffer --transfers pinned,registered \
-    --probe-register 1,2,4,8,16 --baseline-gb 0
+kvikio_wheels() {  # KvikIO (and the libraries bench/loaders.py compares with) from bench/gpu_wheels.sh loaders|kvikio
+  local dir
+  for dir in .whl/loaders .whl/kvikio; do
+    if compgen -G "$dir/*.whl" > /dev/null; then
+      step "pip-install-${dir#.whl/}" 120 python3 -m pip install -q --no-index --no-deps --no-compile "$dir"/*.whl
+      return
+    fi
+  done
+  echo "!! no .whl/loaders or .whl/kvikio: the KvikIO steps skip or fall back (bash bench/gpu_wheels.sh loaders)"
+}
+
+suite_transfer() {  # KvikIO against the pinned ring: the GPU tests of both, refits by size
+  kvikio_wheels
+  step cuda-transfer-tests 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kvikio_cuda.py \
+    tests/gpu/test_fastpath_cuda.py
+  # not gpu-refit-transfer-TAG: that name holds the run that retired registered transfers
+  step "gpu-refit-kvikio-$TAG" 300 python3 -m bench.gpu_refit --json "$OUT/gpu-refit-kvikio-$TAG.json" \
+    --sizes 1,4,16 --dtype float16 --engines eager --strategies double_buffer --transfers pinned,kvikio \
+    --baseline-gb 0
+}
+
+suite_loaders() {  # a 16 GB file into preallocated GPU tensors: our readers, KvikIO, fastsafetensors, Run:ai, safe_open
+  kvikio_wheels
+  step "loaders-$TAG" 420 python3 -m bench.loaders --json "$OUT/loaders-$TAG.json"
 }
 
 suite_triton_cuda() {  # the example transformer through Triton on a GPU instance: inductor, auto, aoti
@@ -117,13 +136,18 @@ suite_real() {  # real architectures (ResNet-18/50, torchvision's ResNet-50, BER
     --models tv-resnet18,tv-resnet50,bert-base --repeats 3 --json "$OUT/real-refit-$TAG.json"
 }
 
+suite_soak() {  # a 1 GB model through 300 publishes and LoRA adapters under client load: errors, torn, resources flat
+  step "soak-$TAG" 540 python3 -m bench.soak --kind KIND_GPU --size-gb 1 --swaps 300 --sample-every 25 \
+    --warmup-swaps 100 --time-limit-s 420 --json "$OUT/soak-$TAG.json"
+}
+
 suites=("$@")
 [ ${#suites[@]} -gt 0 ] || suites=(refit)
 for s in "${suites[@]}"; do
   case $s in
-    refit | transfer | triton_cuda | big | serve | publish | aoti | inductor | serve_inductor | real) ;;
-    all) ;;
-    *) echo "unknown suite '$s': refit, transfer, triton_cuda, big, serve, publish, aoti, inductor, serve_inductor, real or all" >&2; exit 2 ;;
+    refit | triton_cuda | big | serve | publish | aoti | inductor | serve_inductor | real | soak | all) NEED_TRITON=1 ;;
+    transfer | loaders) ;;
+    *) echo "unknown suite '$s': refit, transfer, loaders, triton_cuda, big, serve, publish, aoti, inductor, serve_inductor, real, soak or all" >&2; exit 2 ;;
   esac
 done
 { nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv
@@ -131,10 +155,10 @@ done
   python3 -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda)'
   echo "commit ${HOTSWAP_COMMIT:-unknown}, tag $TAG"; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
-wheels
+[ -z "${NEED_TRITON:-}" ] || wheels
 for s in "${suites[@]}"; do
   if [ "$s" = all ]; then
-    for t in refit transfer triton_cuda big serve publish aoti inductor serve_inductor real; do "suite_$t"; done
+    for t in refit transfer loaders triton_cuda big serve publish aoti inductor serve_inductor real soak; do "suite_$t"; done
   else
     "suite_$s"
   fi

@@ -22,12 +22,13 @@ STRATEGIES: tuple[str, ...] = ("double_buffer", "in_place")
 CANARY_MODES: tuple[str, ...] = ("off", "finite", "reference")
 #: how the weights folder is watched (``serving.watch.observer``)
 WATCH_MODES: tuple[str, ...] = ("inotify", "polling")
-#: how checkpoint bytes reach a CUDA destination (``serving.weights.fastpath``). ``pinned``: through the
-#: ring of pinned buffers. ``registered``: DMA straight from the checkpoint's page-cache pages, registered
-#: with CUDA window by window (``serving.weights.registered``). ``pinned`` is the default: registering
-#: pages is serialized by the driver and holds up the process's other CUDA calls while it runs, so on the
-#: hosts measured registered refits were slower and requests served meanwhile waited longer (docs/gpu.md).
-TRANSFERS: tuple[str, ...] = ("pinned", "registered")
+#: how checkpoint bytes reach a CUDA destination (``serving.weights.transfer`` says what each does and
+#: picks one per device). ``auto``: KvikIO when it imports and reads here, otherwise the pinned ring;
+#: ``kvikio``: KvikIO by name, refused with the fix when it cannot read here; ``pinned``: our ring of
+#: pinned buffers. CPU destinations are read by our threads under ``auto`` and ``pinned``.
+TRANSFERS: tuple[str, ...] = ("auto", "kvikio", "pinned")
+#: the default transfer (``FastPathConfig.transfer``, setting ``weights_transfer``)
+TRANSFER = "auto"
 #: checkpoint tensors the engine does not have: refused, or ignored (``serving.weights.validate``)
 UNEXPECTED_MODES: tuple[str, ...] = ("error", "ignore")
 #: which dtype differences between a checkpoint and the engine are cast (``serving.weights.validate``)
@@ -69,12 +70,16 @@ class Bounds:
         return out
 
 
-#: the fast path's reader threads (``FastPathConfig.threads``, setting ``weights_reader_threads``)
+#: the fast path's reader threads: KvikIO's thread pool or the pinned ring's threads
+#: (``FastPathConfig.threads``, setting ``weights_reader_threads``)
 READER_THREADS = 8
 READER_THREADS_BOUNDS = Bounds(minimum=1)
-#: bytes per read call of those threads (``FastPathConfig.read_bytes``, setting ``weights_read_bytes``)
+#: bytes per read call of the pinned ring's threads (``FastPathConfig.read_bytes``, setting ``weights_read_bytes``)
 READ_BYTES = 16 << 20
 READ_BYTES_BOUNDS = Bounds(minimum=4096, multiple_of=64)
+#: bytes per KvikIO task, the unit its threads read (``FastPathConfig.task_bytes``, setting ``weights_task_bytes``)
+TASK_BYTES = 4 << 20
+TASK_BYTES_BOUNDS = Bounds(minimum=4096, multiple_of=4096)
 #: the watcher's quiet time and polling interval (``WeightsWatcher``, settings ``debounce_s``, ``poll_interval_s``)
 DEBOUNCE_BOUNDS = Bounds(minimum=0)
 POLL_INTERVAL_BOUNDS = Bounds(minimum=0.01)

@@ -39,6 +39,12 @@ def build_spec_for(settings: ServingSettings, inputs: Sequence[TensorSpec],
                      options=settings.engine_options + ((("cuda_graphs", True),) if settings.cuda_graphs else ()))
 
 
+def fast_path_config_for(settings: ServingSettings) -> FastPathConfig:
+    """The fast path's readers of a served model (settings ``weights_*``)."""
+    return FastPathConfig(transfer=settings.weights_transfer, threads=settings.weights_reader_threads,
+                          read_bytes=settings.weights_read_bytes, task_bytes=settings.weights_task_bytes)
+
+
 class HotswapService:
     """Engine + refit coordinator + weights watcher for one model instance."""
 
@@ -76,8 +82,7 @@ class HotswapService:
         self.coordinator = RefitCoordinator(
             self.engine, strategy=s.refit_strategy, canary=canary, canary_input_specs=self.spec.inputs,
             reference_factory=reference, metrics=self.metrics,
-            fast_path_config=FastPathConfig(transfer=s.weights_transfer, threads=s.weights_reader_threads,
-                                            read_bytes=s.weights_read_bytes),
+            fast_path_config=fast_path_config_for(s),
             checkpoint_policy=CheckpointPolicy(allow_pickle=s.allow_pickle, max_bytes=s.max_file_bytes,
                                                root=s.weights_dir),
             validation_policy=ValidationPolicy(unexpected=s.unexpected_tensors, cast=s.dtype_cast,

@@ -35,6 +35,9 @@ from serving.choices import (
     READER_THREADS,
     READER_THREADS_BOUNDS,
     STRATEGIES,
+    TASK_BYTES,
+    TASK_BYTES_BOUNDS,
+    TRANSFER,
     TRANSFERS,
     UNEXPECTED_MODES,
     WATCH_MODES,
@@ -197,15 +200,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("refit_strategy", "choice", "`double_buffer`: refit a standby copy, then switch; `in_place`: one copy, "
             "requests wait during the refit (models too large for two copies)", "double_buffer",
             choices=STRATEGIES, flag="--strategy"),
-    Setting("weights_transfer", "choice", "how checkpoint bytes reach a GPU instance: `pinned` (through a ring of "
-            "pinned buffers) or `registered` (DMA straight from the file's page cache, registered with CUDA: each byte "
-            "crosses host memory once, but registering is slower than the pinned ring on the hosts measured; see "
-            "Measured)", "pinned", choices=TRANSFERS),
-    Setting("weights_reader_threads", "int", "threads reading checkpoint files into the pinned ring (fewer leave "
-            "more CPU to requests served during a refit; see Measured)", str(READER_THREADS),
-            bounds=READER_THREADS_BOUNDS),
-    Setting("weights_read_bytes", "int", "bytes per read call of those threads (a multiple of 64)",
+    Setting("weights_transfer", "choice", "how checkpoint bytes reach the weights: `auto` (KvikIO on a GPU when it "
+            "imports and reads, otherwise the pinned ring; the log says which, why, and whether GPUDirect Storage is "
+            "used), `kvikio` (KvikIO by name; refused with the fix when it cannot read here), `pinned` (our ring of "
+            "pinned buffers); measurements in [docs/benchmarks.md](docs/benchmarks.md)", TRANSFER,
+            choices=TRANSFERS),
+    Setting("weights_reader_threads", "int", "threads reading checkpoint files: KvikIO's thread pool or the pinned "
+            "ring's threads", str(READER_THREADS), bounds=READER_THREADS_BOUNDS),
+    Setting("weights_read_bytes", "int", "bytes per read call of the pinned ring's threads (a multiple of 64)",
             str(READ_BYTES), "16 MiB", bounds=READ_BYTES_BOUNDS),
+    Setting("weights_task_bytes", "int", "bytes per KvikIO task (a multiple of 4096)", str(TASK_BYTES), "4 MiB",
+            bounds=TASK_BYTES_BOUNDS),
     Setting("dtype", "dtype", "floating dtype of the engine: `float32`, `float16`, `bfloat16`", "float32",
             flag="--dtype"),
     Setting("canary", "choice", "`off`, `finite` (outputs finite, not all zero) or `reference` (also equal to the "
@@ -268,6 +273,7 @@ class ServingSettings:
     weights_transfer: str
     weights_reader_threads: int
     weights_read_bytes: int
+    weights_task_bytes: int
     #: a floating dtype's name (``serving.specs.dtype_from_name`` gives the torch dtype)
     dtype: str
     canary: str

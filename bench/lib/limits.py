@@ -1,5 +1,5 @@
 """The limits a benchmark compares its figures with, measured in the same run: pinned host to device
-copies, the reader threads alone on the page cache or the disk, and what registering pages with CUDA costs."""
+copies and the reader threads alone on the page cache or the disk."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -82,43 +81,4 @@ def disk_read_gbps(path: Path, threads: int = 16, step: int = 16 << 20) -> float
             done = sum(ex.map(read, range(0, size, step)))
         return done / (time.perf_counter() - t) / GB
     finally:
-        os.close(fd)
-
-
-def probe_registration(path: Path, device: str, threads: list[int], window: int = 64 << 20) -> dict[str, Any]:
-    """What registered transfers are made of, on a page-cached file: ``cudaHostRegister`` of its pages with
-    1..n threads at once (does the driver scale?), DMA out of pages registered beforehand (the ceiling),
-    and ``cudaHostUnregister``. Through :mod:`serving.weights.registered`, as the reader does it."""
-    from serving.weights.registered import HostRegistry, MappedFile
-
-    registry, why = HostRegistry.get()
-    if registry is None:
-        raise RuntimeError(why)
-    fd = os.open(path, os.O_RDONLY)
-    m = MappedFile(fd)
-    try:
-        if m.bytes is None:
-            raise RuntimeError(f"{path}: could not be mapped")
-        n = (m.size // window) * window
-        starts = list(range(0, n, window))
-        dst = torch.empty(window, dtype=torch.uint8, device=device)
-        out: dict[str, Any] = {"bytes": n, "window_bytes": window, "register_gbps": {}, "unregister_gbps": {}}
-        for k in threads:
-            with ThreadPoolExecutor(k) as ex:
-                t = time.perf_counter()
-                list(ex.map(lambda a: registry.register(m.address + a, window), starts))
-                out["register_gbps"][str(k)] = n / (time.perf_counter() - t) / GB
-                if k == threads[-1]:  # DMA from registered pages, every window registered beforehand
-                    torch.cuda.synchronize()
-                    t = time.perf_counter()
-                    for a in starts:
-                        dst.copy_(m.bytes[a:a + window], non_blocking=True)
-                    torch.cuda.synchronize()
-                    out["dma_from_registered_gbps"] = n / (time.perf_counter() - t) / GB
-                t = time.perf_counter()
-                list(ex.map(lambda a: registry.unregister(m.address + a), starts))
-                out["unregister_gbps"][str(k)] = n / (time.perf_counter() - t) / GB
-        return out
-    finally:
-        m.close()
         os.close(fd)

@@ -8,6 +8,7 @@ Used by the swap benchmarks (``bench/serve_swap.py``, ``gpu_serve_swap.py``, ``g
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from bench.lib.stats import percentile
+from serving.triton.version_output import VERSION_OUTPUT, VERSION_UTF8_OUTPUT, decode_utf8
 
 
 @dataclass(frozen=True)
@@ -101,9 +103,41 @@ def response_version(result: Any) -> str:
     return versions.pop() if len(versions) == 1 else repr(sorted(versions))
 
 
+def utf8_response_version(result: Any) -> str:
+    """The weights version a tritonclient result names in ``HOTSWAP_WEIGHTS_VERSION_UTF8`` (required), which
+    must agree with ``HOTSWAP_WEIGHTS_VERSION`` where the model sends that too (numpy 1 in the stub); rows or
+    outputs that disagree give all they say, which matches no version."""
+    rows = result.as_numpy(VERSION_UTF8_OUTPUT)
+    if rows is None:
+        raise ValueError(f"the response has no {VERSION_UTF8_OUTPUT} output")
+    rows = np.asarray(rows)
+    versions = {decode_utf8(row) for row in rows.reshape(rows.shape[0], -1)}
+    text = result.as_numpy(VERSION_OUTPUT)
+    if text is not None:
+        versions |= {v.decode() for v in np.asarray(text).reshape(-1)}
+    return versions.pop() if len(versions) == 1 else repr(sorted(versions))
+
+
 def classify(out: np.ndarray, expected: Mapping[str, np.ndarray], atol: float) -> list[str]:
     """Versions whose expected output ``out`` matches. Pure."""
     return [v for v, ref in expected.items() if ref.shape == out.shape and np.allclose(out, ref, atol=atol, rtol=0)]
+
+
+def within(windows: Sequence[tuple[float, float]]) -> Callable[[float], bool]:
+    """Whether a time falls inside any of ``windows`` (closed intervals), in log time per question. Pure."""
+    merged: list[list[float]] = []
+    for a, b in sorted(windows):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    starts = [a for a, _ in merged]
+
+    def inside(t: float) -> bool:
+        i = bisect.bisect_right(starts, t) - 1
+        return i >= 0 and t <= merged[i][1]
+
+    return inside
 
 
 def run_swap_load(
@@ -119,6 +153,8 @@ def run_swap_load(
     atol: float = 1e-4,
     max_requests: int = 200_000,
     observe: Callable[[float, float, str | None], None] | None = None,
+    match: Callable[[np.ndarray, str | None], list[str]] | None = None,
+    deadline: float | None = None,
 ) -> SwapLoadResult:
     """Clients call ``infer`` in a loop; ``swap_to(version)`` publishes and returns once it is live.
 
@@ -126,6 +162,9 @@ def run_swap_load(
     (``HOTSWAP_WEIGHTS_VERSION``); a response whose version is not the one its output matches is torn.
     ``observe(start, latency, version)`` is called for every answered request (version None when torn),
     from the client threads: a benchmark sees when the clients first got a new version's answers.
+    ``match(output, version)`` gives the versions an output matches (default: :func:`classify` against every
+    one of ``expected``); a long run with thousands of versions checks the one the response names first.
+    No swap starts after ``deadline`` (monotonic seconds).
 
     Latencies of requests that started inside a swap window (from publish to live plus
     ``settle_s``) count as "during swaps", the rest as steady. Loops are bounded.
@@ -148,18 +187,18 @@ def run_swap_load(
                 continue
             dt = time.monotonic() - t0
             out, said = got if isinstance(got, tuple) else (got, None)
-            match = classify(out, expected, atol)
-            good = len(match) == 1 and said in (None, match[0])
+            matched = match(out, said) if match is not None else classify(out, expected, atol)
+            good = len(matched) == 1 and said in (None, matched[0])
             with lock:
                 records.append((t0, dt))
                 if good:
-                    seen[match[0]] = seen.get(match[0], 0) + 1
+                    seen[matched[0]] = seen.get(matched[0], 0) + 1
                 else:
-                    torn.append(f"matched {match}, response says {said!r}")
+                    torn.append(f"matched {matched}, response says {said!r}")
                 if len(records) >= max_requests:
                     stop.set()
             if observe is not None:
-                observe(t0, dt, match[0] if good else None)
+                observe(t0, dt, matched[0] if good else None)
 
     threads = [threading.Thread(target=client, name=f"swapload-client-{i}") for i in range(clients)]
     windows: list[tuple[float, float]] = []
@@ -169,7 +208,7 @@ def run_swap_load(
     try:
         time.sleep(warmup_s)
         for version in order:
-            if stop.is_set():
+            if stop.is_set() or (deadline is not None and time.monotonic() > deadline):
                 break
             start = time.monotonic()
             swap_to(version)
@@ -183,9 +222,7 @@ def run_swap_load(
         for t in threads:
             t.join(timeout=30)
 
-    def in_swap(t: float) -> bool:
-        return any(a <= t <= b for a, b in windows)
-
+    in_swap = within(windows)
     steady = [dt * 1e3 for t, dt in records if not in_swap(t)]
     during = [dt * 1e3 for t, dt in records if in_swap(t)]
     return SwapLoadResult(

@@ -27,6 +27,8 @@ parameters {{ key: "cuda_graphs", value: {{ string_value: "{cuda_graphs}" }} }}
 """
 PARAM = 'parameters {{ key: "{key}", value: {{ string_value: "{value}" }} }}\n'
 VERSION_OUTPUT_DECL = ',\n         { name: "HOTSWAP_WEIGHTS_VERSION", data_type: TYPE_STRING, dims: [ 1 ] }'
+#: the version as UTF-8 bytes (serving.triton.version_output): it survives a stub running numpy 2
+VERSION_UTF8_DECL = ',\n         { name: "HOTSWAP_WEIGHTS_VERSION_UTF8", data_type: TYPE_UINT8, dims: [ 64 ] }'
 
 MODEL_PY = '"""Triton entry point."""\n\nfrom serving.triton.model import TritonPythonModel\n\n' \
            '__all__ = ["TritonPythonModel"]\n'
@@ -63,8 +65,10 @@ class TritonPythonModel(_Model):
 def make_repository(root: Path, width: int, layers: int, strategies: list[str], kind: str,
                     sync: bool = False, cpu_outputs: bool = False, engine: str = "eager",
                     cuda_graphs: bool = False, version_output: bool = True, variant: str = "",
-                    params: dict[str, str] | None = None) -> list[str]:
-    """One model per strategy (``variant`` names them apart; ``params``: more config.pbtxt parameters)."""
+                    params: dict[str, str] | None = None, version_utf8: bool = False) -> list[str]:
+    """One model per strategy (``variant`` names them apart; ``params``: more config.pbtxt parameters).
+    ``version_output`` declares ``HOTSWAP_WEIGHTS_VERSION`` (a string), ``version_utf8``
+    ``HOTSWAP_WEIGHTS_VERSION_UTF8`` (bytes)."""
     kwargs = json.dumps({"width": width, "layers": layers, "device": "cuda" if kind == "KIND_GPU" else "cpu",
                          "dtype": "float32"}).replace('"', '\\"')
     gpus = ", gpus: [ 0 ]" if kind == "KIND_GPU" else ""
@@ -75,7 +79,8 @@ def make_repository(root: Path, width: int, layers: int, strategies: list[str], 
         (root / name / "1").mkdir(parents=True)
         config = CONFIG.format(name=name, width=width, kind=kind, gpus=gpus, factory=FACTORY, kwargs=kwargs,
                                strategy=strategy, engine=engine, cuda_graphs=str(cuda_graphs).lower(),
-                               version_output=VERSION_OUTPUT_DECL if version_output else "")
+                               version_output=(VERSION_OUTPUT_DECL if version_output else "")
+                               + (VERSION_UTF8_DECL if version_utf8 else ""))
         config += "".join(PARAM.format(key=k, value=v) for k, v in (params or {}).items())
         (root / name / "config.pbtxt").write_text(config)
         (root / name / "1" / "model.py").write_text(code)

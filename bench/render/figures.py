@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.render.fmt import files, link, load, machine, secs
-from bench.render.tables import loader_rows
+from bench.render.soak import soak_pictures
+from bench.render.tables import loader_rows, size
 
 #: where the pictures go, beside the documents that show them
 FIGURES = Path(__file__).resolve().parents[2] / "docs" / "figures"
@@ -23,7 +24,9 @@ FIGURES = Path(__file__).resolve().parents[2] / "docs" / "figures"
 RC = {"svg.hashsalt": "hotswap", "svg.fonttype": "path", "font.family": "DejaVu Sans", "font.size": 10,
       "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
       "axes.axisbelow": True, "legend.frameon": False}
-TRANSFER_LABELS = {"pinned": "pinned: a ring of pinned buffers", "registered": "registered: DMA from the page cache",
+TRANSFER_LABELS = {"pinned": "pinned: a ring of pinned buffers", "kvikio": "kvikio: KvikIO's threads into the tensors",
+                   "auto": "auto: KvikIO where it reads, else the pinned ring",
+                   "registered": "registered (retired): DMA from the page cache",
                    "pinned copy limit": "pinned host → device copy (the limit)"}
 HOTSWAP, RELOAD, OTHER = ("#1f5fa8", "#7fa7d9"), ("#d1641d", "#efaa7a"), ("#4d9a4d", "#98c998", "#7a5aa6")
 
@@ -37,6 +40,8 @@ class Picture:
     what: str
     sources: tuple[Path, ...]
     draw: Callable[[Any], None]
+    #: inches
+    size: tuple[float, float] = (9, 4.8)
 
     def svg(self) -> bytes:
         """The picture as SVG, byte for byte the same on every run with the same JSON."""
@@ -53,7 +58,7 @@ class Picture:
         from matplotlib.figure import Figure
 
         with matplotlib.rc_context(RC):
-            fig = Figure(figsize=(9, 4.8), layout="constrained")
+            fig = Figure(figsize=self.size, layout="constrained")
             self.draw(fig)
             buf = io.BytesIO()
             fig.savefig(buf, format=fmt, metadata=metadata, dpi=110)
@@ -197,7 +202,8 @@ def swap_timelines(paths: Sequence[Path]) -> Iterator[Picture]:
 
 
 def transfer_loaders(paths: Sequence[Path]) -> Iterator[Picture]:
-    """The transfers of one gpu-refit run side by side (pinned ring, registered pages), by checkpoint size."""
+    """The transfers of one gpu-refit run side by side (``--transfers``: the pinned ring, KvikIO; the retired
+    registered pages in an older run), by checkpoint size."""
     for p in paths:
         doc = load(p)
         runs = [r for r in doc.get("runs", []) if r.get("strategy") == "double_buffer"]
@@ -230,10 +236,12 @@ def transfer_loaders(paths: Sequence[Path]) -> Iterator[Picture]:
             ax.set_title(f"Weight transfers side by side ({machine(doc)})", fontsize=10)
             fig.legend(loc="outside lower center", ncols=2, fontsize=8)
 
+        retired = (" `registered` (DMA from the page cache, registered with CUDA) measured slower, with stalls, and "
+                   "was retired." if "registered" in transfers else "")
         yield Picture(f"loaders-{p.stem}", "GB/s by weight transfer and checkpoint size",
                       "Checkpoint bytes per second from the rename to the first response served with them, by the "
                       "way the bytes reach the GPU (`weights_transfer`), beside the pinned host → device copy rate "
-                      "of the same run.", (p,), draw)
+                      f"of the same run.{retired}", (p,), draw)
 
 
 def loader_comparison(paths: Sequence[Path]) -> Iterator[Picture]:
@@ -241,10 +249,13 @@ def loader_comparison(paths: Sequence[Path]) -> Iterator[Picture]:
     for p in paths:
         doc = load(p)
         rows = loader_rows(p, doc)
+        if not rows:
+            continue
 
         def draw(fig: Any, rows: list[dict[str, Any]] = rows, doc: Mapping[str, Any] = doc) -> None:
             rate, cost = fig.subplots(1, 2, sharey=True)
-            labels = [f"{r['name']}, {r['threads']} threads, {r['task_bytes'] >> 20} MiB" for r in rows]
+            labels = [", ".join([r["name"], *([f"{r['threads']} threads"] if r["threads"] else []),
+                                 *([size(r["task_bytes"])] if r["task_bytes"] else [])]) for r in rows]
             ys = list(range(len(rows)))[::-1]
             bars = rate.barh(ys, [r["gbps"] for r in rows], color=HOTSWAP[0])
             for bar, r in zip(bars, rows, strict=True):
@@ -254,9 +265,9 @@ def loader_comparison(paths: Sequence[Path]) -> Iterator[Picture]:
             rate.set_xlabel("GB/s")
             rate.set_title("rate, checkpoint → device memory", fontsize=9)
             h = 0.4
-            cost.barh([y + h / 2 for y in ys], [r["p99_steady_ms"] for r in rows], h, color=OTHER[1],
+            cost.barh([y + h / 2 for y in ys], [r["p99_steady_ms"] or 0 for r in rows], h, color=OTHER[1],
                       label="requests p99, steady")
-            cost.barh([y - h / 2 for y in ys], [r["p99_during_ms"] for r in rows], h, color=RELOAD[0],
+            cost.barh([y - h / 2 for y in ys], [r["p99_during_ms"] or 0 for r in rows], h, color=RELOAD[0],
                       label="requests p99, while loading")
             cost.set_xlabel("ms")
             cost.set_title("requests served beside it", fontsize=9)
@@ -273,4 +284,5 @@ def pictures(results: Path) -> list[Picture]:
     return [*publish_by_size(files("gpu-publish-*.json", results)),
             *swap_timelines(files("serve-swap-*.json", results) + files("gpu-publish-*.json", results)),
             *transfer_loaders(files("gpu-refit-*.json", results)),
-            *loader_comparison(files("loaders-*.json", results))]
+            *loader_comparison(files("loaders-*.json", results)),
+            *soak_pictures(files("soak-*.json", results))]

@@ -17,7 +17,7 @@ CPU_PUBLISH = "publish-cpu2-double_buffer.json"
 CPU_REFIT = "refit-cpu2.json"
 GPU_STARTUP = "inductor-startup-h200.json"
 #: every run that counts errors and torn responses under swaps
-SWAP_RUNS = ("serve-swap-*.json", "gpu-serve-swap-*.json", "gpu-publish-*.json")
+SWAP_RUNS = ("serve-swap-*.json", "gpu-serve-swap-*.json", "gpu-publish-*.json", "soak-*.json")
 
 
 def _named(results: Path, name: str) -> tuple[Path, dict[str, Any]]:

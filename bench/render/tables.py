@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.render.fmt import errors, files, link, load, machine, ms, num, secs, sources, table, to_measure
+from bench.render.soak import soak
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -108,7 +109,7 @@ def gpu_refit(results: Path) -> str:
         for r in runs:
             cast = f"{r['checkpoint_dtype']} → {r['dtype']}" if r.get("checkpoint_dtype") != r.get("dtype") else r.get(
                 "dtype")
-            rows.append([r["engine"], r["strategy"], r.get("transfer", "pinned"), f"{r['bytes'] / 1e9:.2f} GB", cast,
+            rows.append([r["engine"], r["strategy"], transfer(r), f"{r['bytes'] / 1e9:.2f} GB", cast,
                          secs(r["total_s_median"]), num(r["effective_gbps"], " GB/s"), secs(r.get("pinned_limit_s")),
                          num(r.get("ratio_to_pinned_limit"), "x"), ms(r["pause_ms_median"]),
                          ms((r.get("client") or {}).get("during_refit_max_ms")),
@@ -116,7 +117,8 @@ def gpu_refit(results: Path) -> str:
         reg = doc.get("registration")
         if reg:
             rates = ", ".join(f"{k} thread(s) {v:.1f}" for k, v in reg["register_gbps"].items())
-            host.append(f"Registering page-cached pages with CUDA (`cudaHostRegister`, {reg['window_bytes'] >> 20} "
+            host.append(f"The retired `registered` transfer, measured before it was removed: registering "
+                        f"page-cached pages with CUDA (`cudaHostRegister`, {reg['window_bytes'] >> 20} "
                         f"MiB at a time) runs at {rates} GB/s; DMA out of pages registered beforehand "
                         f"{num(reg.get('dma_from_registered_gbps'), ' GB/s')}; unregistering "
                         f"{num(max(reg['unregister_gbps'].values()), ' GB/s')} ({link(p)})")
@@ -135,6 +137,14 @@ def gpu_refit(results: Path) -> str:
         out += "\n" + "".join(f"* {h}\n" for h in host)
     failed = errors(paths)
     return out + ("\n" + failed if failed else "") + "\n" + sources(paths)
+
+
+def transfer(run: Mapping[str, Any]) -> str:
+    """A run's ``weights_transfer``, with what ``auto`` came to; ``registered`` (an older run's) was retired."""
+    asked, used = run.get("transfer", "pinned"), run.get("transfer_used")
+    if asked == "registered":
+        return "registered (retired)"
+    return f"auto → {used}" if asked == "auto" and used else asked
 
 
 def _median(v: float | Mapping[str, Any] | None) -> float | None:
@@ -290,29 +300,71 @@ def loaders(results: Path) -> str:
     """Weight loaders side by side (``bench/loaders.py``): one row per loader and setting."""
     paths = files("loaders-*.json", results)
     if not paths:
-        return ""
-    rows = []
+        return to_measure("**Weight loaders** (a checkpoint into preallocated GPU tensors: the pinned ring, KvikIO, "
+                          "fastsafetensors, the Run:ai streamer, `safe_open`)", "bash bench/gpu_run.sh loaders")
+    rows, skipped = [], []
     for p in paths:
         doc = load(p)
         for r in loader_rows(p, doc):
-            rows.append([f"`{r['name']}`", r["threads"], f"{r['task_bytes'] >> 20} MiB", num(r["gbps"], " GB/s"),
-                         num(r.get("cpu_s_per_gb"), " s"), ms(r.get("p99_steady_ms")), ms(r.get("p99_during_ms")),
-                         machine(doc), link(p)])
-    return ("**Weight loaders** (`bench/loaders.py`): a checkpoint read into device memory by each loader, the "
-            "rate, the CPU time it took per GB, and the p99 latency of requests served beside it.\n\n"
+            name = f"`{r['name']}`" + ("" if r.get("verified", True) else " (wrong bytes)")
+            threads = "library's own" if r["threads"] is None else r["threads"]
+            rows.append([name, threads, size(r["task_bytes"]), num(r["gbps"], " GB/s"),
+                         num(r["cpu_s_per_gb"], " s"), ms(r["p99_steady_ms"]), ms(r["p99_during_ms"]), machine(doc),
+                         link(p)])
+        skipped += [f"* {link(p)}, `{s['name']}`: skipped: {s['reason']}\n" for s in doc.get("skipped") or []]
+    return ("**Weight loaders** (`bench/loaders.py`): a checkpoint read into preallocated device memory by each "
+            "loader, the rate, the CPU time it took per GB, and the p99 latency of requests served beside it; "
+            "`task size` is KvikIO's (`weights_task_bytes`).\n\n"
             + table(["loader", "threads", "task size", "rate", "CPU per GB", "requests p99 steady",
                      "requests p99 while loading", "machine", "results"], rows)
+            + ("\n" + "".join(skipped) if skipped else "")
             + ("\n" + errors(paths) if errors(paths) else "") + "\n" + sources(paths))
 
 
-#: the fields of a row of a loaders-*.json (``bench/loaders.py``)
+def instances(results: Path) -> str:
+    """Several instances on one GPU (``bench/gpu_instances.py``): every instance live, and the bytes read."""
+    paths = files("gpu-instances-*.json", results)
+    if not paths:
+        return to_measure("**Instances on one GPU** (rename → every instance serving the new version, and the "
+                          "bytes their stubs read)", "python3 -m bench.gpu_instances --json "
+                          "$OUT/gpu-instances-h200.json")
+    rows = []
+    for p in paths:
+        doc = load(p)
+        for c in doc["counts"]:
+            rows.append([c["instances"], size_gb(doc["model_bytes"]), secs(c["all_live_s"]["median"]),
+                         secs(c["all_live_s"]["max"]), len(c["swaps"]), num(c["read_until_live_over_model"], "x"),
+                         num(c["read_until_hashed_over_model"], "x"), machine(doc), link(p)])
+    return ("**Instances on one GPU** (`bench/gpu_instances.py`): one model served by N instances of one server "
+            "(`instance_group` count N, double buffer, the default weight transfer); a version renamed in, then "
+            "the time until every instance reports it live on the metrics endpoint, and the bytes the instances' "
+            "stubs read from files (`rchar`), against the model's size: each instance reads the checkpoint "
+            "itself, the baseline for reading it once per host.\n\n"
+            + table(["instances", "model", "every instance live (median)", "max", "swaps",
+                     "read until live", "read until hashed", "machine", "results"], rows)
+            + ("\n" + errors(paths) if errors(paths) else "") + "\n" + sources(paths))
+
+
+def size_gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.1f} GB"
+
+
+def size(nbytes: int | None) -> str:
+    """Bytes as MiB or KiB; n/a for None."""
+    if nbytes is None:
+        return "n/a"
+    return f"{nbytes / (1 << 20):g} MiB" if nbytes >= 1 << 20 else f"{nbytes / 1024:g} KiB"
+
+
+#: the fields of a row of a loaders-*.json (``bench/loaders.py``); ``threads`` and ``task_bytes`` may be None
+#: (a library that decides them itself, a loader without tasks)
 LOADER_FIELDS = ("name", "threads", "task_bytes", "gbps", "cpu_s_per_gb", "p99_during_ms", "p99_steady_ms")
 
 
 def loader_rows(path: Path, doc: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The rows of a loaders-*.json, each checked for every field of :data:`LOADER_FIELDS`."""
     rows = doc.get("rows")
-    if not isinstance(rows, list) or not rows:
+    if not isinstance(rows, list):
         raise ValueError(f"{path.name}: a loaders result needs 'rows', a list of {{{', '.join(LOADER_FIELDS)}}}")
     for i, r in enumerate(rows):
         missing = [f for f in LOADER_FIELDS if f not in r]
@@ -321,12 +373,12 @@ def loader_rows(path: Path, doc: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-SECTIONS: tuple[Callable[[Path], str], ...] = (refit_cpu, publish, zero_downtime, gpu_refit, gpu_publish, loaders,
-                                               compiled_engines, real_models, aoti_loader)
+SECTIONS: tuple[Callable[[Path], str], ...] = (refit_cpu, publish, zero_downtime, soak, gpu_refit, gpu_publish,
+                                               instances, loaders, compiled_engines, real_models, aoti_loader)
 #: the result files each section shows (every JSON in bench/results/ must match one)
-SECTION_FILES = ("refit-*.json", "publish-*.json", "serve-swap-*.json", "gpu-serve-swap-*.json",
-                 "gpu-refit-*.json", "gpu-publish-*.json", "loaders-*.json", "inductor-startup-*.json",
-                 "engine-latency-*.json", "real-refit-*.json", "aoti-load-probe-*.json")
+SECTION_FILES = ("refit-*.json", "publish-*.json", "serve-swap-*.json", "gpu-serve-swap-*.json", "soak-*.json",
+                 "gpu-refit-*.json", "gpu-publish-*.json", "gpu-instances-*.json", "loaders-*.json",
+                 "inductor-startup-*.json", "engine-latency-*.json", "real-refit-*.json", "aoti-load-probe-*.json")
 
 
 def measured(results: Path = RESULTS) -> str:

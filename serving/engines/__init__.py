@@ -92,9 +92,8 @@ def build_engine(kind: str, spec: BuildSpec, *, cache: EngineCache | None = None
     if kind not in ENGINES:
         raise ConfigError(f"unknown engine {kind!r}; choose one of {sorted(ENGINES)}")
     module_name, class_name = ENGINES[kind]
-    cls = getattr(importlib.import_module(module_name), class_name)
-    engine: Engine = cls.build(spec, cache=cache, metrics=metrics)
-    return engine
+    cls: type[Engine] = getattr(importlib.import_module(module_name), class_name)
+    return cls.build(spec, cache=cache, metrics=metrics)
 
 
 __all__ = ["ENGINES", "ENGINE_CHOICES", "BuildInfo", "Engine", "EngineChoice", "WeightSlot", "build_engine",

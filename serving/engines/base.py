@@ -1,9 +1,27 @@
-"""The small interface every engine implements.
+"""The interface every engine implements, and what engines share.
 
-An engine is built once (from the stripped-engine cache when it can) and then hands out
-*slots*: runnable copies of the compiled model, each with its own weight set. The refit
-coordinator double-buffers with two slots (refit the standby one off the serving path,
-then switch a pointer) or refits a single slot in place under a lock.
+An engine is built once (from the stripped-engine cache when it can) and then hands out *slots*:
+runnable copies of the compiled model, each with its own weight set. The refit coordinator
+double-buffers with two slots (refit the standby one off the serving path, then switch a pointer)
+or refits a single slot in place under a lock.
+
+A new engine provides:
+
+* an :class:`Engine` subclass with a ``kind`` (its name in ``ENGINES``, ``serving/engines/__init__.py``),
+  :meth:`Engine.build` (the one signature every engine has; it starts with :func:`build_device`),
+  :meth:`Engine.weight_specs` and :meth:`Engine.new_slot`, and, where the engine has them,
+  :attr:`Engine.ignored_names` and :attr:`Engine.kept_tensors`;
+* a :class:`WeightSlot` subclass: :meth:`~WeightSlot.transfer`, :meth:`~WeightSlot.refit` (checked
+  with :func:`weight_problems`) and :meth:`~WeightSlot.run`. A slot whose weights are tensors of its
+  own at fixed addresses subclasses :class:`CopySlot`, which does both for it;
+* a check at build time that every checkpoint tensor is refittable (nothing baked into the code).
+
+(The TensorRT engine checks its device together with TensorRT itself, in
+:func:`~serving.engines.tensorrt.environment.probe_environment`, which says what to install, and a weight
+set against its weight map, which also counts what earlier partial refits installed.)
+
+A compiled engine that stores its build in the stripped-engine cache describes the build as a
+recipe for :func:`serving.engines.cached_build.cached_build`, which owns the cache-or-compile flow.
 """
 
 from __future__ import annotations
@@ -11,11 +29,17 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from serving.errors import EngineBuildError, EngineUnavailableError
+from serving.errors import EngineBuildError, EngineUnavailableError, RefitError, ValidationError
 from serving.specs import BuildSpec, WeightSpec, dtype_name
+
+if TYPE_CHECKING:
+    from serving.cache import EngineCache
+    from serving.metrics import HotswapMetrics
 
 
 def build_device(spec: BuildSpec, engine: str) -> torch.device:
@@ -103,14 +127,113 @@ class WeightSlot(abc.ABC):
         """Release what the slot holds."""
 
 
+def to_engine(t: torch.Tensor, spec: WeightSpec | None, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``, a floating tensor in its spec's floating dtype; no copy when already so."""
+    convert = spec is not None and t.is_floating_point() and spec.dtype.is_floating_point
+    return t.to(device=device, dtype=spec.dtype if convert and spec is not None else t.dtype)
+
+
+class CopySlot(WeightSlot):
+    """A slot whose weights are tensors of its own at fixed addresses (:meth:`buffers`); a refit copies into them.
+
+    Compiled code (and captured CUDA graphs) read those addresses, so a refit changes what the next run
+    computes and never moves a tensor. A subclass gives :meth:`buffers`, and may add per-tensor checks
+    (:meth:`tensor_problems`), reshape what :meth:`transfer` returns (:meth:`prepare`) and act once the
+    copies are done (:meth:`installed`).
+    """
+
+    def __init__(self, label: str, specs: Mapping[str, WeightSpec], device: torch.device,
+                 ignored: frozenset[str] = frozenset()) -> None:
+        self.label = label  # "AOTI engine <factory>": names the engine in errors
+        self.specs = specs
+        self.device = device
+        self.ignored = ignored
+        self._ready = False
+
+    @property
+    def ready(self) -> bool:
+        """Whether the slot holds a complete weight set (it may run)."""
+        return self._ready
+
+    def reset(self) -> None:
+        """Mark the slot as holding no weights (its next refit must be complete)."""
+        self._ready = False
+
+    def tensor_problems(self, name: str, t: torch.Tensor) -> list[str]:
+        """What else a tensor must be for this slot (beyond :func:`weight_problems`)."""
+        return []
+
+    def prepare(self, t: torch.Tensor) -> torch.Tensor:
+        """A transferred tensor made ready for :meth:`refit` (default: as it is)."""
+        return t
+
+    def installed(self, buffers: Mapping[str, torch.Tensor]) -> None:  # noqa: B027 - optional hook
+        """Called after a refit's copies, before the slot counts as ready; raising fails the refit."""
+
+    def transfer(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Weights on the engine device, floating ones in the engine dtype; no copy when already so.
+
+        Ignored names are dropped; unknown names pass through for :meth:`refit` to report.
+        """
+        return {name: self.prepare(to_engine(t, self.specs.get(name), self.device))
+                for name, t in weights.items() if name not in self.ignored}
+
+    def refit(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``weights`` into this slot's buffers (tensors that already are the buffers, because a loader
+        wrote into :meth:`buffers`, are not copied); the caller's tensors may be freed afterwards.
+
+        The first refit must be complete; a later one may be partial (the buffers keep the rest). Nothing is
+        copied when the weights have a problem; a failure while copying leaves the slot needing a full refit.
+        """
+        problems = weight_problems(self.specs, weights, self.device, full=not self._ready, ignored=self.ignored,
+                                   extra=self.tensor_problems)
+        if problems:
+            raise ValidationError(f"refit of {self.label}", problems)
+        buffers = self.buffers()
+        try:
+            with torch.no_grad():
+                for name, t in weights.items():
+                    if name in self.ignored:
+                        continue
+                    dest = buffers[name]
+                    if dest.numel() and t.data_ptr() == dest.data_ptr():
+                        continue  # written in place by the loader
+                    dest.copy_(t)
+            self.installed(buffers)
+        except Exception as e:
+            self._ready = False  # part of the update may be in: not a consistent weight set
+            raise RefitError(f"{self.label}: refit failed ({e}); this slot needs a full refit before it can "
+                             "run again") from e
+        self._ready = True
+
+
 class Engine(abc.ABC):
     """A compiled model whose weights can be replaced without a rebuild."""
 
-    kind: str = "abstract"
+    #: the engine's name in ``ENGINES`` and in the cache key
+    kind: ClassVar[str] = "abstract"
+    #: state-dict names that are not weights of the engine (e.g. BatchNorm ``num_batches_tracked``, which a
+    #: compiled graph never reads in eval mode): a checkpoint may carry them, the loader accepts and drops them
+    ignored_names: frozenset[str] = frozenset()
+    #: tensors the model reads that no checkpoint provides (non-persistent buffers, constants created while
+    #: tracing): part of the engine, never refitted; a checkpoint that carries one must hold the same value
+    #: (``fixed`` of :func:`~serving.weights.loader.open_checkpoint`)
+    kept_tensors: Mapping[str, torch.Tensor] = MappingProxyType({})
 
     def __init__(self, device: torch.device, build_info: BuildInfo) -> None:
         self.device = device
         self.build_info = build_info
+
+    @classmethod
+    @abc.abstractmethod
+    def build(cls, spec: BuildSpec, *, cache: EngineCache | None = None,
+              metrics: HotswapMetrics | None = None) -> Engine:
+        """Build the engine of ``spec`` (from ``cache`` when it holds this build), checked to be refittable.
+
+        Raises :class:`~serving.errors.EngineUnavailableError` when the engine cannot run here and
+        :class:`~serving.errors.EngineBuildError` when the model cannot be served by it. ``metrics`` counts
+        what the engine measures itself (the cache counts its own events).
+        """
 
     @abc.abstractmethod
     def weight_specs(self) -> Mapping[str, WeightSpec]:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from serving.engines.base import BuildInfo, Engine, WeightSlot
+from serving.engines.base import BuildInfo, Engine, WeightSlot, build_device, weight_problems
 from serving.engines.export import make_module
-from serving.errors import NotReadyError, RefitError
-from serving.metrics import HotswapMetrics
+from serving.errors import NotReadyError, ValidationError
 from serving.specs import BuildSpec, WeightSpec, specs_with_ties
+
+if TYPE_CHECKING:
+    from serving.cache import EngineCache
+    from serving.metrics import HotswapMetrics
 
 
 def _to_list(out: object) -> list[torch.Tensor]:
@@ -35,6 +40,7 @@ class EagerSlot(WeightSlot):
     def __init__(self, module: torch.nn.Module, device: torch.device, specs: Mapping[str, WeightSpec]) -> None:
         self.module = module
         self.device = device
+        self.specs = specs
         self.names = frozenset(specs)
         #: spec name -> its tied aliases: a refit assigns the one tensor to every name of the group
         self.aliases = {n: s.aliases for n, s in specs.items() if s.aliases}
@@ -48,16 +54,15 @@ class EagerSlot(WeightSlot):
         return out
 
     def refit(self, weights: Mapping[str, torch.Tensor]) -> None:
-        if not self.loaded and set(weights) != self.names:
-            missing = sorted(self.names - set(weights))
-            raise RefitError(f"first refit of an eager slot must set every weight; missing {missing[:10]}")
+        """Assign ``weights`` as the module's tensors (checked first: nothing is assigned when one is wrong)."""
+        problems = weight_problems(self.specs, weights, self.device, full=not self.loaded)
+        if problems:
+            raise ValidationError("refit of the eager engine", problems)
         state = dict(weights)
         for name, aliases in self.aliases.items():
             if name in state:
                 state.update(dict.fromkeys(aliases, state[name]))
-        result = self.module.load_state_dict(state, strict=False, assign=True)
-        if result.unexpected_keys:
-            raise RefitError(f"eager refit: unknown tensors {result.unexpected_keys[:10]}")
+        self.module.load_state_dict(state, strict=False, assign=True)
         self.loaded = True
 
     def buffers(self) -> Mapping[str, torch.Tensor]:
@@ -82,12 +87,11 @@ class EagerEngine(Engine):
         self._specs = specs
 
     @classmethod
-    def build(cls, spec: BuildSpec, *, cache: object | None = None,
+    def build(cls, spec: BuildSpec, *, cache: EngineCache | None = None,
               metrics: HotswapMetrics | None = None) -> EagerEngine:
-        import time
-
+        """The factory's module on the device; ``cache`` is not used (there is nothing compiled to keep)."""
         t0 = time.perf_counter()
-        device = torch.device(spec.device)
+        device = build_device(spec, "eager engine")
         module = make_module(spec, device)
         specs = module_weight_specs(module)
         info = BuildInfo("bypass", time.perf_counter() - t0, None, "eager modules are not cached")

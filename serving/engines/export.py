@@ -2,6 +2,7 @@
 
 * :func:`make_module`: the factory's module in eval mode, in the spec's dtype, on the device (or on
   the meta device, when only its architecture is needed: no memory, no weight init);
+* :func:`nonpersistent_buffers`: the module's buffers outside its state dict (not weights);
 * :func:`example_inputs`: one batch of zeros per input (zeros are valid token ids too);
 * :func:`input_problems`: a batch of inputs checked against the spec;
 * :func:`export`: ``torch.export.export`` (non-strict) of those inputs, with the batch dimension
@@ -44,6 +45,13 @@ def make_module(spec: BuildSpec, device: torch.device, meta: bool = False) -> to
         except Exception as e:
             log.debug("factory %s cannot build on the meta device (%s); building on %s", spec.factory, e, device)
     return build_module(spec.factory, spec.kwargs()).to(device=device, dtype=spec.dtype)
+
+
+def nonpersistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's buffers that its state dict leaves out (``register_buffer(..., persistent=False)``, e.g.
+    transformers' ``position_ids``): no checkpoint carries them, so they are not weights."""
+    persistent = set(module.state_dict())
+    return {n: b.detach() for n, b in module.named_buffers() if n not in persistent}
 
 
 def example_inputs(spec: BuildSpec, device: torch.device, batch: int | None = None) -> tuple[torch.Tensor, ...]:
@@ -102,7 +110,7 @@ def _no_init() -> Iterator[None]:
     """Make ``torch.nn.init``'s in-place initializers no-ops while a module is built on meta.
 
     On the meta device they would be dispatched to torch's Python reference kernels, whose first
-    use imports torch._dynamo (about 1.9 s of a cache-hit start, measured); meta tensors hold no
+    use imports torch._dynamo (a large part of a cache hit's start, see docs/benchmarks.md); meta tensors hold no
     values to initialize anyway.
     """
     names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")
@@ -121,4 +129,5 @@ def _no_init() -> Iterator[None]:
             setattr(torch.nn.init, n, f)
 
 
-__all__ = ["EXAMPLE_BATCH", "batch_dims", "example_batch", "example_inputs", "export", "input_problems", "make_module"]
+__all__ = ["EXAMPLE_BATCH", "batch_dims", "example_batch", "example_inputs", "export", "input_problems", "make_module",
+           "nonpersistent_buffers"]

@@ -24,6 +24,7 @@ from serving.refit.strategies import strategy_named
 from serving.specs import TensorSpec
 from serving.weights import CheckpointPolicy, ValidationPolicy
 from serving.weights.fastpath import FastPathConfig, FastReader
+from serving.weights.transfer import TransferChoice
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,12 @@ class RefitCoordinator:
             self.previous, self._previous_file = _detached(self.previous, overwritten)
 
     # ------------------------------------------------------------------ fast path
+    @property
+    def transfers(self) -> dict[str, TransferChoice]:
+        """The transfer the fast path chose for each device it has read into, and why (empty before its first
+        read, or when the fast path is off)."""
+        return {str(d): c for d, c in self._reader.choices.items()} if self._reader is not None else {}
+
     def _fast_reader(self) -> FastReader:
         if self._reader is None:
             self._reader = FastReader(self.fast_path_config)

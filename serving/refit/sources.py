@@ -107,8 +107,7 @@ class HostSource(WeightSource):
         with refusing():
             loaded = load_weights(self.path, self.engine.weight_specs(), policy=self.policy,
                                   validation=self.validation, version=self._requested,
-                                  ignored=getattr(self.engine, "ignored_names", frozenset()),
-                                  fixed=getattr(self.engine, "kept_tensors", None))
+                                  ignored=self.engine.ignored_names, fixed=self.engine.kept_tensors)
         timer.add("read", loaded.read_s)
         timer.add("validate", loaded.validate_s)
         self._memory = StagedSource(StagedWeights.from_loaded(loaded, self.content_hash))
@@ -151,8 +150,7 @@ class FastSource(WeightSource):
         with refusing():
             self._checked = open_checkpoint(
                 self.path, self.engine.weight_specs(), policy=self.policy, validation=self.validation,
-                version=self._requested, ignored=getattr(self.engine, "ignored_names", frozenset()),
-                fixed=getattr(self.engine, "kept_tensors", None))
+                version=self._requested, ignored=self.engine.ignored_names, fixed=self.engine.kept_tensors)
         timer.add("read", self.checked.open_s)
         timer.add("validate", self.checked.check_s)
         self.version = self.checked.version

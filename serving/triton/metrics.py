@@ -24,6 +24,9 @@ class _Series:
     def observe(self, value: float) -> None:
         self._metric.observe(value)
 
+    def value(self) -> float:
+        return float(self._metric.value())
+
 
 class TritonMetricsBackend:
     """A MetricsBackend on ``pb_utils.MetricFamily``; every series carries the constant labels.
@@ -63,13 +66,28 @@ class TritonMetricsBackend:
             return s
 
     def remove(self, definition: MetricDef, labels: Mapping[str, str]) -> None:
-        """Set the series to 0 and keep it: dropping a pb_utils Metric does not take it off Triton's
-        endpoint (seen with Triton 2.51), so an old weights version reads 0, the live one 1."""
+        """Take a gauge series off Triton's endpoint (the live-version gauge, once another version is live).
+
+        The stub's ``MetricFamily`` holds every ``Metric`` it made until the family itself is deleted, which
+        deletes them all (python_backend's ``metric_family.cc``); dropping one ``Metric`` takes nothing off.
+        So the family is rebuilt: its other series are read, the family deleted, and they are made again
+        with their values. Kept instead, every version ever live would stay on the endpoint at 0.
+        """
+        if definition.kind != "gauge":
+            raise ValueError(f"{definition.name}: only gauge series can be removed (a {definition.kind}'s "
+                             "value cannot be restored when its family is rebuilt)")
         key = (definition.name, tuple(sorted({**self.const_labels, **labels}.items())))
         with self._lock:
-            series = self._series.get(key)
-        if series is not None:
-            series.set(0)
+            if key not in self._series:
+                return
+            others = {k: s.value() for k, s in self._series.items() if k[0] == definition.name and k != key}
+            for k in [k for k in self._series if k[0] == definition.name]:
+                del self._series[k]
+            self._families.pop(definition.name, None)  # the last reference: the family and its series go
+            for k, value in others.items():
+                metric = self._family(definition).Metric(labels=dict(k[1]))
+                series = self._series[k] = _Series(metric)
+                series.set(value)
 
     def close(self) -> None:
         """Delete series before their families (Triton's required order)."""

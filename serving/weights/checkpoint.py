@@ -11,9 +11,9 @@ Accepted formats:
 
 :func:`detect_checkpoint` resolves symlinks, checks the files against the policy (root, size) and
 records a fingerprint of every file (size, mtime, inode). :func:`describe_checkpoint` reads headers only;
-:func:`read_tensors` reads only the tensors asked for into memory of their own (through a descriptor, never a
-mapping: see :mod:`serving.weights.safetensors_file`), and fails with ``reason="changed_during_read"`` when a
-file differs from its fingerprint before or after, or is truncated while it is read.
+:func:`read_tensors` reads only the tensors asked for, into tensors of their own (through a descriptor,
+never a mapping), and fails with ``reason="changed_during_read"`` when a file differs from its fingerprint
+before or after, or is truncated while it is read.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import json
 import os
 import pickle
 import stat
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -29,8 +30,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from serving.errors import CheckpointError, ValidationError, reading
-from serving.weights.safetensors_file import SafetensorsFile
-from serving.weights.safetensors_header import TensorMeta, read_header
+from serving.weights.safetensors_header import TensorMeta, read_header, read_open_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -370,6 +370,49 @@ def _locate(c: CheckpointCandidate, names: list[str]) -> dict[Path, list[str]]:
     return {file: names}
 
 
+class SafetensorsFile:
+    """A safetensors file open for reading: its header, checked as
+    :func:`~serving.weights.safetensors_header.parse_header` does, then any tensor read from the file straight
+    into a tensor of its own (``with SafetensorsFile(path) as f: f.get_tensor(name)``).
+
+    Not ``safetensors.safe_open``: every ``get_tensor`` of safetensors 0.8 keeps about 70 bytes that are never
+    freed, a leak that grows with every checkpoint a long-running server reads (the soak in
+    docs/benchmarks.md). Nothing stays mapped either, so a later write to the file can neither change nor (by
+    truncation) fault the weights handed out.
+    """
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self._f = open(file, "rb")  # noqa: SIM115 - closed by __exit__ or right below
+        try:
+            self.metas, self._data_start = read_open_header(self._f, str(file))
+        except BaseException:
+            self._f.close()
+            raise
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
+
+    def keys(self) -> list[str]:
+        return list(self.metas)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        meta = self.metas[name]
+        tensor = torch.empty(meta.shape, dtype=meta.dtype)
+        nbytes = meta.end - meta.start
+        if nbytes:
+            self._f.seek(self._data_start + meta.start)
+            got = self._f.readinto(tensor.view(-1).view(torch.uint8).numpy().data)
+            if got != nbytes:
+                raise CheckpointError(f"{self.file}: tensor {name!r}: {got} of its {nbytes} bytes could be read: the "
+                                      "file was truncated while it was being read; publish checkpoints by renaming "
+                                      "them into place (`hotswap publish`), then retry", reason="changed_during_read")
+        return tensor if sys.byteorder == "little" else from_little_endian(tensor)
+
+
 def _read_safetensors(file: Path, names: list[str]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     with reading(file), SafetensorsFile(file) as f:  # read, never mapped: a truncation must not fault the process
@@ -380,6 +423,14 @@ def _read_safetensors(file: Path, names: list[str]) -> dict[str, torch.Tensor]:
         for n in names:
             out[n] = f.get_tensor(n)
     return out
+
+
+def from_little_endian(t: torch.Tensor) -> torch.Tensor:
+    """A tensor read from safetensors' little-endian bytes, in a big-endian machine's byte order. Pure."""
+    if t.element_size() == 1:
+        return t
+    raw = t.view(-1).view(torch.uint8).view(-1, t.element_size()).flip(1).contiguous()
+    return raw.view(t.dtype).view(t.shape)
 
 
 def read_tensors(c: CheckpointCandidate, names: Iterable[str],

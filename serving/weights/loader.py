@@ -2,10 +2,10 @@
 
 Two steps, which the refit coordinator also calls apart: :func:`open_checkpoint` (detect, read
 headers, check names/shapes/dtypes: no tensor data) and :func:`read_checked` (the data). The data
-goes either to fresh host tensors (``safe_open``, then :func:`~serving.weights.validate.conform`), or,
-when a ``device``, destination tensors (``out``) or a :class:`~serving.weights.fastpath.FastReader`
-is given, through the fast path straight into destination tensors on that device (see
-:mod:`serving.weights.fastpath`).
+goes either to fresh host tensors (:class:`~serving.weights.checkpoint.SafetensorsFile`, then
+:func:`~serving.weights.validate.conform`), or, when a ``device``, destination tensors (``out``) or a
+:class:`~serving.weights.fastpath.FastReader` is given, through the fast path straight into destination
+tensors on that device (see :mod:`serving.weights.fastpath`).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -205,11 +206,20 @@ def read_header(path: Path, *, max_header_bytes: int = MAX_HEADER_BYTES) -> dict
     """Read and check the header of a safetensors file; reads only the header bytes."""
     source = str(path)
     with reading(source, gone="no such file", gone_reason="not_found"), open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        first = f.read(HEADER_LEN_BYTES)
-        if len(first) == HEADER_LEN_BYTES:
-            (n,) = struct.unpack("<Q", first)
-            # read the JSON only when its length is sane; parse_header reports why otherwise
-            if 0 < n <= max_header_bytes and HEADER_LEN_BYTES + n <= size:
-                first += f.read(n)
-    return parse_header(first, size, source, max_header_bytes=max_header_bytes)
+        return read_open_header(f, source, max_header_bytes=max_header_bytes)[0]
+
+
+def read_open_header(f: BinaryIO, source: str, *,
+                     max_header_bytes: int = MAX_HEADER_BYTES) -> tuple[dict[str, TensorMeta], int]:
+    """The checked header of the safetensors file open as ``f`` (read from its start), and where its data
+    section starts: :attr:`TensorMeta.start` and ``end`` are relative to that offset."""
+    size = os.fstat(f.fileno()).st_size
+    f.seek(0)
+    first = f.read(HEADER_LEN_BYTES)
+    if len(first) == HEADER_LEN_BYTES:
+        (n,) = struct.unpack("<Q", first)
+        # read the JSON only when its length is sane; parse_header reports why otherwise
+        if 0 < n <= max_header_bytes and HEADER_LEN_BYTES + n <= size:
+            first += f.read(n)
+    metas = parse_header(first, size, source, max_header_bytes=max_header_bytes)
+    return metas, len(first)

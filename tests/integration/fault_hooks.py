@@ -27,7 +27,7 @@ import torch
 from serving.refit.slots import Slots
 from serving.triton.model import TritonPythonModel
 from serving.watch.install import Installer
-from serving.weights.safetensors_file import SafetensorsFile
+from serving.weights.checkpoint import SafetensorsFile
 
 FAULTS = Path(os.environ["FAULT_INJECTION_DIR"])
 #: the longest a stop point waits for the test

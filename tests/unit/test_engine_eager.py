@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from serving.engines import build_engine
-from serving.errors import ConfigError, NotReadyError, RefitError
+from serving.errors import ConfigError, NotReadyError, ValidationError
 from serving.examples import CNN, TRANSFORMER, example_build_spec
 from serving.factory import build_module
 from serving.weights.random_state import random_state_dict
@@ -33,7 +33,7 @@ def test_eager_slot_refuses_to_run_or_partially_load_before_first_refit() -> Non
     slot = engine.new_slot()
     with pytest.raises(NotReadyError):
         slot.run([torch.zeros(1, 3, 32, 32)])
-    with pytest.raises(RefitError, match="every weight"):
+    with pytest.raises(ValidationError, match="every weight"):
         slot.refit({"head.bias": torch.zeros(10)})
 
 

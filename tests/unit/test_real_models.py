@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from watch_helpers import DEBOUNCE, wait_for
 
 from serving.engines import Engine, build_engine
-from serving.errors import ValidationError
+from serving.errors import EngineBuildError, ValidationError
 from serving.factory import build_module
 from serving.metrics import prometheus_metrics
 from serving.publish import publish
@@ -45,6 +45,8 @@ class Model:
     outputs: tuple[TensorSpec, ...]
     cls: Callable[..., Any]
     example: Callable[[int], torch.Tensor]
+    #: the factory's model returns the logits of the last position only
+    last_token: bool = False
 
     def spec(self, max_batch: int = 4) -> BuildSpec:
         return BuildSpec(factory=self.factory, inputs=self.inputs, outputs=self.outputs, max_batch=max_batch,
@@ -65,10 +67,24 @@ class Model:
         """The library's own model loaded from the same files."""
         module = self.cls.from_pretrained(str(folder)).eval()
         with torch.inference_mode():
-            return module(x).logits
+            logits: torch.Tensor = module(x).logits
+        return logits[:, -1, :] if self.last_token else logits
 
 
 Saved = dict[str, tuple[Path, Path]]
+
+
+class LastTokenGPT2(transformers.GPT2LMHeadModel):
+    """GPT-2 as transformers builds it by default (``use_cache=True``), serving the next-token logits."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        logits: torch.Tensor = super().forward(input_ids=input_ids).logits
+        return logits[:, -1, :]
+
+
+def gpt2_last_token(**config: Any) -> torch.nn.Module:
+    """A user's factory: a default ``GPT2Config`` (nothing switched off) and the last position's logits."""
+    return LastTokenGPT2(transformers.GPT2Config(**config))
 
 
 def _ids(vocab: int) -> Callable[[int], torch.Tensor]:
@@ -91,6 +107,11 @@ MODELS = {
         dict(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0),
         (TensorSpec("INPUT_IDS", torch.int64, (SEQ,)),), (TensorSpec("LOGITS", torch.float32, (SEQ, 64)),),
         transformers.GPT2LMHeadModel, _ids(64)),
+    "gpt2-default": Model(
+        "gpt2-default", f"{__name__}:gpt2_last_token",
+        dict(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0),
+        (TensorSpec("INPUT_IDS", torch.int64, (SEQ,)),), (TensorSpec("LOGITS", torch.float32, (64,)),),
+        transformers.GPT2LMHeadModel, _ids(64), last_token=True),
     "resnet": Model(
         "resnet", "serving.examples.hf:resnet_classifier",
         dict(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=4),
@@ -119,8 +140,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Saved:
 
 def _serve_from(engine: Engine, folder: Path) -> Any:
     slot = engine.new_slot()
-    loaded = load_weights(folder, engine.weight_specs(), ignored=getattr(engine, "ignored_names", frozenset()),
-                          fixed=getattr(engine, "kept_tensors", None))
+    loaded = load_weights(folder, engine.weight_specs(), ignored=engine.ignored_names, fixed=engine.kept_tensors)
     slot.refit(slot.transfer(loaded.tensors))
     return slot
 
@@ -191,26 +211,83 @@ def test_aoti_keeps_bert_non_persistent_buffers_and_checks_a_checkpoint_that_car
         _serve_from(engine, tmp_path / "other.safetensors")
 
 
+@pytest.fixture(scope="module")
+def inductor_engines() -> Iterator[dict[str, Engine]]:
+    """One compiled Inductor engine per model (no cache), built on first use."""
+    built: dict[str, Engine] = {}
+    yield built
+    for e in built.values():
+        e.close()
+
+
+def _inductor(key: str, engines: dict[str, Engine]) -> Engine:
+    if key not in engines:
+        engines[key] = build_engine("inductor", MODELS[key].spec())
+    return engines[key]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("key", ["bert", "gpt2"])
-def test_inductor_serves_save_pretrained_output_like_from_pretrained(key: str, saved: Saved) -> None:
+@pytest.mark.parametrize("key", ["bert", "gpt2", "gpt2-default"])
+def test_inductor_serves_save_pretrained_output_like_from_pretrained(key: str, saved: Saved,
+                                                                     inductor_engines: dict[str, Engine]) -> None:
     """BERT reads non-persistent buffers (kept, not weights); GPT-2 ties lm_head to wte (one weight)."""
-    engine = build_engine("inductor", MODELS[key].spec())
-    try:
-        if key == "bert":
-            assert set(engine.kept_tensors) == {"bert.embeddings.position_ids", "bert.embeddings.token_type_ids"}
-            assert "non-persistent buffer" in engine.build_info.detail
-        else:
-            assert engine.weight_specs()["transformer.wte.weight"].aliases == ("lm_head.weight",)
-        x = MODELS[key].example(0)
-        slot = engine.new_slot()
-        for folder in saved[key]:  # the same slot refitted twice: outputs follow the weights
-            loaded = load_weights(folder, engine.weight_specs(), fixed=engine.kept_tensors)
-            slot.refit(slot.transfer(loaded.tensors))
-            (out,) = slot.run([x])
-            torch.testing.assert_close(out, MODELS[key].reference(folder, x), atol=ATOL, rtol=0)
-    finally:
-        engine.close()
+    engine = _inductor(key, inductor_engines)
+    if key == "bert":
+        assert set(engine.kept_tensors) == {"bert.embeddings.position_ids", "bert.embeddings.token_type_ids"}
+        assert "non-persistent buffer" in engine.build_info.detail
+    else:
+        assert engine.weight_specs()["transformer.wte.weight"].aliases == ("lm_head.weight",)
+    x = MODELS[key].example(0)
+    slot = engine.new_slot()
+    for folder in saved[key]:  # the same slot refitted twice: outputs follow the weights
+        loaded = load_weights(folder, engine.weight_specs(), fixed=engine.kept_tensors)
+        slot.refit(slot.transfer(loaded.tensors))
+        (out,) = slot.run([x])
+        torch.testing.assert_close(out, MODELS[key].reference(folder, x), atol=ATOL, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["aoti", "inductor"])
+@pytest.mark.parametrize("key", ["bert", "gpt2-default"])
+def test_default_configs_refit_through_the_coordinator_like_from_pretrained(
+        kind: str, key: str, saved: Saved, aoti_engines: dict[str, Engine],
+        inductor_engines: dict[str, Engine]) -> None:
+    """transformers' default configs (``use_cache`` on: GPT-2 traces empty key/value tensors) refitted as serving
+    refits them, by the coordinator from the save_pretrained folders, on the host path and the fast path (which
+    writes into the slot's own buffers): outputs equal from_pretrained's on the same files."""
+    model = MODELS[key]
+    engine = _aoti(key, aoti_engines) if kind == "aoti" else _inductor(key, inductor_engines)
+    x = model.example(0)
+    for fast_path in (False, True):
+        coord = RefitCoordinator(engine, metrics=prometheus_metrics(CollectorRegistry()), fast_path=fast_path,
+                                 canary=CanaryConfig("reference", atol=ATOL), canary_input_specs=model.inputs,
+                                 reference_factory=lambda: build_module(model.factory, dict(model.config)))
+        try:
+            for i, folder in enumerate(saved[key]):
+                report = coord.refit_from_path(folder, version=f"v{i}")
+                assert report.outcome == "success", report
+                torch.testing.assert_close(coord.infer([x])[0], model.reference(folder, x), atol=ATOL, rtol=0)
+        finally:
+            coord.close()
+
+
+@pytest.mark.slow
+def test_aoti_build_refits_as_serving_does_so_a_constant_it_cannot_take_fails_the_build(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPT-2's default config traces empty key/value tensors that Inductor folds into the code. Registered with
+    the runner anyway (what the engine once did), the first refit failed after a good build; the build's own
+    refit through serving's call now refuses such an engine, naming the constant and the fix."""
+    from serving.engines.aoti import compiler
+    from serving.engines.aoti.slot import AOTISlot
+
+    def every_kept_tensor(runner: Any, spec: BuildSpec, device: torch.device, specs: Any, ignored: frozenset[str],
+                          kept: Any) -> AOTISlot:
+        return AOTISlot(runner, spec=spec, device=device, specs=specs, ignored=ignored, constants=kept)
+
+    monkeypatch.setattr(compiler, "make_slot", every_kept_tensor)
+    with pytest.raises(EngineBuildError, match=r"(?s)does not take the weights and kept tensors as serving installs "
+                       r"them \(Constant not found: transformer\.h\.\d\.attn\.lifted_tensor_\d\).*use_cache=False"):
+        build_engine("aoti", MODELS["gpt2-default"].spec())
 
 
 def test_gpt2_tie_is_one_weight_given_under_either_name(saved: Saved, tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from serving.metrics import STAGES, prometheus_metrics
 from serving.refit import CanaryConfig, RefitCoordinator, RefitReport, StagedWeights, check_canary
 from serving.refit.report import Refused, RolledBack, StageTimer, verdict
 from serving.refit.slots import Slots
+from serving.specs import BuildSpec
 from serving.weights.fastpath import FastPathConfig
 from serving.weights.random_state import random_state_dict
 
@@ -233,12 +234,18 @@ class _BrokenSlot(WeightSlot):
 
 
 class _FlakyEngine(Engine):
+    """The eager engine whose slots fall over on demand."""
+
     kind = "flaky"
 
     def __init__(self, inner: Engine) -> None:
         super().__init__(inner.device, inner.build_info)
         self.inner = inner
         self.fail = [0]
+
+    @classmethod
+    def build(cls, spec: BuildSpec, *, cache: object = None, metrics: object = None) -> _FlakyEngine:
+        return cls(build_engine("eager", spec))
 
     def weight_specs(self):  # type: ignore[no-untyped-def]
         return self.inner.weight_specs()
@@ -249,7 +256,7 @@ class _FlakyEngine(Engine):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_failure_mid_refit_leaves_previous_weights_serving(rig: Rig, strategy: str) -> None:
-    engine = _FlakyEngine(build_engine("eager", SPEC))
+    engine = _FlakyEngine.build(SPEC)
     coord = rig.coordinator(strategy, engine)
     a = random_state(1)
     rig.offer(coord, "v1", a)
@@ -268,7 +275,7 @@ def test_failure_mid_refit_leaves_previous_weights_serving(rig: Rig, strategy: s
 
 def test_in_place_stops_serving_when_even_the_restore_fails(rig: Rig) -> None:
     """Serving garbage is worse than not serving: a half-refitted slot is never run."""
-    engine = _FlakyEngine(build_engine("eager", SPEC))
+    engine = _FlakyEngine.build(SPEC)
     coord = rig.coordinator("in_place", engine)
     rig.offer(coord, "v1", random_state(1))
     engine.fail[0] = 2  # the refit and the restore both fail

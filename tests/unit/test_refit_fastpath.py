@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from weights.fake_kvikio import FakeKvikIO
 
 from serving.engines import build_engine
 from serving.engines.base import Engine
 from serving.examples import TRANSFORMER, example_build_spec
 from serving.factory import build_module
 from serving.refit import CanaryConfig, RefitCoordinator, StagedWeights
+from serving.weights import fastpath
 from serving.weights.fastpath import FastPathConfig
 from serving.weights.random_state import random_state_dict
 
@@ -183,3 +185,23 @@ def test_in_place_with_merged_live_weights_takes_the_host_path(tmp_path: Path) -
     assert_serves(coord, b)
 
 
+
+
+@pytest.mark.parametrize("strategy", ["double_buffer", "in_place"])
+def test_refits_through_kvikio(tmp_path: Path, strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """weights_transfer: kvikio (a fake of the library on the CPU): outputs go from A to B, and back."""
+    fake = FakeKvikIO()
+    monkeypatch.setattr(fastpath, "load_kvikio", lambda: (fake, "imported"))
+    config = FastPathConfig(threads=3, buffers=2, buffer_bytes=1 << 20, task_bytes=8192, transfer="kvikio")
+    coord = RefitCoordinator(build_engine("eager", SPEC), strategy=strategy, fast_path=True, fast_path_config=config)
+    _OPEN.append(coord)
+    a, b = state(1), state(2)
+    for sd, name in ((a, "a"), (b, "b")):
+        report = coord.refit_from_path(write(tmp_path, name, sd))
+        assert report.outcome == "success", report.message
+        assert_serves(coord, sd)
+    assert len({c[0] for c in fake.calls}) == 2  # both files went through KvikIO
+    assert coord.rollback().outcome == "success"
+    assert_serves(coord, a)
+    coord.close()
+    assert fake.live_threads() == 0

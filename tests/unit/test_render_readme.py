@@ -213,3 +213,53 @@ def test_the_headlines_name_their_files_and_a_missing_one_is_an_error(tmp_path: 
     assert "(docs/figures/publish-by-size.svg)" in text
     with pytest.raises(ValueError, match="gpu-publish-h200.json: the README's 'At a glance' quotes this result"):
         glance.glance(tmp_path)
+
+
+def test_an_instances_result_gets_its_table(tmp_path: Path) -> None:
+    """bench/gpu_instances.py: per instance count, every instance live and the bytes read against the model."""
+    count = {"instances": 2, "swaps": [{"all_live_s": 1.5}], "all_live_s": {"median": 1.5, "max": 1.75},
+             "read_until_live_over_model": 2.0, "read_until_hashed_over_model": 4.0}
+    doc = {"command": "python3 -m bench.gpu_instances --json $OUT/gpu-instances-x.json", "environment": {"gpu": "G"},
+           "model_bytes": 16e9, "counts": [count], "errors": []}
+    (tmp_path / "gpu-instances-x.json").write_text(json.dumps(doc))
+    text = tables.measured(tmp_path)
+    assert "| 2 | 16.0 GB | 1.5 s | 1.75 s | 1 | 2x | 4x | G |" in text
+    assert "`python3 -m bench.gpu_instances --json $OUT/gpu-instances-x.json`" in text
+
+
+def _soak_doc() -> dict[str, object]:
+    """The shape bench/soak.py writes (tests/unit/test_soak.py renders a real run's JSON too)."""
+    swaps = [0, 100, 200, 300]
+    series = {
+        "tiny_cnn_0_0/rss_bytes": {"unit": "bytes", "what": "resident memory", "values": [2.7e8, 2.8e8, 2.8e8, 2.8e8],
+                                   "growth_pct_per_100_swaps": 0.0, "flat": True},
+        "tiny_cnn_0_0/fds": {"unit": "count", "what": "fds", "values": [7, 7, 8, 9],
+                             "growth_pct_per_100_swaps": 11.7647, "flat": False},
+        "files/weights_leftovers": {"unit": "count", "what": "left", "values": [0, 0, 0, 0],
+                                    "growth_pct_per_100_swaps": 0.0, "flat": True},
+        "gpu/used_bytes": {"unit": "bytes", "what": "GPU", "values": [None] * 4, "growth_pct_per_100_swaps": None,
+                           "flat": None, "why": "not measurable here"}}
+    return {"command": "python3 -m bench.soak --swaps 300 --json bench/results/soak-x.json", "machine": {"cpus": 2},
+            "models": {"names": ["tiny_cnn"], "bytes": {"tiny_cnn": 22256}}, "clients": 4, "swaps": 300,
+            "sample_every": 100, "warmup_swaps": 200, "duration_s": 150.0, "requests": 90000, "errors": 0, "torn": 0,
+            "publishes": {"adapter: lora": 30, "base: publish": 240, "unadapt: touch": 30},
+            "publish_to_live_s": {"median": 0.12, "p99": 0.4, "max": 0.5}, "met": False,
+            "gpu_memory": "the CPU run serves on KIND_CPU instances: no GPU memory to measure",
+            "samples": [{"swap": s, "elapsed_s": s / 2, "answered": s * 300, "errors": 0, "torn": 0} for s in swaps],
+            "series": series}
+
+
+def test_a_soak_result_gets_its_table_and_its_picture(tmp_path: Path) -> None:
+    (tmp_path / "soak-x.json").write_text(json.dumps(_soak_doc()))
+    text = tables.measured(tmp_path)
+    assert ("| `tiny_cnn` (`model_repository/`) | 4 | 300 | 30 | 150 s | 90000 | 0 | 0 | 120 ms / 500 ms | 2 of 3 "
+            "| **not met** | 2 CPUs |") in text
+    assert "| `tiny_cnn_0_0/fds` | 8 | 9 | 11.8 % | **no** |" in text
+    assert "| `tiny_cnn_0_0/rss_bytes` | 280.0 MB | 280.0 MB | 0 % | yes |" in text
+    assert "| `gpu/used_bytes` | n/a | n/a | not measurable here | n/a |" in text
+    assert "`python3 -m bench.soak --swaps 300 --json bench/results/soak-x.json`" in text
+    [picture] = figures.pictures(tmp_path)
+    svg = picture.svg()
+    assert picture.name == "soak-x" and svg.startswith(b"<?xml") and svg == picture.svg()
+    assert "300-swap soak" in picture.alt and "(../bench/results/soak-x.json)" in picture.markdown("../", "figures")
+    assert "300 swaps" in glance.zero_downtime(tmp_path)

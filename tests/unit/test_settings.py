@@ -138,22 +138,29 @@ def test_strip_prefix_is_a_comma_separated_list() -> None:
 
 
 def test_weights_pipeline_settings_reach_the_reader(tmp_path: Path) -> None:
+    from serving.service import fast_path_config_for
     from serving.weights.fastpath import FastPathConfig
 
     base = {"model_factory": FACTORY, "weights_dir": str(tmp_path)}
     s = parse_settings(base, model_name="m", env={})
     default = FastPathConfig()  # the table's defaults are the reader's
-    assert (s.weights_transfer, s.weights_reader_threads, s.weights_read_bytes) == \
-        (default.transfer, default.threads, default.read_bytes)
-    s = parse_settings({**base, "weights_transfer": "registered", "weights_reader_threads": "4",
-                        "weights_read_bytes": str(64 << 20)}, model_name="m", env={})
-    assert (s.weights_transfer, s.weights_reader_threads, s.weights_read_bytes) == ("registered", 4, 64 << 20)
+    assert (s.weights_transfer, s.weights_reader_threads, s.weights_read_bytes, s.weights_task_bytes) == \
+        (default.transfer, default.threads, default.read_bytes, default.task_bytes) == ("auto", 8, 16 << 20, 4 << 20)
+    s = parse_settings({**base, "weights_transfer": "kvikio", "weights_reader_threads": "4",
+                        "weights_read_bytes": str(64 << 20), "weights_task_bytes": str(1 << 20)}, model_name="m",
+                       env={})
+    assert (s.weights_transfer, s.weights_reader_threads, s.weights_read_bytes, s.weights_task_bytes) == \
+        ("kvikio", 4, 64 << 20, 1 << 20)
+    assert fast_path_config_for(s) == FastPathConfig(transfer="kvikio", threads=4, read_bytes=64 << 20,
+                                                     task_bytes=1 << 20)
     with pytest.raises(ConfigError) as e:
         parse_settings({**base, "weights_transfer": "dma", "weights_reader_threads": "0",
-                        "weights_read_bytes": "5000"}, model_name="m", env={})
-    for needle in ("weights_transfer: expected one of pinned, registered", "weights_reader_threads: must be >= 1",
-                   "weights_read_bytes: must be a multiple of 64"):
+                        "weights_read_bytes": "5000", "weights_task_bytes": "6000"}, model_name="m", env={})
+    for needle in ("weights_transfer: expected one of auto, kvikio, pinned", "weights_reader_threads: must be >= 1",
+                   "weights_read_bytes: must be a multiple of 64", "weights_task_bytes: must be a multiple of 4096"):
         assert needle in str(e.value), needle
+    with pytest.raises(ConfigError, match="weights_task_bytes: must be >= 4096"):
+        parse_settings({**base, "weights_task_bytes": "0"}, model_name="m", env={})
 
 
 def test_importing_the_settings_loads_neither_torch_nor_an_engine() -> None:

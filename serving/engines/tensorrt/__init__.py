@@ -22,15 +22,15 @@ missing and how to install it. TensorRT calls follow the Python API docstrings o
 from __future__ import annotations
 
 from serving.engines.tensorrt.cache_bridge import (
-    CACHE_SCHEMA,
+    TRT_ENTRY_SCHEMA,
     CacheBridge,
-    CacheEntry,
     EngineCacheLike,
-    cache_key,
-    cache_key_fields,
-    entry_files,
+    TrtEntry,
     make_torch_trt_cache,
-    read_entry,
+    read_trt_entry,
+    trt_cache_key,
+    trt_entry_files,
+    trt_key_fields,
 )
 from serving.engines.tensorrt.engine import TensorRTEngine, engine_nbytes_fraction
 from serving.engines.tensorrt.environment import (
@@ -47,9 +47,9 @@ from serving.engines.tensorrt.runtime import make_logger, torch_dtype_to_trt_nam
 from serving.engines.tensorrt.slot import EngineHandle, RefitBackend, RefitterLike, StreamLike, TensorRTSlot
 
 __all__ = [
-    "CACHE_SCHEMA", "CacheBridge", "CacheEntry", "EngineCacheLike", "EngineHandle", "INSTALL_HINT", "MIN_TENSORRT",
+    "TRT_ENTRY_SCHEMA", "CacheBridge", "EngineCacheLike", "EngineHandle", "INSTALL_HINT", "MIN_TENSORRT",
     "MIN_TORCH_TENSORRT", "OPTIONS", "OptionInfo", "RefitBackend", "RefitterLike", "StreamLike", "TensorRTEngine",
-    "TensorRTSlot", "TrtBuildOptions", "TrtEnvironment", "cache_key", "cache_key_fields", "engine_nbytes_fraction",
-    "entry_files", "make_logger", "make_torch_trt_cache", "parse_version", "probe_environment", "read_entry",
-    "torch_dtype_to_trt_name", "trt_dtype_to_torch", "unavailable_message",
+    "TensorRTSlot", "TrtBuildOptions", "TrtEntry", "TrtEnvironment", "engine_nbytes_fraction", "make_logger",
+    "make_torch_trt_cache", "parse_version", "probe_environment", "read_trt_entry", "torch_dtype_to_trt_name",
+    "trt_cache_key", "trt_dtype_to_torch", "trt_entry_files", "trt_key_fields", "unavailable_message",
 ]

@@ -22,7 +22,7 @@ import torch
 
 from serving.engines.export import export, make_module
 from serving.engines.tensorrt import mapping as tm
-from serving.engines.tensorrt.cache_bridge import CacheBridge, EngineCacheLike, cache_key_fields, make_torch_trt_cache
+from serving.engines.tensorrt.cache_bridge import CacheBridge, EngineCacheLike, make_torch_trt_cache, trt_key_fields
 from serving.engines.tensorrt.environment import TrtEnvironment
 from serving.engines.tensorrt.options import TrtBuildOptions
 from serving.engines.tensorrt.runtime import engine_weight_names
@@ -51,7 +51,7 @@ def build_stripped(spec: BuildSpec, device: torch.device, env: TrtEnvironment, o
     from torch_tensorrt.dynamo._engine_cache import BaseEngineCache
 
     module = make_module(spec, device)
-    bridge = CacheBridge(cache, lambda h: cache_key_fields(h, env, spec, options), metrics)
+    bridge = CacheBridge(cache, lambda h: trt_key_fields(h, env, spec, options), metrics)
     trt_inputs = _trt_inputs(spec)
     try:
         serialized = convert_exported_program_to_serialized_trt_engine(

@@ -3,9 +3,11 @@
 Torch-TensorRT looks engines up by its graph hash through a ``custom_engine_cache``
 (:func:`make_torch_trt_cache`); :class:`CacheBridge` answers from ``serving.cache.EngineCache``
 under a key that also names the TensorRT, Torch-TensorRT, torch and CUDA versions, the GPU and our
-schemas (:func:`cache_key_fields`). An entry holds Torch-TensorRT's packed blob, the weight map as
-JSON, the stored constants and a checksum (:func:`entry_files`, :func:`read_entry`), and is written
-only once its weight map is derived and verified (:meth:`CacheBridge.commit`).
+schemas (:func:`trt_key_fields`, keyed by :func:`trt_cache_key`). An entry holds Torch-TensorRT's packed blob,
+the weight map as JSON, the stored constants and a checksum (:func:`trt_entry_files`,
+:func:`read_trt_entry`), and is written only once its weight map is derived and verified
+(:meth:`CacheBridge.commit`). The names say ``trt``: the generic cache-or-compile flow of the other
+compiled engines (:mod:`serving.engines.cached_build`) is not used here, Torch-TensorRT drives the lookup.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
+from serving.cache import cache_key
 from serving.engines.tensorrt import mapping as tm
 from serving.engines.tensorrt.environment import TrtEnvironment
 from serving.engines.tensorrt.options import TrtBuildOptions
@@ -31,7 +34,7 @@ from serving.specs import BuildSpec, dtype_name
 log = logging.getLogger(__name__)
 
 #: bump when the layout of a cache entry changes (part of the cache key)
-CACHE_SCHEMA = 1
+TRT_ENTRY_SCHEMA = 1
 
 FILE_BLOB = "torch_trt_blob.bin"
 FILE_MAP = "weight_map.json"
@@ -41,11 +44,11 @@ FILE_INFO = "hotswap_trt.json"
 T = TypeVar("T")
 
 
-def cache_key_fields(torch_trt_hash: str, env: TrtEnvironment, spec: BuildSpec,
+def trt_key_fields(torch_trt_hash: str, env: TrtEnvironment, spec: BuildSpec,
                      options: TrtBuildOptions) -> dict[str, object]:
     """Everything a stripped engine depends on: stricter than Torch-TensorRT's own (graph) hash."""
     return {
-        "schema": CACHE_SCHEMA,
+        "schema": TRT_ENTRY_SCHEMA,
         "mapping_schema": tm.MAPPING_SCHEMA,
         "torch_trt_hash": torch_trt_hash,
         "tensorrt": env.tensorrt,
@@ -62,10 +65,9 @@ def cache_key_fields(torch_trt_hash: str, env: TrtEnvironment, spec: BuildSpec,
     }
 
 
-def cache_key(fields: Mapping[str, object]) -> str:
-    """``trt-`` + sha256 of the canonical JSON of ``fields``."""
-    canon = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
-    return "trt-" + hashlib.sha256(canon.encode()).hexdigest()
+def trt_cache_key(fields: Mapping[str, object]) -> str:
+    """``trt-`` + :func:`serving.cache.cache_key` of ``fields`` (sha256 of their canonical JSON)."""
+    return "trt-" + cache_key(fields)
 
 
 class EngineCacheLike(Protocol):
@@ -80,11 +82,11 @@ class EngineCacheLike(Protocol):
 
     def store(self, key: str, files: Mapping[str, Path], meta: Mapping[str, object]) -> object: ...
 
-    def remove(self, key: str) -> None: ...
+    def remove(self, key: str) -> object: ...
 
 
 @dataclass(frozen=True)
-class CacheEntry:
+class TrtEntry:
     """One stored stripped engine: Torch-TensorRT's packed blob, our weight map and stored constants."""
 
     blob: bytes
@@ -92,7 +94,7 @@ class CacheEntry:
     literals: Mapping[str, torch.Tensor]
 
 
-def entry_files(blob: bytes, weight_map: tm.WeightMap, literals: Mapping[str, torch.Tensor],
+def trt_entry_files(blob: bytes, weight_map: tm.WeightMap, literals: Mapping[str, torch.Tensor],
                 fields: Mapping[str, object]) -> dict[str, bytes]:
     """The files of a cache entry (pure)."""
     from safetensors.torch import save
@@ -106,7 +108,7 @@ def entry_files(blob: bytes, weight_map: tm.WeightMap, literals: Mapping[str, to
     }
 
 
-def read_entry(directory: Path) -> CacheEntry:
+def read_trt_entry(directory: Path) -> TrtEntry:
     """Read and check an entry; :class:`CacheError` naming the file for anything wrong."""
     from safetensors.torch import load
 
@@ -123,7 +125,7 @@ def read_entry(directory: Path) -> CacheEntry:
     missing = sorted(set(wm.literal_keys) - set(literals))
     if missing:
         raise CacheError(f"stripped-engine cache entry {directory}: {FILE_LITERALS} lacks {missing}")
-    return CacheEntry(blob, wm, literals)
+    return TrtEntry(blob, wm, literals)
 
 
 class CacheBridge:
@@ -139,18 +141,18 @@ class CacheBridge:
         self.cache = cache
         self.key_for = key_for
         self.metrics = metrics
-        self.hit: tuple[str, CacheEntry] | None = None  # (key, entry)
+        self.hit: tuple[str, TrtEntry] | None = None  # (key, entry)
         self.staged: tuple[str, bytes] | None = None  # (torch-trt hash, blob)
         self._missed: set[str] = set()
 
     def load(self, torch_trt_hash: str) -> bytes | None:
         if self.cache is None:
             return None
-        key = cache_key(self.key_for(torch_trt_hash))
+        key = trt_cache_key(self.key_for(torch_trt_hash))
         if key in self._missed:  # Torch-TensorRT looks up twice on a miss (pull, then insert)
             return None
         try:
-            entry = self.cache.load(key, lambda stored: read_entry(stored.path))
+            entry = self.cache.load(key, lambda stored: read_trt_entry(stored.path))
         except CacheError as e:  # checksums fine, content unusable: drop it so it is rebuilt
             log.warning("%s", e)
             self.metrics.cache_event("corrupt")
@@ -171,14 +173,14 @@ class CacheBridge:
             raise EngineBuildError("Torch-TensorRT did not hand the built engine to the cache (save was never "
                                    "called); is its refit feature available (ENABLED_FEATURES.refit)?")
         fields = self.key_for(self.staged[0])
-        key = cache_key(fields)
+        key = trt_cache_key(fields)
         if self.cache is None:
             return None
         meta = json.loads(json.dumps({"engine": "tensorrt", **{k: v for k, v in fields.items() if k != "inputs"}},
                                      default=str))
         with tempfile.TemporaryDirectory(prefix="hotswap-trt-") as tmp:
             paths = {}
-            for name, data in entry_files(self.staged[1], weight_map, literals, fields).items():
+            for name, data in trt_entry_files(self.staged[1], weight_map, literals, fields).items():
                 paths[name] = Path(tmp) / name
                 paths[name].write_bytes(data)
             self.cache.store(key, paths, meta)
@@ -208,6 +210,6 @@ def make_torch_trt_cache(bridge: CacheBridge) -> Any:
 
 
 __all__ = [
-    "CACHE_SCHEMA", "CacheBridge", "CacheEntry", "EngineCacheLike", "FILE_BLOB", "FILE_INFO", "FILE_LITERALS",
-    "FILE_MAP", "cache_key", "cache_key_fields", "entry_files", "make_torch_trt_cache", "read_entry",
+    "CacheBridge", "EngineCacheLike", "FILE_BLOB", "FILE_INFO", "FILE_LITERALS", "FILE_MAP", "TRT_ENTRY_SCHEMA",
+    "TrtEntry", "make_torch_trt_cache", "read_trt_entry", "trt_cache_key", "trt_entry_files", "trt_key_fields",
 ]

@@ -11,19 +11,22 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from serving.engines.base import BuildInfo, Engine
 from serving.engines.tensorrt import mapping as tm
 from serving.engines.tensorrt.build import build_stripped
-from serving.engines.tensorrt.cache_bridge import EngineCacheLike
 from serving.engines.tensorrt.environment import probe_environment
 from serving.engines.tensorrt.options import TrtBuildOptions
 from serving.engines.tensorrt.runtime import TrtHandle, TrtRuntime
 from serving.engines.tensorrt.slot import TensorRTSlot
 from serving.metrics import HotswapMetrics
 from serving.specs import BuildSpec, WeightSpec
+
+if TYPE_CHECKING:
+    from serving.cache import EngineCache
 
 
 class TensorRTEngine(Engine):
@@ -46,7 +49,7 @@ class TensorRTEngine(Engine):
 
     # ------------------------------------------------------------------ build
     @classmethod
-    def build(cls, spec: BuildSpec, *, cache: EngineCacheLike | None = None,
+    def build(cls, spec: BuildSpec, *, cache: EngineCache | None = None,
               metrics: HotswapMetrics | None = None) -> TensorRTEngine:
         """Convert (or load from the cache) and verify; :class:`EngineUnavailableError` without TensorRT."""
         t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Helpers for the checkpoint tests: tiny modules saved into tmp_path, a spy on the safetensors reader."""
+"""Helpers for the checkpoint tests: tiny modules saved into tmp_path, a spy on safe_open."""
 
 from __future__ import annotations
 
@@ -59,8 +59,7 @@ def raw_safetensors(header: Mapping[str, Any], data: bytes = b"", pad: int = 0) 
 
 
 class SafeOpenSpy:
-    """Replaces the safetensors reader (:class:`~serving.weights.safetensors_file.SafetensorsFile`) in the
-    checkpoint module and records what is opened and read."""
+    """Replaces ``SafetensorsFile`` in the checkpoint module and records what is opened and read."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.opened: list[str] = []
@@ -70,7 +69,7 @@ class SafeOpenSpy:
         spy = self
 
         class Handle:
-            def __init__(self, file: str | Path) -> None:
+            def __init__(self, file: Path) -> None:
                 spy.opened.append(Path(file).name)
                 self._file = str(file)
                 self._cm = real(file)

@@ -1,4 +1,5 @@
-"""The fast weight path on the CPU: threads read safetensors bytes straight into destination tensors."""
+"""The fast weight path on the CPU: safetensors bytes straight into destination tensors, read by our threads or by
+KvikIO (a fake of the library here; tests/gpu/test_kvikio_cuda.py runs the real one)."""
 
 from __future__ import annotations
 
@@ -13,21 +14,16 @@ from safetensors.torch import load_file
 from serving.errors import CheckpointError, ConfigError, ValidationError
 from serving.specs import WeightSpec
 from serving.weights.checkpoint import CheckpointPolicy
-from serving.weights.fastpath import (
-    FastPathConfig,
-    FastReader,
-    TensorSource,
-    allocate,
-    plan_chunks,
-    read_checkpoint_into,
-)
+from serving.weights.fastpath import FastPathConfig, FastReader, allocate, read_checkpoint_into, tensor_sources
 from serving.weights.loader import load_weights, open_checkpoint, read_checked
 from serving.weights.validate import ValidationPolicy
 
+from .fake_kvikio import FakeKvikIO
 from .helpers import NUM_BATCHES, save, save_sharded, specs_of, tiny_state_dict
 
 # tiny pieces, so that even these small tensors are cut across chunks and read by several threads
 SMALL = FastPathConfig(threads=4, buffers=2, buffer_bytes=1 << 20, read_bytes=4096)
+SMALL_KVIKIO = FastPathConfig(threads=4, buffers=2, buffer_bytes=1 << 20, task_bytes=4096, transfer="kvikio")
 
 
 def mixed_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -45,11 +41,20 @@ def mixed_state(seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.fixture
-def reader() -> Iterator[FastReader]:
-    r = FastReader(SMALL)
+def make_reader(kind: str, fake: FakeKvikIO) -> FastReader:
+    if kind == "kvikio":
+        return FastReader(SMALL_KVIKIO, kvikio_loader=lambda: (fake, "imported"))
+    return FastReader(SMALL)
+
+
+@pytest.fixture(params=["threads", "kvikio"])
+def reader(request: pytest.FixtureRequest) -> Iterator[FastReader]:
+    """Our reader threads, and KvikIO's (the fake), each through the whole fast path."""
+    fake = FakeKvikIO()
+    r = make_reader(request.param, fake)
     yield r
     r.close()
+    assert fake.live_threads() == 0  # closing the reader stopped the threads KvikIO ran for it
 
 
 def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -65,6 +70,7 @@ def test_single_file_gives_the_same_tensors_as_safetensors_load_file(tmp_path: P
     assert_same(dict(loaded.tensors), load_file(str(path)))
     assert loaded.stats is not None and loaded.stats.bytes == sum(t.nbytes for t in mixed_state().values())
     assert loaded.stats.device == "cpu"
+    assert loaded.stats.transfer == ("kvikio" if reader.config.transfer == "kvikio" else "cpu")
 
 
 def test_sharded_checkpoint(tmp_path: Path, reader: FastReader) -> None:
@@ -178,16 +184,13 @@ def test_a_file_shorter_than_its_header_claims_fails_cleanly(tmp_path: Path, rea
         read_checked(checked, reader=reader)
     assert e.value.reason == "changed_during_read"
     # the same with the fingerprint check out of the way: the reads themselves come up short
-    sources_reader = FastReader(SMALL)
-    try:
-        from serving.weights.fastpath import tensor_sources
-
-        with pytest.raises(CheckpointError, match="shorter than its header claims") as e2:
-            sources_reader.read_into(tensor_sources(checked.metas, checked.needed), specs,
-                                     allocate(specs, "cpu"), source=str(path))
-        assert e2.value.reason == "corrupt"
-    finally:
-        sources_reader.close()
+    sources = tensor_sources(checked.metas, checked.needed)
+    cut = min((s for s in sources if s.offset + s.nbytes > size - 100), key=lambda s: s.offset)
+    with pytest.raises(CheckpointError, match=rf"m.safetensors: the file ends at byte {size - 100} but its header "
+                       rf"places tensor '{cut.name}' up to byte {cut.offset + cut.nbytes}: the file is shorter than "
+                       "its header claims") as e2:
+        reader.read_into(sources, specs, allocate(specs, "cpu"), source=str(path))
+    assert e2.value.reason == "corrupt"
     # and through the public entry: the header check refuses it before any data is read
     with pytest.raises(CheckpointError, match="truncated"):
         load_weights(path, specs, reader=reader)
@@ -215,33 +218,6 @@ def test_torch_pickles_are_copied_into_the_destinations(tmp_path: Path) -> None:
     dest = allocate(specs, "cpu")
     loaded = load_weights(path, specs, out=dest, policy=CheckpointPolicy(allow_pickle=True), ignored=[NUM_BATCHES])
     assert all(loaded.tensors[k] is dest[k] and torch.equal(dest[k], sd[k]) for k in specs)
-
-
-def src(name: str, offset: int, nbytes: int, dtype: torch.dtype = torch.float32, file: str = "f") -> TensorSource:
-    return TensorSource(name, file, offset, nbytes, dtype, (nbytes // dtype.itemsize,))
-
-
-def test_plan_packs_neighbours_splits_large_tensors_on_elements_and_breaks_at_gaps() -> None:
-    chunks = plan_chunks([src("a", 10, 8), src("b", 18, 30, torch.float16), src("c", 100, 40), src("z", 0, 0)],
-                         chunk_bytes=32)
-    assert [(c.offset, c.nbytes) for c in chunks] == [(10, 32), (42, 6), (100, 32), (132, 8)]
-    assert [(p.name, p.tensor_offset, p.chunk_offset, p.nbytes) for p in chunks[0].pieces] == [
-        ("a", 0, 0, 8), ("b", 0, 8, 24)]
-    assert [(p.name, p.tensor_offset, p.nbytes) for c in chunks[1:] for p in c.pieces] == [
-        ("b", 24, 6), ("c", 0, 32), ("c", 32, 8)]
-    # every byte of every tensor exactly once
-    for name, size in (("a", 8), ("b", 30), ("c", 40)):
-        spans = sorted((p.tensor_offset, p.nbytes) for c in chunks for p in c.pieces if p.name == name)
-        assert sum(n for _, n in spans) == size and spans[0][0] == 0
-
-
-def test_plan_cuts_only_on_element_boundaries() -> None:
-    chunks = plan_chunks([src("x", 0, 3), src("d", 3, 80, torch.float64)], chunk_bytes=32)
-    for c in chunks:
-        assert c.nbytes <= 32
-        for p in c.pieces:
-            if p.name == "d":
-                assert p.tensor_offset % 8 == 0 and p.nbytes % 8 == 0
 
 
 def test_config_is_checked() -> None:

@@ -6,25 +6,21 @@ a BatchNorm after a convolution becomes a per-channel ``SCALE``/``SHIFT`` pair c
 layer's own ``eps``, and tensors may be cast. This package describes each engine weight as a small
 expression over checkpoint tensors and evaluates it (:mod:`.expr`), keeps one record per engine
 weight in a JSON-serializable weight map stored with the cached engine (:mod:`.records`), and
-derives those records from Torch-TensorRT's own bookkeeping, then checks them (:mod:`.derive`).
+derives those records from Torch-TensorRT's own bookkeeping (weight names and the expressions left on
+folded FX nodes: :mod:`.provenance`), then checks them (:mod:`.derive`).
 """
 
 from __future__ import annotations
 
 from serving.engines.tensorrt.mapping.derive import (
     BN_ARG_POSITIONS,
-    META_KEY,
     BatchNormNode,
     Derivation,
-    ParsedWeightName,
-    annotate_constant_exprs,
     batch_norm_nodes,
     compare_records,
     conform,
     derive_records,
     meta_sources,
-    node_expr,
-    parse_weight_name,
     random_sources,
 )
 from serving.engines.tensorrt.mapping.expr import (
@@ -47,6 +43,13 @@ from serving.engines.tensorrt.mapping.expr import (
     fold_conv_bn_bias,
     fold_conv_bn_weight,
     transpose,
+)
+from serving.engines.tensorrt.mapping.provenance import (
+    META_KEY,
+    ParsedWeightName,
+    annotate_constant_exprs,
+    node_expr,
+    parse_weight_name,
 )
 from serving.engines.tensorrt.mapping.records import (
     MAPPING_SCHEMA,

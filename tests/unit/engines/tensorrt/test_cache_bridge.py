@@ -13,10 +13,10 @@ from serving.engines.tensorrt import (
     CacheBridge,
     TrtBuildOptions,
     TrtEnvironment,
-    cache_key,
-    cache_key_fields,
-    entry_files,
-    read_entry,
+    read_trt_entry,
+    trt_cache_key,
+    trt_entry_files,
+    trt_key_fields,
 )
 from serving.engines.tensorrt import mapping as tm
 from serving.errors import CacheError, EngineBuildError
@@ -30,21 +30,21 @@ ENV = TrtEnvironment("10.14.1.48", "2.10.0", "2.10.0", "13.0", "NVIDIA H100 80GB
 def test_cache_key_is_stricter_than_the_graph_hash() -> None:
     spec = example_build_spec(CNN, device="cuda")
     opts = TrtBuildOptions()
-    base = cache_key(cache_key_fields("abc", ENV, spec, opts))
-    assert base == cache_key(cache_key_fields("abc", ENV, spec, opts)) and base.startswith("trt-")
+    base = trt_cache_key(trt_key_fields("abc", ENV, spec, opts))
+    assert base == trt_cache_key(trt_key_fields("abc", ENV, spec, opts)) and base.startswith("trt-")
     variants = [
-        cache_key_fields("abd", ENV, spec, opts),
-        cache_key_fields("abc", TrtEnvironment("10.15.1.29", *list(vars(ENV).values())[1:]), spec, opts),
-        cache_key_fields("abc", TrtEnvironment("10.14.1.48", "2.11.0", "2.10.0", "13.0", ENV.device_name, "9.0"),
+        trt_key_fields("abd", ENV, spec, opts),
+        trt_key_fields("abc", TrtEnvironment("10.15.1.29", *list(vars(ENV).values())[1:]), spec, opts),
+        trt_key_fields("abc", TrtEnvironment("10.14.1.48", "2.11.0", "2.10.0", "13.0", ENV.device_name, "9.0"),
                          spec, opts),
-        cache_key_fields("abc", TrtEnvironment("10.14.1.48", "2.10.0", "2.10.1", "13.0", ENV.device_name, "9.0"),
+        trt_key_fields("abc", TrtEnvironment("10.14.1.48", "2.10.0", "2.10.1", "13.0", ENV.device_name, "9.0"),
                          spec, opts),
-        cache_key_fields("abc", TrtEnvironment("10.14.1.48", "2.10.0", "2.10.0", "13.0", "NVIDIA L4", "8.9"),
+        trt_key_fields("abc", TrtEnvironment("10.14.1.48", "2.10.0", "2.10.0", "13.0", "NVIDIA L4", "8.9"),
                          spec, opts),
-        cache_key_fields("abc", ENV, example_build_spec(CNN, device="cuda", max_batch=4), opts),
-        {**cache_key_fields("abc", ENV, spec, opts), "schema": 999},
+        trt_key_fields("abc", ENV, example_build_spec(CNN, device="cuda", max_batch=4), opts),
+        {**trt_key_fields("abc", ENV, spec, opts), "schema": 999},
     ]
-    assert len({base, *(cache_key(v) for v in variants)}) == len(variants) + 1
+    assert len({base, *(trt_cache_key(v) for v in variants)}) == len(variants) + 1
 
 
 def _events(registry: CollectorRegistry, event: str) -> float:
@@ -65,7 +65,7 @@ def test_cache_bridge_miss_store_hit_and_corrupt(tmp_path: Path) -> None:
     spec = example_build_spec(CNN, device="cuda")
 
     def fields(h: str) -> dict[str, object]:
-        return cache_key_fields(h, ENV, spec, TrtBuildOptions())
+        return trt_key_fields(h, ENV, spec, TrtBuildOptions())
 
     bridge = CacheBridge(cache, fields, metrics)
     assert bridge.load("h1") is None and bridge.load("h1") is None  # Torch-TensorRT asks twice on a miss
@@ -73,7 +73,7 @@ def test_cache_bridge_miss_store_hit_and_corrupt(tmp_path: Path) -> None:
     bridge.save("h1", b"engine-blob")
     wm, lits = _tiny_map()
     key = bridge.commit(wm, lits)
-    assert key == cache_key(fields("h1")) and _events(registry, "store") == 1
+    assert key == trt_cache_key(fields("h1")) and _events(registry, "store") == 1
     assert [e.key for e in cache.entries()] == [key]
 
     again = CacheBridge(cache, fields, metrics)
@@ -90,14 +90,14 @@ def test_cache_bridge_miss_store_hit_and_corrupt(tmp_path: Path) -> None:
     assert cache.entries() == []  # removed, to be rebuilt
 
 
-def test_read_entry_names_the_file(tmp_path: Path) -> None:
+def test_read_trt_entry_names_the_file(tmp_path: Path) -> None:
     wm, lits = _tiny_map()
-    for name, data in entry_files(b"x", wm, lits, {"a": 1}).items():
+    for name, data in trt_entry_files(b"x", wm, lits, {"a": 1}).items():
         (tmp_path / name).write_bytes(data)
-    assert read_entry(tmp_path).blob == b"x"
+    assert read_trt_entry(tmp_path).blob == b"x"
     (tmp_path / "weight_map.json").write_text("{not json")
     with pytest.raises(CacheError, match=r"unreadable"):
-        read_entry(tmp_path)
+        read_trt_entry(tmp_path)
 
 
 def test_commit_without_a_staged_engine_is_a_build_error() -> None:

@@ -20,15 +20,10 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-import serving.engines.aoti as aoti
 from serving.cache import EngineCache
-from serving.engines.aoti import (
-    AOTIEngine,
-    constant_problems,
-    package_problems,
-    refit_problems,
-    split_state,
-)
+from serving.engines.aoti import AOTIEngine, AOTISlot, compiler
+from serving.engines.aoti.checks import is_compact, package_problems
+from serving.engines.aoti.entry import PACKAGE_FILE
 from serving.errors import EngineBuildError, NotReadyError, ValidationError
 from serving.examples import CNN, TRANSFORMER, example_build_spec
 from serving.factory import build_module
@@ -64,7 +59,7 @@ def batch(spec: BuildSpec, n: int, seed: int = 0) -> torch.Tensor:
     return torch.randn((n, *inp.shape), generator=g)
 
 
-def assert_matches_eager(engine: AOTIEngine, slot: aoti.AOTISlot, module: torch.nn.Module) -> None:
+def assert_matches_eager(engine: AOTIEngine, slot: AOTISlot, module: torch.nn.Module) -> None:
     for n in (1, engine.spec.max_batch):
         x = batch(engine.spec, n, seed=n)
         (out,) = slot.run([x])
@@ -123,8 +118,8 @@ def test_build_is_a_miss_and_stores_a_stripped_package(tf_engine: AOTIEngine,
     info = tf_engine.build_info
     assert info.cache == "miss" and info.key and info.seconds > 0
     (entry,) = cache.entries()
-    assert entry.key == info.key and set(entry.files) == {aoti.PACKAGE_FILE}
-    assert package_problems(entry.files[aoti.PACKAGE_FILE]) == []
+    assert entry.key == info.key and set(entry.files) == {PACKAGE_FILE}
+    assert package_problems(entry.files[PACKAGE_FILE]) == []
     raw = entry.meta["weights"]
     assert isinstance(raw, list)
     stored = {d["name"]: WeightSpec.from_json(d) for d in raw}
@@ -209,12 +204,12 @@ def test_views_into_larger_storages_are_compacted(tf_engine: AOTIEngine, tf_weig
     module, state = tf_weights
     fused = torch.cat([state["head.bias"], torch.randn(1000)])
     view = fused[:5]
-    assert not aoti.is_compact(view) and aoti.is_compact(state["head.bias"])
+    assert not is_compact(view) and is_compact(state["head.bias"])
     slot = tf_engine.new_slot()
     with pytest.raises(ValidationError, match="'head.bias': not contiguous or a view"):
         slot.refit({**state, "head.bias": view})
     moved = slot.transfer({**state, "head.bias": view})
-    assert aoti.is_compact(moved["head.bias"]) and moved["head.bias"].data_ptr() != view.data_ptr()
+    assert is_compact(moved["head.bias"]) and moved["head.bias"].data_ptr() != view.data_ptr()
     slot.refit(moved)
     assert_matches_eager(tf_engine, slot, module)
 
@@ -362,7 +357,7 @@ def test_payload_is_a_small_fraction_of_the_weights(tmp_path_factory: pytest.Tem
         assert 4_000_000 < weight_bytes < 5_000_000
         (entry,) = cache.entries()
         assert entry.size < weight_bytes / 5, (entry.size, weight_bytes)
-        with zipfile.ZipFile(entry.files[aoti.PACKAGE_FILE]) as z:
+        with zipfile.ZipFile(entry.files[PACKAGE_FILE]) as z:
             assert not [n for n in z.namelist() if "weights" in n or "constants" in n]
         module, state = random_weights(spec, seed=4)
         slot = engine.new_slot()
@@ -377,8 +372,8 @@ def test_payload_is_a_small_fraction_of_the_weights(tmp_path_factory: pytest.Tem
 @pytest.mark.slow
 def test_baked_in_small_tensor_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without always_keep_tensor_constants Inductor inlines a 5-element head.bias: refuse the engine."""
-    configs = {k: v for k, v in aoti.INDUCTOR_CONFIGS.items() if k != "always_keep_tensor_constants"}
-    monkeypatch.setattr(aoti, "INDUCTOR_CONFIGS", configs)
+    configs = {k: v for k, v in compiler.INDUCTOR_CONFIGS.items() if k != "always_keep_tensor_constants"}
+    monkeypatch.setattr(compiler, "INDUCTOR_CONFIGS", configs)
     spec = dataclasses.replace(example_build_spec(CNN), factory_kwargs=(("n_classes", 5),))
     cache = EngineCache(tmp_path / "cache")
     with pytest.raises(EngineBuildError) as err:
@@ -386,99 +381,6 @@ def test_baked_in_small_tensor_is_refused(tmp_path: Path, monkeypatch: pytest.Mo
     assert "'head.bias'" in str(err.value) and "baked" in str(err.value)
     assert "'head.weight'" not in str(err.value)
     assert cache.entries() == []  # nothing stored
-
-
-# --------------------------------------------------------------------------- pure helpers
-
-
-def test_constant_problems_name_both_directions() -> None:
-    assert constant_problems(["a", "b"], ["b", "a"]) == []
-    problems = constant_problems(["a", "x"], ["a", "bias"])
-    assert len(problems) == 2
-    assert "'bias' is read by the graph but is not a constant" in problems[0]
-    assert "constant 'x'" in problems[1]
-
-
-def test_split_state_ignores_unread_and_refuses_non_contiguous_tensors() -> None:
-    state = {"w": torch.zeros(2, 2), "n": torch.zeros((), dtype=torch.int64), "t": torch.zeros(4, 2).t()}
-    specs, ignored, problems = split_state(state, {"w", "t", "rope_cache"})
-    assert set(specs) == {"w", "t"} and ignored == frozenset({"n"})
-    (problem,) = problems  # rope_cache is not in the state dict: kept_tensors' business, not a weight
-    assert "'t' is not contiguous" in problem
-
-
-class _Kept(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(4, 4)
-        self.register_buffer("scale", torch.arange(4.0), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x) * self.scale + torch.tensor([1.0, 2.0, 3.0, 4.0])  # a constant lifted while tracing
-
-
-def test_kept_tensors_are_the_non_persistent_buffers_and_traced_constants_the_graph_reads() -> None:
-    from serving.engines.aoti import graph_tensor_usage, kept_tensors, nonpersistent_buffers, tensors_sha256
-
-    module = _Kept()
-    ep = torch.export.export(module, (torch.zeros(2, 4),), strict=False)
-    used, _ = graph_tensor_usage(ep)
-    values, why, problems = kept_tensors(ep, module.state_dict(), used)
-    assert problems == [] and "scale" in values and len(values) == 2
-    assert why["scale"].startswith("non-persistent buffer")
-    (lifted,) = set(values) - {"scale"}
-    assert why[lifted] == "tensor constant created while tracing"
-    assert torch.equal(values["scale"], torch.arange(4.0))
-    assert set(nonpersistent_buffers(module)) == {"scale"}
-    other = _Kept()
-    other.scale.add_(1)
-    assert tensors_sha256(nonpersistent_buffers(module)) == tensors_sha256(nonpersistent_buffers(_Kept()))
-    assert tensors_sha256(nonpersistent_buffers(module)) != tensors_sha256(nonpersistent_buffers(other))
-    assert constant_problems(["lin.weight", "lin.bias", *values], ["lin.weight", "lin.bias"], values) == []
-
-
-def test_refit_problems_first_refit_must_be_complete() -> None:
-    specs = {"w": WeightSpec("w", (2,), torch.float32), "b": WeightSpec("b", (1,), torch.float32)}
-    cpu = torch.device("cpu")
-    ok = {"w": torch.zeros(2)}
-    assert refit_problems(specs, frozenset(), ok, cpu, full=False) == []
-    (problem,) = refit_problems(specs, frozenset(), ok, cpu, full=True)
-    assert "missing 1: 'b'" in problem
-    assert refit_problems(specs, frozenset({"n"}), {**ok, "n": torch.zeros(3)}, cpu, full=False) == []
-    (wrong_device,) = refit_problems(specs, frozenset(), ok, torch.device("meta"), full=False)
-    assert "on cpu, expected meta" in wrong_device
-
-
-def test_package_problems_spot_packaged_weights(tmp_path: Path) -> None:
-    good, bad = tmp_path / "good.pt2", tmp_path / "bad.pt2"
-    with zipfile.ZipFile(good, "w") as z:
-        z.writestr("m/data/aotinductor/model/x.wrapper.so", b"code")
-    with zipfile.ZipFile(bad, "w") as z:
-        z.writestr("m/data/aotinductor/model/x.wrapper.so", b"code")
-        z.writestr("m/data/weights/weight_0", b"w")
-    assert package_problems(good) == []
-    assert "holds weights" in package_problems(bad)[0]
-    (tmp_path / "junk.pt2").write_bytes(b"no zip")
-    assert "not a readable .pt2" in package_problems(tmp_path / "junk.pt2")[0]
-
-
-def test_cached_spec_problems_compare_names_shapes_dtypes() -> None:
-    state = {"w": torch.zeros(2, 3), "n": torch.zeros((), dtype=torch.int64)}
-    good = {"w": WeightSpec("w", (2, 3), torch.float32)}
-    assert aoti.cached_spec_problems(state, good, frozenset({"n"})) == []
-    problems = aoti.cached_spec_problems(
-        state, {"w": WeightSpec("w", (3, 2), torch.float16), "v": WeightSpec("v", (1,), torch.float32)},
-        frozenset())
-    assert len(problems) == 3
-    assert "module tensor 'n'" in problems[0] and "'v' is not in the module" in problems[1]
-    assert "'w' is [3, 2] float16, the module has [2, 3] float32" in problems[2]
-
-
-def test_optional_inductor_configs_only_where_torch_has_them(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(aoti, "OPTIONAL_INDUCTOR_CONFIGS", {"aot_inductor.no_such_setting": 1,
-                                                            "aot_inductor.debug_compile": False})
-    configs = aoti.inductor_configs()
-    assert configs == {**aoti.INDUCTOR_CONFIGS, "aot_inductor.debug_compile": False}
 
 
 # --------------------------------------------------------------------------- under the coordinator

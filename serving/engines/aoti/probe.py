@@ -1,11 +1,13 @@
 """Can this machine load AOTInductor packages? Asked in a child process, because the loader may crash.
 
-On the GPU machine's torch 2.11+cu130, ``aoti_load_package`` segfaults for every package (even a
-CPU-only one; docs/aoti-cuda.md). A segfault inside a Triton stub takes the model instance down without
-a word, so before the first package is loaded in a process, :func:`ensure_loadable` loads it in a child
-Python with the same loader the engine uses; a child killed by a signal (or failing) makes the
-``aoti`` engine unavailable with an :class:`~serving.errors.EngineUnavailableError` that names the crash
-and suggests ``engine: inductor``. The verdict is kept per device for the life of the process.
+On the GPU machine's torch 2.11.0+cu130, ``torch._inductor.aoti_load_package`` (and the C++
+``AOTIModelPackageLoader`` under it) segfaults for every package, even a CPU-only one (docs/aoti-cuda.md;
+pytorch/pytorch#166415 reports a crash of a cu130 build alike; no upstream issue names this one).
+A segfault inside a Triton stub takes the model instance down without a word, so before the first
+package is loaded in a process, :func:`ensure_loadable` loads it in a child Python with the same loader
+the engine uses; a child killed by a signal (or failing) makes the ``aoti`` engine unavailable with an
+:class:`~serving.errors.EngineUnavailableError` that names the crash and suggests ``engine: inductor``.
+The verdict is kept per device for the life of the process.
 
 :data:`LOADERS` lists the loader variants this torch offers; ``bench/aoti_load_probe.py`` tries them all.
 """
@@ -28,7 +30,7 @@ from serving.errors import EngineUnavailableError
 
 #: loader variant -> Python code run as ``python -c CODE PACKAGE DEVICE_INDEX``
 LOADERS: dict[str, str] = {
-    # what serving.engines.aoti does: the C++ loader without the Python wrapper
+    # what the engine does (serving.engines.aoti.runner): the C++ loader without the Python wrapper
     "package_loader": ("import sys, torch; torch._C._aoti.AOTIModelPackageLoader("
                        "sys.argv[1], 'model', False, 1, int(sys.argv[2]))"),
     "aoti_load_package": "import sys, torch, torch._inductor; torch._inductor.aoti_load_package(sys.argv[1])",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from serving.engines import aoti_probe
+from serving.engines.aoti import probe as aoti_probe
 from serving.errors import EngineUnavailableError
 
 SEGFAULT = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
@@ -37,13 +37,13 @@ def test_a_loader_that_works_passes_and_is_asked_once(tmp_path: Path) -> None:
 
 
 def test_the_aoti_engine_probes_before_it_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from serving.engines import aoti
+    from serving.engines.aoti import runner
 
     monkeypatch.setitem(aoti_probe.LOADERS, aoti_probe.ENGINE_LOADER, SEGFAULT)
     loaded: list[Path] = []
-    monkeypatch.setattr(aoti, "_Runner", lambda path, index: loaded.append(path))
+    monkeypatch.setattr(runner, "Runner", lambda path, index: loaded.append(path))
     with pytest.raises(EngineUnavailableError, match="SIGSEGV"):
-        aoti._load_runner(tmp_path / "model.pt2", torch.device("cpu"))
+        runner.load_runner(tmp_path / "model.pt2", torch.device("cpu"))
     assert loaded == []  # never loaded in this process
 
 

@@ -7,18 +7,15 @@ built once (a miss that stores its entry) and once more from that entry (a hit),
 
 from __future__ import annotations
 
-import tarfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import serving.engines.inductor as ind
 from serving.cache import EngineCache
-from serving.engines.inductor import InductorEngine
-from serving.errors import ConfigError, EngineBuildError, NotReadyError, ValidationError
+from serving.engines.inductor import InductorEngine, compiler, entry, probe_weights
+from serving.errors import EngineBuildError, NotReadyError, ValidationError
 from serving.examples import TRANSFORMER, example_build_spec
 from serving.factory import build_module
 from serving.specs import BuildSpec
@@ -70,7 +67,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> EngineCache:
 def built(cache: EngineCache) -> Iterator[tuple[InductorEngine, list[dict[str, torch.Tensor]]]]:
     """The miss build, and the weights of every real module it made (warm-up weights, then the check's)."""
     made: list[dict[str, torch.Tensor]] = []
-    real_make = ind.make_module
+    real_make = compiler.make_module
 
     def recording(spec: BuildSpec, device: torch.device, meta: bool = False) -> torch.nn.Module:
         module = real_make(spec, device, meta)
@@ -79,7 +76,7 @@ def built(cache: EngineCache) -> Iterator[tuple[InductorEngine, list[dict[str, t
         return module
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ind, "make_module", recording)
+        mp.setattr(compiler, "make_module", recording)
         engine = InductorEngine.build(SPEC, cache=cache)
     yield engine, made
     engine.close()
@@ -205,17 +202,17 @@ def test_miss_stores_compiler_artifacts_without_weights(
         built: tuple[InductorEngine, list[dict[str, torch.Tensor]]], cache: EngineCache) -> None:
     engine, made = built
     assert engine.build_info.cache == "miss"
-    (entry,) = cache.entries()
-    assert set(entry.files) == {ind.ARTIFACTS_FILE, ind.KERNELS_FILE}
-    assert entry.meta["kernel_files"] and entry.meta["build_seconds"]
-    blobs = dict(ind.artifact_bytes(entry))
+    (stored,) = cache.entries()
+    assert set(stored.files) == {entry.ARTIFACTS_FILE, entry.KERNELS_FILE}
+    assert stored.meta["kernel_files"] and stored.meta["build_seconds"]
+    blobs = dict(entry.artifact_bytes(stored))
     warmup = made[0]  # the warm-up module's weights; the build's refit check then installed the probe's
-    probe = ind.probe_weights(warmup, seed=1)
+    probe = probe_weights(warmup, seed=1)
     searched = {**{f"warm-up {k}": v for k, v in warmup.items()}, **{f"probe {k}": v for k, v in probe.items()}}
     assert len([t for t in searched.values() if t.numel() >= 8]) > 20
     assert weight_hits(blobs, searched) == []
     # the search does find weights that are there
-    planted = {ind.ARTIFACTS_FILE: blobs[ind.ARTIFACTS_FILE] + warmup["blocks.0.fc1.weight"].numpy().tobytes()}
+    planted = {entry.ARTIFACTS_FILE: blobs[entry.ARTIFACTS_FILE] + warmup["blocks.0.fc1.weight"].numpy().tobytes()}
     assert weight_hits(planted, searched) == ["warm-up blocks.0.fc1.weight in artifacts.bin"]
 
 
@@ -235,9 +232,9 @@ def test_hit_skips_codegen_and_says_what_it_saved(hit: InductorEngine, engine: I
 @pytest.mark.slow
 def test_entry_weight_list_must_match_the_module(engine: InductorEngine, cache: EngineCache) -> None:
     """A key collision (the weight list differs) is never served."""
-    (entry,) = cache.entries()
-    assert InductorEngine._entry_problems(entry.meta, {}) != []
-    assert InductorEngine._entry_problems(entry.meta, engine.weight_specs()) == []
+    (stored,) = cache.entries()
+    assert entry.entry_problems(stored.meta, {}) != []
+    assert entry.entry_problems(stored.meta, engine.weight_specs()) == []
 
 
 # --------------------------------------------------------------------------- baked-in weights are refused
@@ -245,64 +242,8 @@ def test_entry_weight_list_must_match_the_module(engine: InductorEngine, cache: 
 
 @pytest.mark.slow
 def test_freezing_bakes_weights_in_and_the_build_refuses_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(ind.INDUCTOR_OPTIONS, "freezing", True)
+    monkeypatch.setitem(compiler.INDUCTOR_OPTIONS, "freezing", True)
     with pytest.raises(EngineBuildError) as e:
         InductorEngine.build(example_build_spec(TRANSFORMER, max_batch=2), cache=None)
     msg = str(e.value)
     assert "does not follow a refit" in msg and "differs from eager" in msg and "freezing" in msg
-
-
-# --------------------------------------------------------------------------- pure helpers
-
-
-def test_batches_and_buckets() -> None:
-    assert ind.warmup_batches(8) == (1, 2, 8)
-    assert ind.warmup_batches(1) == (1,)
-    assert ind.graph_buckets(8) == (1, 2, 4, 8)
-    assert ind.graph_buckets(6) == (1, 2, 4, 6)
-    assert ind.graph_buckets(1) == (1,)
-    assert [ind.bucket_for(n, (1, 2, 4, 6)) for n in (1, 2, 3, 5, 6)] == [1, 2, 4, 6, 6]
-    with pytest.raises(ValueError):
-        ind.bucket_for(7, (1, 2, 4, 6))
-
-
-def test_probe_weights_change_every_floating_tensor() -> None:
-    state = {"ones": torch.ones(4), "zeros": torch.zeros(4), "w": torch.randn(3, 3), "scalar": torch.tensor(2.0),
-             "count": torch.tensor(7)}
-    probe = ind.probe_weights(state, seed=0)
-    for name in ("ones", "zeros", "w", "scalar"):
-        assert not torch.equal(probe[name], state[name]), name
-    assert (probe["ones"] > 0).all() and (probe["zeros"] > 0).all()
-    assert torch.equal(probe["count"], state["count"])
-    torch.testing.assert_close(ind.probe_weights(state, seed=0), probe)
-
-
-def test_weight_problems_name_everything() -> None:
-    specs = {"a": ind.WeightSpec("a", (2,), torch.float32), "b": ind.WeightSpec("b", (1,), torch.float32)}
-    problems = ind.weight_problems(specs, {"a": torch.zeros(3, dtype=torch.float16), "z": torch.zeros(1)},
-                                   torch.device("cpu"), full=True)
-    text = "\n".join(problems)
-    assert "'z': not a weight" in text and "shape (3,)" in text and "dtype float16" in text and "'b'" in text
-
-
-def test_kernels_pack_skips_what_the_mega_cache_carries(tmp_path: Path) -> None:
-    root = tmp_path / "cache"
-    for rel in ("ab/k.so", "ab/k.cpp", "fxgraph/x/entry", "aotautograd/y", "locks/z", "triton/0/h/k.cubin"):
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(rel.encode())
-    assert [str(p) for p in ind.kernel_files(root)] == ["ab/k.cpp", "ab/k.so", "triton/0/h/k.cubin"]
-    assert ind.pack_kernels(root, tmp_path / "k.tar") == 3
-    ind.unpack_kernels(tmp_path / "k.tar", tmp_path / "out")
-    assert (tmp_path / "out/triton/0/h/k.cubin").read_bytes() == b"triton/0/h/k.cubin"
-    with tarfile.open(tmp_path / "evil.tar", "w") as tar:  # nothing is written outside the folder
-        info = tarfile.TarInfo("../escaped")
-        info.size = 0
-        tar.addfile(info)
-    with pytest.raises(tarfile.TarError):
-        ind.unpack_kernels(tmp_path / "evil.tar", tmp_path / "out2")
-    assert not (tmp_path / "escaped").exists()
-
-
-def test_cuda_graphs_need_cuda() -> None:
-    with pytest.raises(ConfigError, match="needs a CUDA device"):
-        ind.cuda_graphs_of(BuildSpec(TRANSFORMER, SPEC.inputs, options=(("cuda_graphs", True),)))
