@@ -34,8 +34,11 @@ class Steps:
         self.live_lost = False
 
     def standby(self) -> WeightSlot:
-        """The standby slot (made on first use: the second copy of the weights), once no request runs on it."""
-        with self.timer.stage("drain"), self._allocating("the standby copy of the weights", two_copies=True):
+        """The standby slot (made on first use: the second copy of the weights, or the first when nothing serves
+        yet), once no request runs on it."""
+        first = self.slots.active is None
+        what = "the first copy of the weights" if first else "the standby copy of the weights"
+        with self.timer.stage("drain"), self._allocating(what, two_copies=not first):
             return self.slots.free_standby()
 
     def ahead(self, slot: WeightSlot) -> None:
