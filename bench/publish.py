@@ -133,8 +133,8 @@ def run_trials(args: argparse.Namespace, kwargs: dict[str, int], folder: Path) -
                              debounce_s=args.debounce)
     save_file(random_state_dict(module, 0), str(folder / "v000.safetensors"))
     initial = watcher.install_initial()
-    if initial is None or not initial.ok:
-        raise RuntimeError(f"the first version did not install: {initial}")
+    if initial.report is None or not initial.report.ok:
+        raise RuntimeError(f"the first version did not install: {initial.explain()}")
     client = BackToBackClient(coord, x)
     client.thread.start()
     watcher.start()

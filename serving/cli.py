@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from serving.errors import HotswapError
+from serving.errors import ConfigError, HotswapError, for_model
 from serving.specs import TensorSpec, dtype_from_name
 
 if TYPE_CHECKING:
@@ -159,17 +159,23 @@ def cmd_watch(args: argparse.Namespace) -> int:
         params["canary"] = "off"  # nothing to run a canary on
     if args.cache_dir:
         params["engine_cache_dir"] = str(Path(args.cache_dir).expanduser().resolve())
-    settings = parse_settings(params, model_name=args.name, device=args.device)
     registry = CollectorRegistry()
     metrics = prometheus_metrics(registry, {"model": args.name})
-    service = HotswapService(settings, inputs, (), args.max_batch, metrics)
-    report = service.start(require_weights=False)
+    with for_model(args.name):
+        settings = parse_settings(params, model_name=args.name, device=args.device)
+        service = HotswapService(settings, inputs, (), args.max_batch, metrics)
+        report = service.start(require_weights=False)
     rejected = service.watcher.rejected if service.watcher else {}
     print(f"initial weights: {report.version if report else 'none'}"
           f"{f' (rejected: {dict(rejected)})' if rejected else ''}", flush=True)
     server = None
     if args.metrics_port is not None:
-        server, _ = start_http_server(args.metrics_port, addr=args.metrics_addr, registry=registry)
+        try:
+            server, _ = start_http_server(args.metrics_port, addr=args.metrics_addr, registry=registry)
+        except OSError as e:
+            service.close()
+            raise ConfigError(f"--metrics-port {args.metrics_port} on {args.metrics_addr}: {e}; choose a free port "
+                              "(0: any)") from e
         print(f"metrics on http://{args.metrics_addr}:{server.server_port}/metrics", flush=True)
     stop = threading.Event()
     previous = {}

@@ -108,7 +108,44 @@ class RefitError(HotswapError):
     reason = "refit_failed"
 
 
+class OutOfMemoryError(RefitError):
+    """The device (or the host) could not allocate what a refit needs; the previous weights are still serving."""
+
+    reason = "out_of_memory"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation the device or the host refused: torch's ``OutOfMemoryError`` (a full
+    device), the ``RuntimeError`` of its CPU allocator ("can't allocate memory": the OS refused), ``MemoryError``.
+    Such an error is never the user's input and is never reworded as one."""
+    return (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+            or (isinstance(error, RuntimeError) and "can't allocate memory" in str(error)))
+
+
 class NotReadyError(HotswapError):
     """Inference was asked of an engine that has no weights installed yet."""
 
     reason = "not_ready"
+
+
+class ModelError(HotswapError):
+    """An error of one served model, naming it (``model 'my_bert': <the error>``): with several models in a
+    repository, the user must not have to guess which one failed. Keeps the error's ``reason``."""
+
+    def __init__(self, model: str, error: HotswapError) -> None:
+        super().__init__(f"model {model!r}: {error}")
+        self.model = model
+        self.error = error
+        self.reason = error.reason
+
+
+@contextlib.contextmanager
+def for_model(model: str) -> Iterator[None]:
+    """Name ``model`` in any :class:`HotswapError` raised in the block (once: a message that already starts
+    with ``model '<name>'`` is left as it is)."""
+    try:
+        yield
+    except HotswapError as e:
+        if isinstance(e, ModelError) or str(e).startswith(f"model {model!r}"):
+            raise
+        raise ModelError(model, e) from e

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from serving.errors import ConfigError
+from serving.errors import ConfigError, is_out_of_memory
 
 
 def model_code_dirs(model_dir: Path) -> list[Path]:
@@ -54,7 +54,14 @@ def resolve_factory(path: str) -> Callable[..., torch.nn.Module]:
 
 def build_module(path: str, kwargs: dict[str, Any] | None = None) -> torch.nn.Module:
     """Call the factory and check it returned a module in eval mode."""
-    module = resolve_factory(path)(**(kwargs or {}))
+    factory = resolve_factory(path)
+    try:
+        module = factory(**(kwargs or {}))
+    except Exception as e:  # the user's code: say whose, and with which arguments
+        if is_out_of_memory(e):
+            raise
+        raise ConfigError(f"model factory {path!r} raised {type(e).__name__}: {e} (called with "
+                          f"{dict(kwargs or {})}); fix the factory or its factory_kwargs") from e
     if not isinstance(module, torch.nn.Module):
         raise ConfigError(f"model factory {path!r} returned {type(module).__name__}, not a torch.nn.Module")
     return module.eval()

@@ -22,6 +22,7 @@ from serving.refit import CanaryConfig, RefitCoordinator, RefitReport
 from serving.settings import ServingSettings
 from serving.specs import BuildSpec, TensorSpec, dtype_from_name
 from serving.watch import WeightsWatcher
+from serving.watch.outcome import EntryOutcome
 from serving.weights import CheckpointPolicy, ValidationPolicy
 from serving.weights.fastpath import FastPathConfig
 
@@ -56,6 +57,8 @@ class HotswapService:
         self.coordinator: RefitCoordinator | None = None
         self.watcher: WeightsWatcher | None = None
         self.initial: RefitReport | None = None
+        #: what startup did with each entry of the weights folder
+        self.initial_entries: tuple[EntryOutcome, ...] = ()
 
     def start(self, *, require_weights: bool = True) -> RefitReport | None:
         """Build or load the engine, install the newest valid weights, start watching.
@@ -87,15 +90,16 @@ class HotswapService:
         )
         s.weights_dir.mkdir(parents=True, exist_ok=True)
         self.watcher = WeightsWatcher.from_settings(s, self.coordinator, self.metrics)
-        report = self.watcher.install_initial()
-        if require_weights and (report is None or not self.coordinator.ready):
-            why = "; ".join(f"{p}: {r}" for p, r in sorted(self.watcher.rejected.items())) or "it is empty"
+        initial = self.watcher.install_initial()
+        self.initial_entries = initial.entries
+        if require_weights and (initial.report is None or not self.coordinator.ready):
             self.close()
             raise NotReadyError(
-                f"model {s.model_name!r} has no valid weights in {s.weights_dir} ({why}); drop a checkpoint "
-                "there (e.g. `hotswap weights random --factory ... -o <dir>/v1.safetensors`) and load again"
+                f"model {s.model_name!r} has no valid weights in {s.weights_dir} ({initial.explain()}); publish a "
+                "checkpoint there (e.g. `hotswap weights random --factory ... -o v1.safetensors && hotswap publish "
+                "v1.safetensors --to <dir>`) and load again"
             )
-        self.initial = report if self.coordinator.ready else None
+        self.initial = initial.report if self.coordinator.ready else None
         self.watcher.start()
         log.info("%s: serving weights %r after %.2fs; watching %s (%s)", s.model_name,
                  self.coordinator.live_version, time.perf_counter() - t0, s.weights_dir, s.watch_mode)

@@ -19,6 +19,7 @@ can be deleted.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -148,22 +149,44 @@ class Staged:
             _remove(self.temp)
 
 
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _os_failure(e: OSError, name: str, folder: Path, nbytes: int | None) -> str:
+    """Why writing ``name`` into ``folder`` failed, and the fix; a full disk or quota said in so many words."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on the device (ENOSPC)" if e.errno == errno.ENOSPC else "disk quota exceeded (EDQUOT)"
+        free = _free_bytes(folder)
+        sizes = ", ".join(filter(None, [f"the version has {nbytes} bytes" if nbytes is not None else "",
+                                        f"{free} bytes are free there now" if free is not None else ""]))
+        return (f"publishing {name} into {folder}: {what}{f' ({sizes})' if sizes else ''}; nothing was "
+                f"published and the partial copy was removed. Free space on that file system (delete versions "
+                f"no longer needed from the folder) or give it more, then publish again")
+    return f"publishing {name} into {folder}: {e}; nothing was published"
+
+
 @contextlib.contextmanager
-def staging(to: PathLike, name: str, *, directory: bool = False) -> Iterator[Staged]:
+def staging(to: PathLike, name: str, *, directory: bool = False, nbytes: int | None = None) -> Iterator[Staged]:
     """A :class:`Staged` entry that becomes ``to/name``: committed when the block ends (if the block
-    did not commit it), discarded if the block raises. ``to`` is created if missing."""
+    did not commit it), discarded if the block raises. ``to`` is created if missing. ``nbytes`` (the size
+    being written, when known) goes into the message of a full disk."""
     folder = Path(to)
     folder.mkdir(parents=True, exist_ok=True)
     try:
         staged = Staged(folder, name, directory=directory)
     except OSError as e:
-        raise PublishError(f"{folder}: cannot create a temporary entry for {name}: {e}") from e
+        raise PublishError(_os_failure(e, name, folder, nbytes)) from e
     try:
         yield staged
         staged.commit()
     except OSError as e:
         staged.discard()
-        raise PublishError(f"publishing {name} into {folder}: {e}; nothing was published") from e
+        raise PublishError(_os_failure(e, name, folder, nbytes)) from e
     except BaseException:
         staged.discard()
         raise
@@ -237,6 +260,13 @@ def _source_files(src: Path, *, skip_manifest: bool) -> list[str]:
     return files
 
 
+def _total_size(src: Path, files: list[str]) -> int | None:
+    try:
+        return sum(os.stat(src / rel).st_size for rel in files)
+    except OSError:
+        return None  # said by the copy itself
+
+
 def _check_source_dir(src: Path, files: list[str]) -> None:
     top = [f for f in files if "/" not in f]
     if not any(f.lower().endswith(CHECKPOINT_SUFFIXES) for f in top):
@@ -280,8 +310,9 @@ def publish(src: PathLike, to: PathLike, *, version: str | None = None, manifest
     if is_dir:
         _check_source_dir(source, files)
     started = time.monotonic()
+    size = st.st_size if not is_dir else _total_size(source, files)
     nbytes = 0
-    with staging(folder, name, directory=is_dir) as staged:
+    with staging(folder, name, directory=is_dir, nbytes=size) as staged:
         if not is_dir:
             _, nbytes = _copy_file(source, staged.temp, digest=False, link=link)
         else:

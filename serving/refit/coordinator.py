@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 
 from serving.engines.base import Engine, WeightSlot
-from serving.errors import RefitError
+from serving.errors import OutOfMemoryError, RefitError
 from serving.metrics import HotswapMetrics
 from serving.refit.canary import Canary, CanaryConfig
+from serving.refit.memory import allocating, weights_nbytes
 from serving.refit.report import RefitReport, Refused, StagedWeights, StageTimer, verdict
 from serving.refit.slots import Slots, ptrs
 from serving.refit.sources import FastSource, HostSource, StagedSource, WeightSource
@@ -139,8 +140,10 @@ class RefitCoordinator:
         """The pipeline: open the source, then under the lock: no-op check, the strategy, the report."""
         timer = StageTimer()
         try:
-            source.open(timer)  # off the lock: the host path reads the whole checkpoint here
-        except Refused as e:
+            with allocating("the new weights in host memory", "host", weights_nbytes(self.engine.weight_specs()),
+                            "Free memory on the host"):
+                source.open(timer)  # off the lock: the host path reads the whole checkpoint here
+        except (Refused, OutOfMemoryError) as e:
             return self._report_error(source.version, e, timer, source.detail)
         with self._refit_lock:
             live = self.live

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from serving.engines.base import WeightSlot
 from serving.errors import CanaryError, RefitError
 from serving.refit.canary import Canary
+from serving.refit.memory import allocating, weights_nbytes
 from serving.refit.report import Refused, StagedWeights, StageTimer
 from serving.refit.slots import Slots, ptrs
 from serving.refit.sources import FastSource, WeightSource, Written
@@ -33,8 +34,11 @@ class Steps:
         self.live_lost = False
 
     def standby(self) -> WeightSlot:
-        """The standby slot, once no request runs on it."""
-        with self.timer.stage("drain"):
+        """The standby slot (made on first use: the second copy of the weights, or the first when nothing serves
+        yet), once no request runs on it."""
+        first = self.slots.active is None
+        what = "the first copy of the weights" if first else "the standby copy of the weights"
+        with self.timer.stage("drain"), self._allocating(what, two_copies=not first):
             return self.slots.free_standby()
 
     def ahead(self, slot: WeightSlot) -> None:
@@ -46,7 +50,14 @@ class Steps:
         keep: set[int] = set()
         if protect_live:
             keep = ptrs(self.live.tensors if self.live else None) | self.slots.others_buffers(slot)
-        return self.source.write(slot, self.slots, keep, self.timer)
+        with self._allocating("the new weights on the slot's device", two_copies=protect_live):
+            return self.source.write(slot, self.slots, keep, self.timer)
+
+    def _allocating(self, what: str, *, two_copies: bool) -> contextlib.AbstractContextManager[None]:
+        engine = self.slots.engine
+        fix = ("Free memory there, or set refit_strategy=in_place (one copy of the weights instead of two)"
+               if two_copies else "Free memory there")
+        return allocating(what, engine.device, weights_nbytes(engine.weight_specs()), fix)
 
     def refit(self, slot: WeightSlot, written: Written) -> None:
         with self.timer.stage("refit"):

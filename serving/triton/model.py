@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from serving.errors import HotswapError
+from serving.errors import HotswapError, for_model
 from serving.factory import add_search_paths
 from serving.metrics import HotswapMetrics
 from serving.service import HotswapService
@@ -70,6 +70,18 @@ class TritonPythonModel:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         use_utf8_text_io()
         pb = _pb()
+        model_name = args["model_name"]
+        try:
+            with for_model(model_name):
+                self._start(pb, args)
+        except HotswapError as e:
+            # Raising here keeps the model unavailable; Triton shows this message as the reason.
+            raise pb.TritonModelException(f"hotswap: {e}") from e
+        except Exception as e:  # not one of ours (the user's factory, the compiler): say which model, keep the trace
+            log.exception("model %s: loading failed", model_name)
+            raise pb.TritonModelException(f"hotswap: model {model_name!r}: {type(e).__name__}: {e}") from e
+
+    def _start(self, pb: Any, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
         self.io = parse_model_io(config)
         model_name = args["model_name"]
@@ -91,10 +103,9 @@ class TritonPythonModel:
                                       HotswapMetrics(self._backend))
         try:
             self.service.start()
-        except HotswapError as e:
+        except BaseException:
             self._backend.close()
-            # Raising here keeps the model unavailable; Triton shows this message as the reason.
-            raise pb.TritonModelException(f"hotswap: {e}") from e
+            raise
         self._device = torch.device(device)
         self._parameters = response_parameters_supported(pb)
         forms = [f"output {VERSION_OUTPUT}" if self._string_version else "",
@@ -169,7 +180,7 @@ class TritonPythonModel:
                 if self._device.type == "cuda":  # Triton reads the outputs on its own stream
                     torch.cuda.current_stream(self._device).synchronize()
             except Exception as e:
-                log.exception("inference failed")
+                log.exception("model %s: inference failed", self.service.settings.model_name)
                 for i in idx:
                     responses[i] = pb.InferenceResponse(error=pb.TritonError(f"hotswap: {e}"))
         return responses

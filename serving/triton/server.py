@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.errors import ConfigError, EngineUnavailableError
+from serving.errors import ConfigError, EngineUnavailableError, for_model
 
 INSTALL_HINT = "pip install 'trt-hotswap[triton]' (it brings nvidia-pytriton, which bundles tritonserver)"
 
@@ -126,17 +126,22 @@ def seed_weights(repository: Path, env: Mapping[str, str]) -> list[tuple[str, Pa
 
     out = []
     for model_dir in models_in(repository):
-        config = read_model_config(model_dir)
-        params = {k: str(v.get("string_value", "")) for k, v in config.get("parameters", {}).items()}
-        settings = parse_settings(params, model_name=model_dir.name, model_repository=repository, env=env)
-        folder = settings.weights_dir
-        folder.mkdir(parents=True, exist_ok=True)
-        seeded = not any(p for p in folder.iterdir() if not p.name.startswith("."))
-        if seeded:
-            add_search_paths(*model_code_dirs(model_dir))  # as Triton imports it: the model's own code first
-            module = build_module(settings.model_factory, dict(settings.factory_kwargs))
-            write_safetensors(random_state_dict(module, seed=0), folder / "initial.safetensors",
-                              {"seed": "0", "factory": settings.model_factory})
+        with for_model(model_dir.name):
+            config = read_model_config(model_dir)
+            params = {k: str(v.get("string_value", "")) for k, v in config.get("parameters", {}).items()}
+            settings = parse_settings(params, model_name=model_dir.name, model_repository=repository, env=env)
+            folder = settings.weights_dir
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                seeded = not any(p for p in folder.iterdir() if not p.name.startswith("."))
+            except OSError as e:
+                raise ConfigError(f"weights folder {folder}: {e}; create it (writable by the server's user) or "
+                                  "set HOTSWAP_WEIGHTS_ROOT / weights_dir") from e
+            if seeded:
+                add_search_paths(*model_code_dirs(model_dir))  # as Triton imports it: the model's own code first
+                module = build_module(settings.model_factory, dict(settings.factory_kwargs))
+                write_safetensors(random_state_dict(module, seed=0), folder / "initial.safetensors",
+                                  {"seed": "0", "factory": settings.model_factory})
         out.append((model_dir.name, folder, seeded))
     return out
 
@@ -264,8 +269,9 @@ class TritonProcess:
                 if failed:
                     raise ModelLoadError(failed)
             time.sleep(0.5)
-        raise TimeoutError(f"tritonserver not ready with {list(models)} after {timeout}s; index: "
-                           f"{self.repository_index()}\n{self.log_tail()}")
+        waiting = [m for m in models if not self.model_ready(m)]
+        raise TimeoutError(f"tritonserver not ready after {timeout}s: model(s) {waiting} not ready (of "
+                           f"{list(models)}); index: {self.repository_index()}\n{self.log_tail()}")
 
     def log_tail(self, chars: int = 6000) -> str:
         try:

@@ -9,12 +9,14 @@
   :mod:`~serving.watch.identity` (content identity, and when to hash),
   :mod:`~serving.watch.ledger` (entries refused, not read again until they change) and
   :mod:`~serving.watch.lineage` (the live base checkpoint and the LoRA adapter merged into it);
+* :mod:`~serving.watch.outcome`: what became of each entry (the account a model without weights gives);
 * :mod:`~serving.watch.watcher`: :class:`WeightsWatcher`, the queue and the worker tying them together.
 """
 
 from serving.watch.entries import DEFAULT_MAX_FILES
 from serving.watch.identity import content_hash_file
 from serving.watch.install import WatchRecord
+from serving.watch.outcome import EntryOutcome, InitialInstall
 from serving.watch.watcher import WeightsWatcher
 
-__all__ = ["DEFAULT_MAX_FILES", "WatchRecord", "WeightsWatcher", "content_hash_file"]
+__all__ = ["DEFAULT_MAX_FILES", "EntryOutcome", "InitialInstall", "WatchRecord", "WeightsWatcher", "content_hash_file"]

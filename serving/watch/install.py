@@ -24,6 +24,7 @@ from serving.watch.entries import Entry, inspect_entry
 from serving.watch.identity import Identities
 from serving.watch.ledger import Fingerprint, RejectedLedger, Rejection
 from serving.watch.lineage import Lineage, entry_key
+from serving.watch.outcome import EntryOutcome, being_written, ignored, rejected
 from serving.watch.selection import Candidate, select_versions
 from serving.weights import CheckpointPolicy
 
@@ -116,15 +117,17 @@ class Installer:
         return self._rejected(entry.version, reason, message)
 
     # ------------------------------------------------------------------ installing
-    def install(self, entries: list[Entry], *, runtime: bool) -> list[RefitReport]:
+    def install(self, entries: list[Entry], *, runtime: bool) -> list[EntryOutcome]:
         """Install the newest of ``entries`` (see :func:`select_versions`); at runtime, never an entry
-        published before the live base (or adapter): the restart rule must pick the same version."""
-        reports: list[RefitReport] = []
+        published before the live base (or adapter): the restart rule must pick the same version.
+        Returns what happened to each entry, in the order they were handled."""
+        outcomes: list[EntryOutcome] = []
         adapters_enabled = self.lora_scale != 0.0
         if not adapters_enabled:
             for e in entries:
                 if e.kind == "adapter":
                     log.info("weights folder: adapter %s ignored (lora_scale is 0: adapters are off)", e.path)
+                    outcomes.append(ignored(e.name, "a LoRA adapter, and adapters are off (lora_scale is 0)"))
         if runtime:
             entries = self._drop_older_than_live(entries)
         by_name = {e.name: e for e in entries}
@@ -132,23 +135,26 @@ class Installer:
         def attempt(c: Candidate) -> str:
             entry = by_name[c.name]
             try:
-                result, report = self._attempt(entry)
-            except Exception:
+                result, outcome = self._attempt(entry)
+            except Exception as e:
                 log.exception("weights watcher: installing %s failed unexpectedly", entry.path)
                 self.metrics.watcher_error()
                 self.retry(entry.name)
-                return "stop"
-            if report is not None:
-                reports.append(report)
+                outcome = EntryOutcome(entry.name, "failed", "watcher_error", f"{type(e).__name__}: {e}")
+                result = "stop"
+            outcomes.append(outcome)
             return result
 
         candidates = [Candidate(e.name, e.kind, entry_key(e)) for e in entries]
         selection = select_versions(candidates, attempt, adapters_enabled=adapters_enabled)
+        why = ("a newer entry failed to install (an engine error: older versions are not tried instead)"
+               if selection.stopped else "a newer entry was installed, or this one was published before it")
+        outcomes += [EntryOutcome(c.name, "skipped", "superseded", why) for c in selection.skipped]
         if runtime and selection.skipped:
             self.metrics.count_refit("skipped", "superseded", len(selection.skipped))
             log.info("weights folder: skipped %d older version(s) published in the same burst: %s",
                      len(selection.skipped), ", ".join(sorted(c.name for c in selection.skipped)[:10]))
-        return reports
+        return outcomes
 
     def _drop_older_than_live(self, entries: list[Entry]) -> list[Entry]:
         older = [e for e in entries if self.lineage.older_than_live(e)]
@@ -159,25 +165,29 @@ class Installer:
                      self.coordinator.live_version)
         return [e for e in entries if e not in older]
 
-    def _attempt(self, entry: Entry) -> tuple[str, RefitReport | None]:
-        """Install one entry: ``("ok" | "rejected" | "stop", its report if it got one)``."""
+    def _attempt(self, entry: Entry) -> tuple[str, EntryOutcome]:
+        """Install one entry: ``"ok" | "rejected" | "stop"`` (see :func:`select_versions`), and what happened."""
         started = time.monotonic()
         t0 = time.perf_counter()
         try:
             quick = self.identities.before_read(entry, self._known_hashes)
         except FileNotFoundError:
             self.forget(entry.name)
-            return "rejected", None
+            log.info("weights folder: %s was deleted before it was read; not installed", entry.path)
+            return "rejected", rejected(entry.name, "not_found", f"{entry.path}: deleted before it was read")
         except OSError as e:
-            return "rejected", self.reject(entry, "unreadable", f"{entry.path}: cannot read: {e}")
+            if not self._unchanged(entry):  # truncated or rewritten while hashed: judged again once complete
+                return "rejected", being_written(entry.name)
+            report = self.reject(entry, "unreadable", f"{entry.path}: cannot read: {e}")
+            return "rejected", rejected(entry.name, report.reason, report.message, report)
         hash_s = time.perf_counter() - t0
         # the entry must still be what was hashed (a write during hashing means: not complete)
         if not self._unchanged(entry):
-            return "rejected", None
+            return "rejected", being_written(entry.name)
         if entry.content_hash is not None and \
-                self.ledger.lookup_hash(str(entry.path), entry.fp, entry.content_hash) is not None:
+                (before := self.ledger.lookup_hash(str(entry.path), entry.fp, entry.content_hash)) is not None:
             log.debug("weights folder: %s has content refused before; not read again", entry.path)
-            return "rejected", None
+            return "rejected", rejected(entry.name, before.reason, before.message)
         self.ledger.forget(str(entry.path))  # changed since it was refused: judged afresh
         if entry.kind == "adapter":
             report = self.lineage.apply_adapter(entry)
@@ -191,12 +201,12 @@ class Installer:
         self.history.append(record)
         log.info("%s", record.summary())
         if report.outcome in ("success", "noop"):
-            return "ok", report
+            return "ok", EntryOutcome(entry.name, "installed", report=report)
         if report.outcome == "failed":  # the engine's fault, not the file's: retry when it changes
             self.retry(entry.name)
-            return "stop", report
+            return "stop", EntryOutcome(entry.name, "failed", report.reason, report.message, report)
         self.ledger.record(Rejection(str(entry.path), entry.fp, entry.content_hash, report.reason, report.message))
-        return "rejected", report
+        return "rejected", rejected(entry.name, report.reason, report.message, report)
 
     def _known_hashes(self, entry: Entry) -> set[str | None]:
         """Content the coordinator can switch to without reading (live: a no-op; previous: a pointer switch;

@@ -31,6 +31,7 @@ from serving.errors import ConfigError
 from serving.metrics import HotswapMetrics
 from serving.publish.protocol import is_temp_name
 from serving.refit import RefitCoordinator, RefitReport
+from serving.watch import outcome
 from serving.watch.debounce import Debouncer
 from serving.watch.entries import DEFAULT_MAX_FILES, Entry, age_s, inspect_entry
 from serving.watch.gate import Gate
@@ -38,6 +39,7 @@ from serving.watch.identity import PREHASH_MAX_BYTES
 from serving.watch.install import Installer, WatchRecord
 from serving.watch.ledger import Rejection
 from serving.watch.observer import FolderObserver, FsEvent
+from serving.watch.outcome import EntryOutcome, InitialInstall
 from serving.weights import CheckpointPolicy
 
 if TYPE_CHECKING:
@@ -145,28 +147,52 @@ class WeightsWatcher:
             "rejected": self._installer.ledger.reasons(),
         }
 
-    def install_initial(self) -> RefitReport | None:
-        """Install what the folder holds now: the newest valid base checkpoint by publish time (the
-        time it arrived in the folder, ties by name), skipping rejected ones, then the newest valid LoRA adapter
-        published after that base, merged into it. ``None`` when nothing valid is there.
-
-        Entries that still look like a copy in progress are left to the worker (:meth:`start`).
-        """
+    def install_initial(self) -> InitialInstall:
+        """Install what the folder holds now: the newest valid base checkpoint by publish time (the time it arrived
+        in the folder, ties by name), skipping rejected ones, then the newest valid LoRA adapter published after that
+        base, merged into it. The result's ``report`` is None when nothing valid is there; its ``entries`` say what
+        happened to every name in the folder. Entries that still look like a copy in progress are left to the
+        worker (:meth:`start`)."""
         with self._lock:
             if not self.folder.is_dir():
                 log.warning("weights folder %s does not exist (yet); nothing to install", self.folder)
-                return None
-            found = self._initial_entries()
+                return InitialInstall(self._folder_str, None, missing=True)
+            outcomes: dict[str, EntryOutcome] = {}
+            found = self._initial_entries(outcomes)
             now = time.monotonic()
-            entries = [e for e in found if self._completeness.initial(e, now)]
-            installed = [r for r in self._installer.install(entries, runtime=False) if r.ok]
-            return installed[-1] if installed else None
+            entries = []
+            for e in found:
+                if self._completeness.initial(e, now):
+                    entries.append(e)
+                else:
+                    outcomes[e.name] = self._refused_or_waiting(e)
+            installed = self._installer.install(entries, runtime=False)
+            outcomes.update((o.name, o) for o in installed)
+            reports = [o.report for o in installed if o.outcome == "installed" and o.report is not None]
+            return InitialInstall(self._folder_str, reports[-1] if reports else None, tuple(outcomes.values()))
 
-    def _initial_entries(self) -> list[Entry]:
+    def _refused_or_waiting(self, entry: Entry) -> EntryOutcome:
+        refusal = self._installer.ledger.lookup(str(entry.path), entry.fp)
+        if refusal is not None:
+            return outcome.rejected(entry.name, refusal.reason, refusal.message)
+        return outcome.being_written(entry.name)
+
+    def _initial_entries(self, outcomes: dict[str, EntryOutcome]) -> list[Entry]:
         """The entries in the folder not refused before, unchanged over a debounce interval (entries written less
-        than one ago are looked at once more; one that changed meanwhile is left to the worker)."""
-        found = [e for e in map(self._inspect_safely, self._list_names())
-                 if e is not None and not self._installer.refused(e)]
+        than one ago are looked at once more; one that changed meanwhile is left to the worker). What is not
+        returned gets its outcome in ``outcomes``."""
+        found: list[Entry] = []
+        for name in self._list_names(temp=True):
+            if is_temp_name(name):
+                outcomes[name] = outcome.ignored(name, outcome.TEMPORARY)
+                continue
+            entry = self._inspect_safely(name)
+            if isinstance(entry, Entry) and self._installer.refused(entry):
+                outcomes[name] = self._refused_or_waiting(entry)
+            elif isinstance(entry, Entry):
+                found.append(entry)
+            elif entry is not None:
+                outcomes[name] = entry
         young = [e for e in found if e.problem is None and age_s(e.fp) < self.debounce_s]
         if young:
             time.sleep(max(0.0, self.debounce_s - min(age_s(e.fp) for e in young)))
@@ -174,10 +200,14 @@ class WeightsWatcher:
         dropped = set()
         for entry in young:
             again = self._inspect_safely(entry.name)
-            if again is None or again.fp != entry.fp:
-                dropped.add(id(entry))
-            if again is not None and again.fp != entry.fp:  # still being written: the worker takes it from here
+            if isinstance(again, Entry) and again.fp == entry.fp:
+                continue
+            dropped.add(id(entry))
+            if isinstance(again, Entry):  # still being written: the worker takes it from here
                 self._events.look_again(entry.name, now)
+                outcomes[entry.name] = outcome.being_written(entry.name)
+            elif again is not None:
+                outcomes[entry.name] = again
         return [e for e in found if id(e) not in dropped]
 
     def start(self) -> None:
@@ -292,21 +322,31 @@ class WeightsWatcher:
         for name in self._list_names():
             self._events.look_again(name, now)
 
-    def _list_names(self) -> list[str]:
+    def _list_names(self, *, temp: bool = False) -> list[str]:
         try:
-            return sorted(n for n in os.listdir(self._folder_str) if not is_temp_name(n))
+            return sorted(n for n in os.listdir(self._folder_str) if temp or not is_temp_name(n))
         except OSError as e:
             log.warning("weights folder %s cannot be listed: %s", self.folder, e)
             return []
 
     # ------------------------------------------------------------------ inspection
-    def _inspect_safely(self, name: str) -> Entry | None:
+    def _inspect_safely(self, name: str) -> Entry | EntryOutcome | None:
+        """The entry ``name`` is now, what became of it when it is not one, or None when it is gone."""
         try:
-            return self._inspect(name)
-        except Exception:
+            found = inspect_entry(self.folder, name, self.policy, self.max_files)
+        except Exception as e:
             log.exception("weights watcher: inspecting %s failed", self.folder / name)
             self.metrics.watcher_error()
+            return EntryOutcome(name, "failed", "watcher_error", f"inspecting it failed: {type(e).__name__}: {e}")
+        if found == "gone":
+            self._gone(name)
             return None
+        if found == "temp":
+            return outcome.ignored(name, outcome.TEMPORARY)
+        if found == "ignored":
+            self._log_ignored(name)
+            return outcome.ignored(name, outcome.NOT_A_CHECKPOINT)
+        return found
 
     def _inspect(self, name: str) -> Entry | None:
         """The entry ``name`` is now; None when it is gone or not a checkpoint (logged once)."""
@@ -314,11 +354,14 @@ class WeightsWatcher:
         if found == "gone":
             self._gone(name)
             return None
-        if found == "ignored" and name not in self._ignored_logged:
-            self._ignored_logged.add(name)
-            log.info("weights folder: ignoring %s (not a checkpoint: expected a .safetensors file, a "
-                     "checkpoint directory or a PEFT adapter directory)", self.folder / name)
+        if found == "ignored":
+            self._log_ignored(name)
         return found if isinstance(found, Entry) else None
+
+    def _log_ignored(self, name: str) -> None:
+        if name not in self._ignored_logged:
+            self._ignored_logged.add(name)
+            log.info("weights folder: ignoring %s (%s)", self.folder / name, outcome.NOT_A_CHECKPOINT)
 
     def _unchanged(self, entry: Entry) -> bool:
         """Still what was inspected; if not, it is being written: drop it and look again later."""

@@ -11,8 +11,9 @@ Accepted formats:
 
 :func:`detect_checkpoint` resolves symlinks, checks the files against the policy (root, size) and
 records a fingerprint of every file (size, mtime, inode). :func:`describe_checkpoint` reads headers only;
-:func:`read_tensors` reads only the tensors asked for, into tensors of their own, and fails with
-``reason="changed_during_read"`` when a file differs from its fingerprint before or after.
+:func:`read_tensors` reads only the tensors asked for, into tensors of their own (through a descriptor,
+never a mapping), and fails with ``reason="changed_during_read"`` when a file differs from its fingerprint
+before or after, or is truncated while it is read.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import os
 import pickle
 import stat
 import sys
-import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -250,7 +250,7 @@ def detect_checkpoint(path: Path, policy: CheckpointPolicy, *,
 
 def _verify_unchanged(c: CheckpointCandidate, baseline: tuple[FileStat, ...], when: str) -> None:
     for before in baseline:
-        with reading(before.path, gone=f"deleted {when}; retry once the checkpoint is complete",
+        with reading(before.path, gone=f"deleted {when}; a version deleted before it goes live is not installed",
                      action=f"cannot stat {when}", os_name=False):
             now = _file_stat(Path(before.path))
         if now != before:
@@ -284,8 +284,8 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     """``torch.load`` restricted to tensors and plain containers; never runs code from the file."""
     try:
         with reading(file):
-            use_mmap = zipfile.is_zipfile(file)  # mmap needs the zip format; legacy pickles load eagerly
-            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=use_mmap)
+            # read, never mapped: a mapped file truncated while it is read would fault the process
+            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=False)
     except CheckpointError:
         raise
     except pickle.UnpicklingError as e:
@@ -407,14 +407,15 @@ class SafetensorsFile:
             self._f.seek(self._data_start + meta.start)
             got = self._f.readinto(tensor.view(-1).view(torch.uint8).numpy().data)
             if got != nbytes:
-                raise CheckpointError(f"{self.file}: tensor {name!r}: {got} of {nbytes} bytes read: the file "
-                                      "shrank while it was read", reason="changed_during_read")
+                raise CheckpointError(f"{self.file}: tensor {name!r}: {got} of its {nbytes} bytes could be read: the "
+                                      "file was truncated while it was being read; publish checkpoints by renaming "
+                                      "them into place (`hotswap publish`), then retry", reason="changed_during_read")
         return tensor if sys.byteorder == "little" else from_little_endian(tensor)
 
 
 def _read_safetensors(file: Path, names: list[str]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    with reading(file), SafetensorsFile(file) as f:
+    with reading(file), SafetensorsFile(file) as f:  # read, never mapped: a truncation must not fault the process
         available = set(f.keys())
         missing = [n for n in names if n not in available]
         if missing:
@@ -452,7 +453,7 @@ def read_tensors(c: CheckpointCandidate, names: Iterable[str],
         missing = [n for n in wanted if n not in loaded]
         if missing:
             raise ValidationError(str(file), [f"tensor {n!r}: not in the file" for n in missing])
-        out = {n: loaded[n].clone() for n in wanted}  # mmap-backed: copy before the after-check
+        out = {n: loaded[n].clone() for n in wanted}  # each its own memory (a pickle's may share a storage)
     elif c.format in ("safetensors", "sharded"):
         for file, group in _locate(c, wanted).items():
             out.update(_read_safetensors(file, group))

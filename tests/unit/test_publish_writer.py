@@ -198,7 +198,10 @@ def test_an_interrupted_directory_publish_leaves_nothing_and_serving_goes_on(
         return real(fsrc, fdst, length)
 
     monkeypatch.setattr(shutil, "copyfileobj", disk_full_on_the_second_shard)
-    with pytest.raises(PublishError, match="No space left on device.*nothing was published"):
+    size = sum(f.stat().st_size for f in src.iterdir())
+    with pytest.raises(PublishError, match=rf"publishing ckpt into {folder}: no space left on the device \(ENOSPC\) "
+                                           rf"\(the version has {size} bytes, \d+ bytes are free there now\); nothing "
+                                           r"was published and the partial copy was removed. Free space"):
         publish(src, folder, manifest=False)
     assert len(calls) == 2
     assert visible(folder) == ["v1.safetensors"]  # not even a hidden temporary entry

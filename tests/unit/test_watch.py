@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -57,7 +58,7 @@ def test_install_initial_picks_the_newest_arrival_skipping_rejected(folder: Path
     bad = write_atomic(folder / "v3.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage",
                        mtime_ns=now - 2 * hour)
     (folder / "README.md").write_text("not a checkpoint: ignored, not rejected")
-    report = rig.watcher.install_initial()
+    report = rig.watcher.install_initial().report
     assert report is not None and report.outcome == "success" and report.version == "v2"
     assert_serves(rig, 2)
     assert dict(rig.watcher.rejected) == {str(bad): "corrupt"}
@@ -67,16 +68,16 @@ def test_install_initial_picks_the_newest_arrival_skipping_rejected(folder: Path
 
 def test_install_initial_ties_by_name_and_none_when_nothing_valid(tmp_path: Path, rigs: list[Rig]) -> None:
     missing = make(rigs, tmp_path / "nope")
-    assert missing.watcher.install_initial() is None
+    assert missing.watcher.install_initial().report is None
     empty_dir = tmp_path / "empty"
     empty_dir.mkdir()
     rig = make(rigs, empty_dir)
-    assert rig.watcher.install_initial() is None
+    assert rig.watcher.install_initial().report is None
     t = rig.clock.next()
     write_atomic(empty_dir / "a.safetensors", state(1), mtime_ns=t)
     write_atomic(empty_dir / "b.safetensors", state(2), mtime_ns=t)
     rig2 = make(rigs, empty_dir)
-    report = rig2.watcher.install_initial()
+    report = rig2.watcher.install_initial().report
     assert report is not None and report.version == "b"
 
 
@@ -396,7 +397,7 @@ def test_folder_deleted_and_recreated_keeps_working(folder: Path, rigs: list[Rig
 def test_watcher_started_before_the_folder_exists(tmp_path: Path, rigs: list[Rig]) -> None:
     folder = tmp_path / "later"
     rig = make(rigs, folder)
-    assert rig.watcher.install_initial() is None
+    assert rig.watcher.install_initial().report is None
     rig.start()
     folder.mkdir()
     rig.publish("v1.safetensors", 1)
@@ -432,6 +433,35 @@ def test_errors_in_the_worker_are_counted_and_do_not_stop_it(folder: Path, rigs:
     rig.publish("v3.safetensors", 3)
     rig.wait_live("v3")
     assert_serves(rig, 3)
+
+
+def test_an_error_escaping_a_batch_is_logged_counted_and_the_next_publish_goes_live(
+        folder: Path, rigs: list[Rig], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The worker's last line of defence: an error out of a whole batch (not one entry's attempt)."""
+    rig = make(rigs, folder)
+    rig.publish("v1.safetensors", 1)
+    rig.watcher.install_initial()
+    rig.start()
+    installer = rig.watcher._installer
+    real_install = installer.install
+    raised: list[str] = []
+
+    def install_failing_once(entries: list[Any], *, runtime: bool) -> object:
+        if not raised:
+            raised.append(entries[0].name)
+            raise RuntimeError("injected: the batch failed")
+        return real_install(entries, runtime=runtime)
+
+    monkeypatch.setattr(installer, "install", install_failing_once)
+    rig.publish("boom.safetensors", 5)
+    wait_for(lambda: watcher_errors(rig.registry) == 1, "the error is counted")
+    assert raised == ["boom.safetensors"] and rig.coord.live_version == "v1"
+    assert_serves(rig, 1)
+    assert any("unexpected error; the watcher keeps running" in r.getMessage() and r.exc_info
+               for r in caplog.records)
+    rig.publish("v2.safetensors", 2)
+    rig.wait_live("v2")
+    assert_serves(rig, 2)
 
 
 def test_deleting_files_never_changes_what_is_served(folder: Path, rigs: list[Rig]) -> None:

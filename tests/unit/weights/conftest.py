@@ -11,5 +11,5 @@ from .helpers import SafeOpenSpy
 
 @pytest.fixture
 def spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[SafeOpenSpy]:
-    """Records which files safe_open opens and which tensors are read."""
+    """Records which safetensors files are opened and which tensors are read."""
     yield SafeOpenSpy(monkeypatch)

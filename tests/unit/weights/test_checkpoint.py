@@ -66,7 +66,7 @@ def test_single_file(tmp_path: Path) -> None:
 
 
 def test_tensors_read_do_not_follow_later_writes_to_the_file(tmp_path: Path) -> None:
-    """safe_open's tensors are views of the file mapping: read_tensors must hand out copies."""
+    """read_tensors hands out tensors owning their memory: later writes to the file do not reach them."""
     path = save(tmp_path / "m.safetensors", {"w": torch.ones(64)})
     got = read_tensors(detect_checkpoint(path, POLICY), ["w"], POLICY)
     size = path.stat().st_size
@@ -450,6 +450,19 @@ def test_file_deleted_during_read(tmp_path: Path, spy: SafeOpenSpy) -> None:
     with pytest.raises(CheckpointError, match="deleted") as info:
         read_tensors(c, ["a", "b"], POLICY)
     assert _reason(info) == "changed_during_read"
+
+
+def test_file_truncated_during_read_is_refused_and_does_not_fault_the_process(tmp_path: Path,
+                                                                             spy: SafeOpenSpy) -> None:
+    """Read through a mapping, the second tensor would fault the process (SIGBUS): a Triton stub would die."""
+    path = save(tmp_path / "m.safetensors", {"a": torch.ones(4096), "b": torch.ones(4096)})
+    c = detect_checkpoint(path, POLICY)
+    header_end = path.stat().st_size - 2 * 4096 * 4
+    spy.on_get = lambda file, name: os.truncate(path, header_end)  # after the first tensor: the data is gone
+    with pytest.raises(CheckpointError, match=r"tensor 'b': 0 of its 16384 bytes could be read: the file was "
+                                              r"truncated while it was being read") as info:
+        read_tensors(c, ["a", "b"], POLICY)
+    assert _reason(info) == "changed_during_read" and str(path) in str(info.value)
 
 
 def test_file_changed_between_detect_and_read(tmp_path: Path) -> None:

@@ -451,10 +451,10 @@ def test_startup_applies_an_adapter_only_if_published_after_the_newest_base(tmp_
     after = Rig(folder_with("after", ["v1", "lora"]))
     before = Rig(folder_with("before", ["v1", "lora", "v2"]))
     rigs += [after, before]
-    report = after.watcher.install_initial()
+    report = after.watcher.install_initial().report
     assert report is not None and report.version == "v1+lora"
     torch.testing.assert_close(after.output(), reference(1, tensors, 4, 2), rtol=1e-5, atol=1e-5)
-    report = before.watcher.install_initial()
+    report = before.watcher.install_initial().report
     assert report is not None and report.version == "v2"
 
 
@@ -463,7 +463,7 @@ def test_adapter_without_any_base_is_rejected(folder: Path, rigs: list[Rig]) -> 
     rigs.append(rig)
     config, tensors = random_adapter(build_module(TRANSFORMER), targets=["q_proj"], r=2, alpha=4, seed=7)
     save_adapter(folder / "lora", config, tensors)
-    assert rig.watcher.install_initial() is None
+    assert rig.watcher.install_initial().report is None
     assert rig.watcher.rejected == {str(folder / "lora"): "no_base"}
 
 
