@@ -65,7 +65,7 @@ from serving.errors import CheckpointError, ConfigError, RefitError, ValidationE
 from serving.specs import WeightSpec, dtype_name
 from serving.weights.checkpoint import CheckpointCandidate, _baseline, _verify_unchanged
 from serving.weights.safetensors_header import HEADER_LEN_BYTES, TensorMeta
-from serving.weights.validate import CASTABLE_FLOATS, _finite_problem
+from serving.weights.validate import CASTABLE_FLOATS, _all_finite, _finite_problem
 
 if TYPE_CHECKING:
     from serving.weights.registered import HostRegistry
@@ -315,6 +315,14 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
     if x.dtype not in CASTABLE_FLOATS and not x.is_complex():
         x = x.float()  # float8 and friends: isfinite is not implemented for every one of them
     return torch.isfinite(x).all()
+
+
+def _finite_host(x: torch.Tensor) -> bool:
+    """Whether a CPU tensor holds no NaN/Inf: the validator's sum test (one read of the piece, no mask; element by
+    element only when the sum overflows), where ``isfinite(x).all()`` writes and reads a mask as large as the piece."""
+    if x.dtype not in CASTABLE_FLOATS and not x.is_complex():
+        x = x.float()
+    return _all_finite(x)
 
 
 class _Pinned:
@@ -743,7 +751,7 @@ class FastReader:
                     else:
                         out = src.to(tgt.dtype) if tgt.cast else src
                 if tgt.check:
-                    verdicts.append((p.name, bool(_finite(out))))
+                    verdicts.append((p.name, _finite_host(out)))
             return verdicts
 
         ex = self._threads()
