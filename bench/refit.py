@@ -33,7 +33,7 @@ from serving.refit import RefitCoordinator  # noqa: E402
 from serving.weights.random_state import random_state_dict  # noqa: E402
 from serving.weights.writer import write_safetensors  # noqa: E402
 
-FAST_PATH: bool | None = None  # the coordinator's default: the fast path on CUDA, host reads on CPU
+FAST_PATH: bool | None = None  # the coordinator's default (fast_path_default): double-buffered, the fast path
 
 
 def copy_limit(path: Path, targets: dict[str, torch.Tensor]) -> float:

@@ -28,7 +28,7 @@ STAGES: Mapping[str, str] = MappingProxyType({
     "drain": "waiting until no request runs on the slot about to be written: the standby (double "
              "buffer), or the live slot while new requests are held (in place)",
     "transfer": "bringing the new tensors to the engine's device (fast path: streaming the file into "
-                "the slot's tensors)",
+                "the slot's tensors; on the CPU, looking for NaN/Inf on the way)",
     "refit": "installing the transferred tensors into the slot",
     "verify": "the canary: running the refitted slot and checking its outputs",
     "swap": "making the slot serve: the pointer switch (double buffer), releasing the held requests "

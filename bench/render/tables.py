@@ -19,7 +19,9 @@ def refit_cpu(results: Path) -> str:
         return to_measure("**Refit, CPU**", "python bench/refit.py --json")
     out = ["**Refit, CPU**: a new checkpoint file (page-cached) to the live engine, median of the "
            "repeats; the limit is reading the same file's tensors and copying the bytes into "
-           "preallocated tensors, in the same run.\n\n"]
+           "preallocated tensors, in the same run. The stages are the README's (medians each, so they need not "
+           "add up to the total); double-buffered, the tensors are streamed into the standby slot's own and "
+           "checked for NaN/Inf on the way, under `transfer`.\n\n"]
     rows, startup = [], []
     for p in paths:
         doc = load(p)
@@ -27,13 +29,13 @@ def refit_cpu(results: Path) -> str:
             st = r["stages_s"]
             rows.append([r["engine"], f"{r['model_mb']:.1f} MB", r["repeats"], secs(r["refit_s"]),
                          secs(r["copy_limit_s"]), f"{r['ratio']:.2f}x", secs(st.get("read")), secs(st.get("validate")),
-                         secs(st.get("refit")), secs(st.get("swap")), machine(doc), link(p)])
+                         secs(st.get("transfer")), secs(st.get("refit")), secs(st.get("swap")), machine(doc), link(p)])
         s = doc.get("startup")
         if s:
             startup.append(f"AOTInductor cold build of the example transformer {secs(s['cold_build_s'])}; cache hit "
                            f"in {s['hit_in']} {secs(s['cache_hit_s'])} ({s['speedup']:.0f}x) ({link(p)})")
     out.append(table(["engine", "model", "repeats", "file → live", "read + copy limit", "ratio", "read", "validate",
-                      "refit", "swap", "machine", "results"], rows))
+                      "transfer", "refit", "swap", "machine", "results"], rows))
     if startup:
         out.append("\n**Engine startup**: " + "; ".join(startup) + ".\n")
     out.append("\n" + sources(paths))

@@ -34,6 +34,12 @@ def module_weight_specs(module: torch.nn.Module) -> dict[str, WeightSpec]:
     return specs_with_ties(module.state_dict(keep_vars=True))
 
 
+def _same_tensor(a: torch.Tensor | None, b: torch.Tensor) -> bool:
+    """Whether ``b`` is ``a`` (the same memory, viewed the same way)."""
+    return (a is not None and a.dtype == b.dtype and a.device == b.device and a.shape == b.shape
+            and a.stride() == b.stride() and a.data_ptr() == b.data_ptr())
+
+
 class EagerSlot(WeightSlot):
     """A module of its own; refit assigns our tensors as its parameters (no copy)."""
 
@@ -62,7 +68,11 @@ class EagerSlot(WeightSlot):
         for name, aliases in self.aliases.items():
             if name in state:
                 state.update(dict.fromkeys(aliases, state[name]))
-        self.module.load_state_dict(state, strict=False, assign=True)
+        # the fast path writes into the module's own tensors (buffers()): those are in place already
+        current = self.module.state_dict()
+        state = {k: v for k, v in state.items() if not _same_tensor(current.get(k), v)}
+        if state:
+            self.module.load_state_dict(state, strict=False, assign=True)
         self.loaded = True
 
     def buffers(self) -> Mapping[str, torch.Tensor]:

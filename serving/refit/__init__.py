@@ -10,10 +10,10 @@ tensors a slot will run with); a *strategy* says where they are written and when
 :data:`serving.metrics.STAGES`.
 
 The coordinator keeps the host tensors of the live and the previous version, so
-:meth:`RefitCoordinator.rollback` is one call. The fast path (default when the engine is on CUDA;
-``fast_path=True`` forces it on the CPU) makes the staged weights device tensors, so a slot's
-transfer is free. What each strategy writes, what it keeps and what requests see: see
-serving/refit/strategies.py.
+:meth:`RefitCoordinator.rollback` is one call. The fast path (the default on CUDA, and on the CPU
+when double-buffered: :func:`~serving.refit.coordinator.fast_path_default`) makes the staged weights
+the slot's own tensors, so a slot's transfer and refit copy nothing. What each strategy writes, what
+it keeps and what requests see: see serving/refit/strategies.py.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from serving.refit.report import RefitReport, Refused, StagedWeights, StageTimer
 from serving.refit.slots import Slots, ptrs
 from serving.refit.sources import FastSource, HostSource, StagedSource, WeightSource
 from serving.refit.steps import Steps
-from serving.refit.strategies import strategy_named
+from serving.refit.strategies import Strategy, strategy_named
 from serving.specs import TensorSpec
 from serving.weights import CheckpointPolicy, ValidationPolicy
 from serving.weights.fastpath import FastPathConfig, FastReader
@@ -47,7 +47,8 @@ class RefitCoordinator:
         fast_path_config: FastPathConfig | None = None,
         in_place_prescan: bool = True,
     ) -> None:
-        """``fast_path``: stream checkpoints straight into the slots' tensors (None: on CUDA engines).
+        """``fast_path``: stream checkpoints straight into the slots' tensors (None: on CUDA engines, and on the
+        CPU when double-buffered; see :func:`fast_path_default`).
         ``in_place_prescan``: in place, read and check the checkpoint once before holding requests."""
         self._strategy = strategy_named(strategy)
         self.strategy = strategy
@@ -66,7 +67,7 @@ class RefitCoordinator:
         self._previous_file: StagedWeights | None = None
 
         device = getattr(engine, "device", torch.device("cpu"))
-        self.fast_path = device.type == "cuda" if fast_path is None else fast_path
+        self.fast_path = fast_path_default(device, self._strategy) if fast_path is None else fast_path
         self.fast_path_config = fast_path_config or FastPathConfig()
         self.in_place_prescan = in_place_prescan
         self._reader: FastReader | None = None
@@ -230,6 +231,19 @@ class RefitCoordinator:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+
+
+def fast_path_default(device: torch.device, strategy: Strategy) -> bool:
+    """Whether refits from files take the fast path unless told otherwise.
+
+    On CUDA, always. On the CPU, when double-buffered: the checkpoint is read straight into the standby
+    slot's own tensors (an AOTI slot's registered buffers, an eager module's parameters), so nothing is
+    allocated, copied a second time, or read again to validate it. An in-place refit on the CPU stages
+    the new weights in host memory instead: requests are then held only for the refit, and a failure
+    is restored from memory (the fast path would hold them for a whole read of the file, and restore
+    by reading the previous file again).
+    """
+    return device.type == "cuda" or (device.type == "cpu" and not strategy.overwrites_live)
 
 
 def _detached(staged: StagedWeights | None, overwritten: Mapping[str, torch.Tensor]

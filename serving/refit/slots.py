@@ -165,7 +165,7 @@ class Slots:
             fits = (t is not None and t.device.type == device.type
                     and (device.index is None or t.device.index == device.index)
                     and t.dtype == spec.dtype and tuple(t.shape) == spec.shape and t.is_contiguous()
-                    and (not t.numel() or t.data_ptr() not in keep | taken))
+                    and (not t.numel() or (t.data_ptr() not in keep and t.data_ptr() not in taken)))
             if fits:
                 assert t is not None
                 dest[name] = t.detach()

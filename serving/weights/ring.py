@@ -28,7 +28,7 @@ import torch
 
 from serving.background import lower_priority
 from serving.weights.plan import Chunk, TensorSource, plan_chunks, short_in
-from serving.weights.targets import Target, finite, verdicts
+from serving.weights.targets import Target, finite, finite_host, verdicts
 from serving.weights.transfer import FastPathConfig
 
 Timing = dict[str, float]
@@ -203,7 +203,7 @@ class RingReader:
                 if got != p.nbytes:
                     raise short_in([p], chunk.file, chunk.offset, at + got)
                 if tgt.check:
-                    found.append((p.name, bool(finite(out))))
+                    found.append((p.name, finite_host(out)))
             return found
 
         ex = self.threads()

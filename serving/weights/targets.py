@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from serving.weights.plan import TensorSource
-from serving.weights.validate import CASTABLE_FLOATS, _finite_problem
+from serving.weights.validate import CASTABLE_FLOATS, _all_finite, _finite_problem
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,14 @@ def finite(x: torch.Tensor) -> torch.Tensor:
     if x.dtype not in CASTABLE_FLOATS and not x.is_complex():
         x = x.float()  # float8 and friends: isfinite is not implemented for every one of them
     return torch.isfinite(x).all()
+
+
+def finite_host(x: torch.Tensor) -> bool:
+    """Whether a CPU tensor holds no NaN/Inf: the validator's sum test (one read of the piece, no mask; element by
+    element only when the sum overflows), where ``isfinite(x).all()`` writes and reads a mask as large as the piece."""
+    if x.dtype not in CASTABLE_FLOATS and not x.is_complex():
+        x = x.float()
+    return _all_finite(x)
 
 
 def verdicts(flags: Sequence[tuple[str, torch.Tensor]]) -> dict[str, bool]:

@@ -12,8 +12,9 @@ import logging
 import os
 import struct
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from watch_helpers import Rig, expected, refits, safetensors_bytes, snapshot, st
 
 import serving.weights.checkpoint as checkpoint_mod
 from serving.weights import CheckpointPolicy
+from serving.weights.fastpath import FastReader, ReadStats, TensorSource
 
 
 def serving_v1(rigs: list[Rig], folder: Path, **kw: object) -> Rig:
@@ -219,17 +221,31 @@ def test_sharded_index_pointing_outside(folder: Path, rigs: list[Rig], tmp_path:
     assert_refused_once(rig, path, "outside_root", "point outside the checkpoint directory", caplog)
 
 
+def before_reading(monkeypatch: pytest.MonkeyPatch, name: str, action: Callable[[Path], None]) -> None:
+    """Call ``action`` with the checkpoint file called ``name`` just before its tensors are read (after the
+    reader's first look at the file), on either path: the host path's reader and the fast path's."""
+    host, fast = checkpoint_mod._read_safetensors, FastReader.read_into
+
+    def host_read(file: Path, names: list[str]) -> dict[str, torch.Tensor]:
+        if file.name == name:
+            action(file)
+        return host(file, names)
+
+    def fast_read(self: FastReader, sources: Sequence[TensorSource], *args: Any, **kw: Any) -> ReadStats:
+        for file in dict.fromkeys(Path(s.file) for s in sources):
+            if file.name == name:
+                action(file)
+        return fast(self, sources, *args, **kw)
+
+    monkeypatch.setattr(checkpoint_mod, "_read_safetensors", host_read)
+    monkeypatch.setattr(FastReader, "read_into", fast_read)
+
+
+@pytest.mark.parametrize("fast_path", [False, True], ids=["host", "fast"])
 def test_file_deleted_while_being_read(folder: Path, rigs: list[Rig], monkeypatch: pytest.MonkeyPatch,
-                                       caplog: pytest.LogCaptureFixture) -> None:
-    rig = serving_v1(rigs, folder)
-    real = checkpoint_mod._read_safetensors
-
-    def delete_first(file: Path, names: list[str]) -> dict[str, torch.Tensor]:
-        if file.name == "doomed.safetensors":
-            os.unlink(file)
-        return real(file, names)
-
-    monkeypatch.setattr(checkpoint_mod, "_read_safetensors", delete_first)
+                                       caplog: pytest.LogCaptureFixture, fast_path: bool) -> None:
+    rig = serving_v1(rigs, folder, fast_path=fast_path)
+    before_reading(monkeypatch, "doomed.safetensors", os.unlink)
     rig.publish("doomed.safetensors", 2)
     wait_for(lambda: refits(rig.registry, "rejected", "changed_during_read") == 1, "the rejection")
     rig.publish("v3.safetensors", 3)
@@ -241,22 +257,22 @@ def test_file_deleted_while_being_read(folder: Path, rigs: list[Rig], monkeypatc
     assert len(warnings) == 1 and "deleted" in warnings[0].getMessage()
 
 
+@pytest.mark.parametrize("fast_path", [False, True], ids=["host", "fast"])
 def test_file_rewritten_while_being_read_installs_the_final_content(folder: Path, rigs: list[Rig],
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    rig = serving_v1(rigs, folder)
-    real = checkpoint_mod._read_safetensors
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    fast_path: bool) -> None:
+    rig = serving_v1(rigs, folder, fast_path=fast_path)
     rewritten: list[Path] = []
     served_during: list[torch.Tensor] = []
 
-    def rewrite_first(file: Path, names: list[str]) -> dict[str, torch.Tensor]:
-        if file.name == "next.safetensors" and not rewritten:
+    def rewrite_first(file: Path) -> None:
+        if not rewritten:
             rewritten.append(file)
             with open(file, "r+b") as f:  # in place, as a careless writer would
                 f.write(safetensors_bytes(state(3)))
             served_during.append(rig.output())
-        return real(file, names)
 
-    monkeypatch.setattr(checkpoint_mod, "_read_safetensors", rewrite_first)
+    before_reading(monkeypatch, "next.safetensors", rewrite_first)
     rig.publish("next.safetensors", 2)
     wait_for(lambda: refits(rig.registry, "rejected", "changed_during_read") == 1, "the mixed read is refused")
     wait_for(lambda: refits(rig.registry, "success") == 2, "the final content is installed")

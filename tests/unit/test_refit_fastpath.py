@@ -19,6 +19,8 @@ from serving.engines.base import Engine
 from serving.examples import TRANSFORMER, example_build_spec
 from serving.factory import build_module
 from serving.refit import CanaryConfig, RefitCoordinator, StagedWeights
+from serving.refit.coordinator import fast_path_default
+from serving.refit.strategies import strategy_named
 from serving.weights import fastpath
 from serving.weights.fastpath import FastPathConfig
 from serving.weights.random_state import random_state_dict
@@ -71,9 +73,32 @@ def assert_serves(coord: RefitCoordinator, sd: dict[str, torch.Tensor]) -> None:
     torch.testing.assert_close(coord.infer([X])[0], expected(sd), rtol=0, atol=0)
 
 
-def test_fast_path_is_on_for_cuda_engines_only_by_default() -> None:
-    assert not RefitCoordinator(build_engine("eager", SPEC)).fast_path
+def test_fast_path_by_default_on_the_cpu_when_double_buffered_and_not_in_place() -> None:
+    """On the CPU a double-buffered refit reads straight into the standby slot's tensors; in place, the new
+    weights are staged in host memory first (see fast_path_default)."""
+    engine = build_engine("eager", SPEC)
+    assert RefitCoordinator(engine).fast_path
+    assert RefitCoordinator(engine, strategy="double_buffer").fast_path
+    assert not RefitCoordinator(engine, strategy="in_place").fast_path
+    assert not RefitCoordinator(engine, fast_path=False).fast_path
     assert coordinator("in_place").fast_path
+    assert fast_path_default(torch.device("cuda"), strategy_named("in_place"))
+
+
+def test_the_default_cpu_refit_writes_into_the_standby_slots_own_tensors(tmp_path: Path) -> None:
+    """Nothing allocated per refit: the slot runs with the tensors it had, now holding the new weights."""
+    coord = RefitCoordinator(build_engine("eager", SPEC))
+    _OPEN.append(coord)
+    for seed in (1, 2):
+        assert coord.refit_from_path(write(tmp_path, f"v{seed}", state(seed))).outcome == "success"
+    standby = coord._slots.standby
+    assert standby is not None
+    before = ptrs(standby.buffers())
+    sd = state(3)
+    report = coord.refit_from_path(write(tmp_path, "v3", sd))
+    assert report.outcome == "success" and report.detail.get("bytes", 0) > 0  # the fast path reports its bytes
+    assert coord.active_slot is standby and ptrs(standby.buffers()) == before
+    assert_serves(coord, sd)
 
 
 def test_double_buffer_reuses_the_standby_tensors_and_never_the_live_ones(tmp_path: Path) -> None:

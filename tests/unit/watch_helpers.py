@@ -136,13 +136,16 @@ class Rig:
     """Eager engine + coordinator + watcher on ``folder``, metrics in a fresh registry."""
 
     def __init__(self, folder: Path, *, strategy: str = "double_buffer", mode: str = "inotify",
-                 policy: CheckpointPolicy | None = None, **watcher_kwargs: object) -> None:
+                 policy: CheckpointPolicy | None = None, fast_path: bool | None = None,
+                 **watcher_kwargs: object) -> None:
+        """``fast_path``: the coordinator's (None: its default for ``strategy``)."""
         self.folder = folder
         self.registry = CollectorRegistry()
         self.metrics = prometheus_metrics(self.registry)
         self.engine = build_engine("eager", SPEC)
         # the served model gives the coordinator and the watcher the same policy
-        self.coord = RefitCoordinator(self.engine, strategy=strategy, metrics=self.metrics, checkpoint_policy=policy)
+        self.coord = RefitCoordinator(self.engine, strategy=strategy, metrics=self.metrics, checkpoint_policy=policy,
+                                      fast_path=fast_path)
         kwargs: dict[str, object] = {"debounce_s": DEBOUNCE, "poll_interval_s": 0.05, "mode": mode,
                                      "checkpoint_policy": policy}
         kwargs.update(watcher_kwargs)

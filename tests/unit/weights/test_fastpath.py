@@ -143,6 +143,21 @@ def test_nan_or_inf_is_found_and_named(tmp_path: Path, reader: FastReader, value
     assert "'h.double'" in e.value.problems[1]
 
 
+def test_large_finite_values_whose_sum_overflows_are_accepted_and_one_inf_among_them_is_not(
+        tmp_path: Path, reader: FastReader) -> None:
+    """The CPU check sums each piece; a sum that overflows must fall back to looking at every element."""
+    state = {"big32": torch.full((3000,), 3e38), "big16": torch.full((3000,), 6e4, dtype=torch.float16)}
+    assert not torch.isfinite(state["big32"].sum()) and not torch.isfinite(state["big16"].sum())
+    specs = specs_of(state, skip=())
+    loaded = load_weights(save(tmp_path / "big.safetensors", state), specs, reader=reader)
+    assert_same(dict(loaded.tensors), state)
+    state["big16"][2999] = float("-inf")
+    with pytest.raises(ValidationError) as e:
+        load_weights(save(tmp_path / "inf.safetensors", state), specs, reader=reader)
+    assert len(e.value.problems) == 1
+    assert "'big16'" in e.value.problems[0] and "first at index (2999,)" in e.value.problems[0]
+
+
 def test_nan_check_can_be_turned_off(tmp_path: Path, reader: FastReader) -> None:
     state = mixed_state()
     state["a.weight"][0, 0] = float("nan")

@@ -438,3 +438,36 @@ def test_coordinator_on_aoti_never_serves_mixed_weights_and_rolls_back(tf_engine
     assert coord.rollback().outcome == "success"
     assert coord.live_version != f"v{live}"
     coord.close()
+
+
+@pytest.mark.slow
+def test_default_cpu_refit_from_a_file_writes_into_the_registered_buffers(
+        tf_engine: AOTIEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Double-buffered on the CPU, a checkpoint file is read straight into the standby slot's registered buffers:
+    the slot's refit is handed its own buffers (nothing to copy), and the outputs are the new version's."""
+    from safetensors.torch import save_file
+
+    from serving.refit import RefitCoordinator
+
+    handed: list[bool] = []  # per refit: every tensor the slot was handed is its own buffer
+    real_refit = AOTISlot.refit
+
+    def refit(self: AOTISlot, weights: dict[str, torch.Tensor]) -> None:
+        own = self.buffers()
+        handed.append(all(t.data_ptr() == own[n].data_ptr() for n, t in weights.items() if t.numel()))
+        real_refit(self, weights)
+
+    monkeypatch.setattr(AOTISlot, "refit", refit)
+    coord = RefitCoordinator(tf_engine)
+    try:
+        for i in range(4):
+            module, state = random_weights(tf_engine.spec, seed=30 + i)
+            path = tmp_path / f"v{i}.safetensors"
+            save_file({k: v for k, v in state.items() if k in tf_engine.weight_specs()}, str(path))
+            assert coord.refit_from_path(path).outcome == "success"
+            slot = coord.active_slot
+            assert isinstance(slot, AOTISlot)
+            assert_matches_eager(tf_engine, slot, module)
+        assert handed == [True] * 4
+    finally:
+        coord.close()
