@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.render.fmt import files, link, load, machine, secs
+from bench.render.glance import GPU_PUBLISH
 from bench.render.soak import soak_pictures
 from bench.render.tables import loader_rows, size
 
@@ -98,7 +99,7 @@ def log_axis(ax: Any, which: str, fmt: Callable[[float], str]) -> None:
 
 
 def publish_by_size(paths: Sequence[Path]) -> Iterator[Picture]:
-    """Hotswap beside Triton's own reload, by model size: the gpu-publish runs with a reload baseline."""
+    """Hotswap beside Triton's own reload, by model size: the given gpu-publish runs with a reload baseline."""
     runs = [(p, load(p)) for p in paths]
     runs = [(p, d) for p, d in runs if any(s.get("baseline") and (s.get("hotswap") or {}).get("double_buffer")
                                            for s in d["sizes"])]
@@ -265,23 +266,35 @@ def loader_comparison(paths: Sequence[Path]) -> Iterator[Picture]:
             rate.set_xlabel("GB/s")
             rate.set_title("rate, checkpoint → device memory", fontsize=9)
             h = 0.4
-            cost.barh([y + h / 2 for y in ys], [r["p99_steady_ms"] or 0 for r in rows], h, color=OTHER[1],
+            cost.barh([y + h / 2 for y in ys], [r["p99_steady_ms"] or float("nan") for r in rows], h, color=OTHER[1],
                       label="requests p99, steady")
-            cost.barh([y - h / 2 for y in ys], [r["p99_during_ms"] or 0 for r in rows], h, color=RELOAD[0],
-                      label="requests p99, while loading")
-            cost.set_xlabel("ms")
+            during = cost.barh([y - h / 2 for y in ys], [r["p99_during_ms"] or float("nan") for r in rows], h,
+                               color=RELOAD[0], label="requests p99, while loading")
+            for bar, r in zip(during, rows, strict=True):
+                if r["p99_during_ms"] and r["p99_steady_ms"]:
+                    ratio = r["p99_during_ms"] / r["p99_steady_ms"]
+                    cost.annotate(f"{ratio:.1f}x" if ratio < 100 else f"{ratio:,.0f}x",
+                                  (bar.get_width(), bar.get_y() + bar.get_height() / 2), xytext=(3, 0),
+                                  textcoords="offset points", va="center", fontsize=7)
+            log_axis(cost, "x", lambda v: secs(v / 1e3))  # a stalled loader is 10^5 times a steady request
+            from matplotlib.ticker import LogLocator
+
+            cost.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0,)))  # decades only: six of them fit
+            cost.set_xlabel("request latency, p99 (log scale)")
             cost.set_title("requests served beside it", fontsize=9)
             fig.legend(loc="outside lower center", ncols=2, fontsize=8)
             fig.suptitle(f"Weight loaders side by side ({machine(doc)})", fontsize=10)
 
         yield Picture(p.stem, "GB/s by weight loader",
                       "Each weight loader's rate reading a checkpoint into device memory (left) and the p99 latency "
-                      "of requests served beside it, steady and while it loads (right).", (p,), draw)
+                      "of requests served beside it, steady and while it loads, with their ratio (right, log "
+                      "scale).", (p,), draw)
 
 
 def pictures(results: Path) -> list[Picture]:
     """Every picture the result files in ``results`` make, in the order the documents show them."""
-    return [*publish_by_size(files("gpu-publish-*.json", results)),
+    headline = [p for p in files("gpu-publish-*.json", results) if p.name == GPU_PUBLISH]
+    return [*publish_by_size(headline or files("gpu-publish-*.json", results)),
             *swap_timelines(files("serve-swap-*.json", results) + files("gpu-publish-*.json", results)),
             *transfer_loaders(files("gpu-refit-*.json", results)),
             *loader_comparison(files("loaders-*.json", results)),

@@ -11,8 +11,8 @@ from typing import Any
 
 from bench.render.fmt import files, link, load, machine, secs
 
-#: the result file of each headline
-GPU_PUBLISH = "gpu-publish-h200.json"
+#: the result file of each headline (the GPU publish: the run of today's defaults, weights_transfer auto → KvikIO)
+GPU_PUBLISH = "gpu-publish-kvikio-h200.json"
 CPU_PUBLISH = "publish-cpu2-double_buffer.json"
 CPU_REFIT = "refit-cpu2.json"
 GPU_STARTUP = "inductor-startup-h200.json"

@@ -211,7 +211,7 @@ def test_the_headlines_name_their_files_and_a_missing_one_is_an_error(tmp_path: 
     for name in (glance.GPU_PUBLISH, glance.CPU_PUBLISH, glance.CPU_REFIT, glance.GPU_STARTUP):
         assert f"(bench/results/{name})" in text
     assert "(docs/figures/publish-by-size.svg)" in text
-    with pytest.raises(ValueError, match="gpu-publish-h200.json: the README's 'At a glance' quotes this result"):
+    with pytest.raises(ValueError, match=f"{glance.GPU_PUBLISH}: the README's 'At a glance' quotes this result"):
         glance.glance(tmp_path)
 
 
