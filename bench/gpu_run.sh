@@ -3,7 +3,7 @@
 # bench/gpu_wheels.sh:
 #
 #     OUT=results bash bench/gpu_run.sh SUITE...  # refit | transfer | loaders | triton_cuda | big | serve | publish |
-#                                                 # aoti | inductor | serve_inductor | real | soak | all
+#                                                 # aoti | inductor | serve_inductor | real | instances | soak | all
 #
 # Each suite fits one 10-minute call; each step has its own time limit, so a hang costs that step only. Results go
 # to $OUT (default ./gpu-out): one JSON per step, named as in bench/results/ (TAG is the GPU's model, e.g. h200),
@@ -136,6 +136,11 @@ suite_real() {  # real architectures (ResNet-18/50, torchvision's ResNet-50, BER
     --models tv-resnet18,tv-resnet50,bert-base --repeats 3 --json "$OUT/real-refit-$TAG.json"
 }
 
+suite_instances() {  # one model on 1 and 2 instances of one GPU: every instance live, and the bytes each stub read
+  step "gpu-instances-$TAG" 300 python3 -m bench.gpu_instances --json "$OUT/gpu-instances-$TAG.json" --size-gb 16 \
+    --instances 1,2 --swaps 3
+}
+
 suite_soak() {  # a 1 GB model through 300 publishes and LoRA adapters under client load: errors, torn, resources flat
   step "soak-$TAG" 540 python3 -m bench.soak --kind KIND_GPU --size-gb 1 --swaps 300 --sample-every 25 \
     --warmup-swaps 100 --time-limit-s 420 --json "$OUT/soak-$TAG.json"
@@ -145,9 +150,10 @@ suites=("$@")
 [ ${#suites[@]} -gt 0 ] || suites=(refit)
 for s in "${suites[@]}"; do
   case $s in
-    refit | triton_cuda | big | serve | publish | aoti | inductor | serve_inductor | real | soak | all) NEED_TRITON=1 ;;
+    refit | triton_cuda | big | serve | publish | aoti | inductor | serve_inductor | real | instances | soak | all)
+      NEED_TRITON=1 ;;
     transfer | loaders) ;;
-    *) echo "unknown suite '$s': refit, transfer, loaders, triton_cuda, big, serve, publish, aoti, inductor, serve_inductor, real, soak or all" >&2; exit 2 ;;
+    *) echo "unknown suite '$s': refit, transfer, loaders, triton_cuda, big, serve, publish, aoti, inductor, serve_inductor, real, instances, soak or all" >&2; exit 2 ;;
   esac
 done
 { nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv
@@ -158,7 +164,9 @@ cat "$OUT/env.txt"
 [ -z "${NEED_TRITON:-}" ] || wheels
 for s in "${suites[@]}"; do
   if [ "$s" = all ]; then
-    for t in refit transfer loaders triton_cuda big serve publish aoti inductor serve_inductor real soak; do "suite_$t"; done
+    for t in refit transfer loaders triton_cuda big serve publish aoti inductor serve_inductor real instances soak; do
+      "suite_$t"
+    done
   else
     "suite_$s"
   fi
