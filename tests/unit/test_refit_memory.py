@@ -31,7 +31,9 @@ from serving.weights.writer import write_safetensors
 
 folder = Path(sys.argv[1])
 spec = dataclasses.replace(example_build_spec(TRANSFORMER), factory_kwargs=(("d_model", 512), ("vocab", 20000)))
-coord = RefitCoordinator(build_engine("eager", spec), strategy="double_buffer")
+# the host path, which stages the new weights in host memory before the standby copy takes them (the CPU default,
+# the fast path, reads a file straight into the standby slot's own tensors: nothing to allocate per refit)
+coord = RefitCoordinator(build_engine("eager", spec), strategy="double_buffer", fast_path=False)
 module = build_module(TRANSFORMER, dict(spec.factory_kwargs))
 for seed in (1, 2, 3):
     write_safetensors(random_state_dict(module, seed), folder / f"v{seed}.safetensors")
