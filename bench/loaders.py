@@ -6,8 +6,10 @@
 One safetensors file is written (random values; a checksum of every tensor taken as it is written) and left in the
 page cache. Destination tensors are allocated once on the device. For each loader, each run: every destination is
 zeroed, the file is loaded into the destinations, the device synchronized, and every destination checked against
-the checksums; meanwhile a request thread serves small requests back to back (a matmul and a result copied to
-the host, on the default stream) and records their latency. One row per loader (``rows``, the shape
+the checksums; meanwhile a request thread serves small requests back to back and records their latency. A
+request is what a served model does per call: 256 KB copied from host memory to the device, a 4096 x 4096 fp16
+matmul, 16 KB copied back (on the CPU a 128 x 128 float32 matmul, with what fits of those sizes). One row per
+loader (``rows``, the shape
 ``bench/render`` reads): GB/s (median of the runs), process CPU seconds per GB (the request thread's own CPU time
 taken out), request p50/p99 during its loads and the steady p99 measured without a load (before and after all
 of them), and whether every tensor came back right. In the same run: the pinned host -> device copy limit.
@@ -213,18 +215,26 @@ class Requests:
         self.device, self.gap_s = device, gap_s
         n = 4096 if device.startswith("cuda") else 128
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        self.x = torch.randn(64, n, device=device, dtype=dtype)
+        row_bytes = n * torch.finfo(dtype).bits // 8
+        rows_in = min(n, max(1, (256 << 10) // row_bytes))  # 256 KB in (on the CPU, what fits)
+        rows_out = min(n, max(1, (16 << 10) // row_bytes))  # 16 KB out
+        self.x_host = torch.randn(rows_in, n, dtype=dtype)  # pageable, as a request's input is
+        self.a = torch.randn(n, n, device=device, dtype=dtype)
         self.w = torch.randn(n, n, device=device, dtype=dtype)
+        self.rows_out = rows_out
         self.samples: list[tuple[float, float]] = []
         self.cpu: list[tuple[float, float]] = []  # (perf_counter, thread_time) after each request
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-requests", daemon=True)
 
     def _run(self) -> None:
+        rows_in = self.x_host.shape[0]
         while not self._stop.is_set():
             t = time.perf_counter()
-            float((self.x @ self.w).float().sum().item())  # the answer copied to the host
+            self.a[:rows_in].copy_(self.x_host)  # the input reaches the device
+            out = (self.a @ self.w)[:self.rows_out].cpu()  # the answer copied to the host
             done = time.perf_counter()
+            del out
             self.samples.append((t, done - t))
             self.cpu.append((done, time.thread_time()))
             if self.gap_s:
