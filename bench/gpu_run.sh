@@ -2,7 +2,7 @@
 # The GPU benchmark suites (docs/gpu.md). On the GPU machine, from a copy of the repository with .whl/ filled by
 # bench/gpu_wheels.sh:
 #
-#     OUT=results bash bench/gpu_run.sh SUITE...  # refit | transfer | loaders | triton_cuda | big | serve | publish |
+#     OUT=results bash bench/gpu_run.sh SUITE...  # refit | transfer | loaders | triton_cuda | big | serve | publish | variants |
 #                                                 # aoti | inductor | serve_inductor | real | instances | soak | all
 #
 # Each suite fits one 10-minute call; each step has its own time limit, so a hang costs that step only. Results go
@@ -101,9 +101,17 @@ suite_serve() {  # zero downtime on a real Triton with a KIND_GPU instance, both
 }
 
 suite_publish() {  # publish -> first response through Triton by model size, beside Triton's own reload
-  step "gpu-publish-$TAG" 540 python3 -m bench.gpu_publish --json "$OUT/gpu-publish-$TAG.json" --sizes 1,4,16 \
-    --swaps 8 --versions 8 --baseline-swaps 1 $(version_output_flag)
+  kvikio_wheels
+  step "gpu-publish-kvikio-$TAG" 540 python3 -m bench.gpu_publish --json "$OUT/gpu-publish-kvikio-$TAG.json" \
+    --sizes 1,4,16 --swaps 6 --versions 6 --baseline-swaps 1 $(version_output_flag)
   stdout_step "publish-${TAG}host-cpu$(nproc)" 60 python3 bench/publish.py --json
+}
+
+suite_variants() {  # 16 GB through Triton in one server: the defaults beside more KvikIO threads and bigger tasks
+  kvikio_wheels
+  step "gpu-publish-variants-$TAG" 540 python3 -m bench.gpu_publish --json "$OUT/gpu-publish-variants-$TAG.json" \
+    --sizes 16 --swaps 6 --versions 6 --baseline-swaps 0 --variant threads16:weights_reader_threads=16 \
+    --variant tasks16m:weights_task_bytes=16777216 $(version_output_flag)
 }
 
 suite_aoti() {  # the AOTInductor engine on CUDA
@@ -150,10 +158,10 @@ suites=("$@")
 [ ${#suites[@]} -gt 0 ] || suites=(refit)
 for s in "${suites[@]}"; do
   case $s in
-    refit | triton_cuda | big | serve | publish | aoti | inductor | serve_inductor | real | instances | soak | all)
+    refit | triton_cuda | big | serve | publish | variants | aoti | inductor | serve_inductor | real | instances | soak | all)
       NEED_TRITON=1 ;;
     transfer | loaders) ;;
-    *) echo "unknown suite '$s': refit, transfer, loaders, triton_cuda, big, serve, publish, aoti, inductor, serve_inductor, real, instances, soak or all" >&2; exit 2 ;;
+    *) echo "unknown suite '$s': refit, transfer, loaders, triton_cuda, big, serve, publish, variants, aoti, inductor, serve_inductor, real, instances, soak or all" >&2; exit 2 ;;
   esac
 done
 { nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv
@@ -164,7 +172,7 @@ cat "$OUT/env.txt"
 [ -z "${NEED_TRITON:-}" ] || wheels
 for s in "${suites[@]}"; do
   if [ "$s" = all ]; then
-    for t in refit transfer loaders triton_cuda big serve publish aoti inductor serve_inductor real instances soak; do
+    for t in refit transfer loaders triton_cuda big serve publish variants aoti inductor serve_inductor real instances soak; do
       "suite_$t"
     done
   else
