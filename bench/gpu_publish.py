@@ -222,8 +222,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--strategies", default="double_buffer")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
-                    help="serve one more model per strategy with these config parameters, e.g. "
-                    "threads8:weights_reader_threads=8 (repeat for more; all in one server)")
+                    help="serve one model per strategy and variant, with these config parameters, instead of "
+                    "one with the defaults, e.g. threads8:weights_reader_threads=8 (repeat for more, all in one "
+                    "server; a NAME alone keeps the defaults)")
     ap.add_argument("--no-version-output", action="store_true",
                     help="leave HOTSWAP_WEIGHTS_VERSION out of the config (Triton 2.51's stub under numpy 2)")
     ap.add_argument("--kind", default="KIND_GPU", choices=["KIND_GPU", "KIND_CPU"],

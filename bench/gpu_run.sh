@@ -107,11 +107,11 @@ suite_publish() {  # publish -> first response through Triton by model size, bes
   stdout_step "publish-${TAG}host-cpu$(nproc)" 60 python3 bench/publish.py --json
 }
 
-suite_variants() {  # 16 GB through Triton in one server: the defaults beside more KvikIO threads and bigger tasks
+suite_variants() {  # 16 GB through Triton in one server: the defaults (8 KvikIO threads) beside 12 and 16
   kvikio_wheels
   step "gpu-publish-variants-$TAG" 540 python3 -m bench.gpu_publish --json "$OUT/gpu-publish-variants-$TAG.json" \
-    --sizes 16 --swaps 6 --versions 6 --baseline-swaps 0 --variant threads16:weights_reader_threads=16 \
-    --variant tasks16m:weights_task_bytes=16777216 $(version_output_flag)
+    --sizes 16 --swaps 6 --versions 6 --baseline-swaps 0 --variant defaults \
+    --variant threads12:weights_reader_threads=12 --variant threads16:weights_reader_threads=16 $(version_output_flag)
 }
 
 suite_aoti() {  # the AOTInductor engine on CUDA
