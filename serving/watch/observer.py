@@ -15,12 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from watchdog import events as watchdog_events
 from watchdog.events import (
-    DirAttribEvent,
     DirCreatedEvent,
     DirDeletedEvent,
     DirMovedEvent,
-    FileAttribEvent,
     FileClosedEvent,
     FileCreatedEvent,
     FileDeletedEvent,
@@ -35,8 +34,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("serving.watch")
 
+#: attribute changes (chmod, touch) are events of their own from watchdog 7 on; before it (6.0 is the newest on
+#: Python 3.10) inotify reports them as modifications, which the filter takes anyway
+ATTRIB_EVENTS: list[type[FileSystemEvent]] = [
+    getattr(watchdog_events, name) for name in ("FileAttribEvent", "DirAttribEvent") if hasattr(watchdog_events, name)]
+
 EVENT_FILTER: list[type[FileSystemEvent]] = [
-    FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, FileAttribEvent, DirAttribEvent,
+    FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, *ATTRIB_EVENTS,
     FileMovedEvent, DirMovedEvent, FileDeletedEvent, DirDeletedEvent, FileClosedEvent,
 ]
 
