@@ -19,6 +19,7 @@ from watchdog import events as watchdog_events
 from watchdog.events import (
     DirCreatedEvent,
     DirDeletedEvent,
+    DirModifiedEvent,
     DirMovedEvent,
     FileClosedEvent,
     FileCreatedEvent,
@@ -34,15 +35,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("serving.watch")
 
-#: attribute changes (chmod, touch) are events of their own from watchdog 7 on; before it (6.0 is the newest on
-#: Python 3.10) inotify reports them as modifications, which the filter takes anyway
+#: attribute changes (chmod) are events of their own from watchdog 7 on; before it (6.0 is the newest on Python
+#: 3.10) inotify reports them as modifications, which the filter takes anyway
 ATTRIB_EVENTS: list[type[FileSystemEvent]] = [
     getattr(watchdog_events, name) for name in ("FileAttribEvent", "DirAttribEvent") if hasattr(watchdog_events, name)]
 
 EVENT_FILTER: list[type[FileSystemEvent]] = [
-    FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, *ATTRIB_EVENTS,
+    FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, DirModifiedEvent, *ATTRIB_EVENTS,
     FileMovedEvent, DirMovedEvent, FileDeletedEvent, DirDeletedEvent, FileClosedEvent,
 ]
+
+
+def event_kind(event: FileSystemEvent) -> str:
+    """The kind the debouncer reads: watchdog's event type, with a directory's modification read as an
+    attribute change. ``touch adapter/`` (publishing a folder again) arrives only as a DirModifiedEvent from
+    the polling observer and from watchdog 6's inotify one; the same event also reports a child created or
+    deleted, which has events of its own, so it only refreshes the entry's time. Pure."""
+    if isinstance(event, DirModifiedEvent):
+        return "attrib"
+    return event.event_type
 
 
 @dataclass(frozen=True)
@@ -64,7 +75,7 @@ class _Handler(FileSystemEventHandler):
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         try:
-            self._on_event(FsEvent(event.event_type, os.fsdecode(event.src_path),
+            self._on_event(FsEvent(event_kind(event), os.fsdecode(event.src_path),
                                    os.fsdecode(event.dest_path or b""), time.monotonic()))
         except Exception:
             log.exception("weights watcher: could not enqueue %r", event)
