@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import pids_where  # tests/processes.py
 
 from serving.cache import EngineCache
 from serving.publish import publish
@@ -81,16 +82,7 @@ def fault_repository(dest: Path, model: str) -> Path:
 def stub_pids(repo: Path, model: str) -> list[int]:
     """The Python-backend stubs running ``model`` of ``repo`` (one per instance)."""
     marker = f"{repo / model / '1' / 'model.py'}"
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if "triton_python_backend_stub" in cmdline and marker in cmdline:
-                out.append(int(entry.name))
-    return out
+    return pids_where(lambda cmdline: "triton_python_backend_stub" in cmdline and marker in cmdline)
 
 
 def death(pid: int) -> str | None:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import pids_where  # tests/processes.py
 
 from serving.triton.server import free_port
 
@@ -43,16 +44,8 @@ def cnn_repository(tmp_path: Path) -> Path:
 
 def servers_under(root: Path) -> list[int]:
     """Processes (tritonserver and its Python stubs) whose command line points into ``root``."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if str(root) in cmdline and ("tritonserver" in cmdline or "triton_python_backend_stub" in cmdline):
-                out.append(int(entry.name))
-    return out
+    return pids_where(lambda cmdline: str(root) in cmdline
+                      and ("tritonserver" in cmdline or "triton_python_backend_stub" in cmdline))
 
 
 def port_free(port: int) -> bool:

@@ -6,19 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from eager_config import CONFIG  # tests/unit/triton_backend/eager_config.py
 
 from serving.errors import ConfigError, ModelError
 from serving.factory import build_module
 from serving.triton.server import seed_weights
-
-CONFIG = """name: "{name}"
-backend: "python"
-max_batch_size: 4
-input [ {{ name: "X", data_type: TYPE_FP32, dims: [ 8 ] }} ]
-output [ {{ name: "Y", data_type: TYPE_FP32, dims: [ 2 ] }} ]
-parameters {{ key: "model_factory", value: {{ string_value: "{factory}" }} }}
-parameters {{ key: "engine", value: {{ string_value: "eager" }} }}
-"""
 
 
 def repository(tmp_path: Path, models: dict[str, str]) -> Path:

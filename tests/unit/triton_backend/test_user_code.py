@@ -7,17 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from eager_config import CONFIG  # tests/unit/triton_backend/eager_config.py
 
 from serving.triton.server import seed_weights
-
-CONFIG = """name: "{name}"
-backend: "python"
-max_batch_size: 4
-input [ {{ name: "X", data_type: TYPE_FP32, dims: [ 8 ] }} ]
-output [ {{ name: "Y", data_type: TYPE_FP32, dims: [ 2 ] }} ]
-parameters {{ key: "model_factory", value: {{ string_value: "{factory}" }} }}
-parameters {{ key: "engine", value: {{ string_value: "eager" }} }}
-"""
 
 FACTORY = '''import torch
 
